@@ -1,0 +1,5 @@
+import sys
+
+from medlib.cli import main
+
+sys.exit(main())

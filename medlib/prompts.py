@@ -1,0 +1,110 @@
+"""Prompt templates, the MCQ letter mapping and the single chat-template function.
+
+The same `record_to_messages` + `render_chat` pair is used for training, evaluation and chat,
+so the model always sees the prompt it was trained on.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping, Sequence
+
+# Default system prompt. The paper (Athukoralage & Atapattu, "Multi-Stage QLoRA with Augmented
+# Structured Dialogue Corpora", NeurIPS 2024 workshop) shows its instruction in Figure 2. The
+# verbatim wording could not be checked offline when this file was written, so this is our
+# paraphrase of that instruction's role; set `prompt.system_prompt` in a recipe to use the exact text.
+SYSTEM_PROMPT = (
+    "You are a knowledgeable and caring medical assistant. Answer the patient's or the "
+    "examiner's question accurately and concisely, reason from established medical knowledge, "
+    "and when a question has answer options, reply with the letter of the single best option."
+)
+SYSTEM_PROMPT_SOURCE = "paraphrase of the instruction in Figure 2 of Athukoralage & Atapattu (2024)"
+
+LETTERS = ("A", "B", "C", "D", "E")
+
+# PubMedQA's three labels as MCQ options, both ways.
+PUBMEDQA_LABEL_TO_LETTER = {"yes": "A", "no": "B", "maybe": "C"}
+PUBMEDQA_LETTER_TO_LABEL = {v: k for k, v in PUBMEDQA_LABEL_TO_LETTER.items()}
+PUBMEDQA_OPTIONS = {letter: label for label, letter in PUBMEDQA_LABEL_TO_LETTER.items()}
+
+TARGET_STYLES = ("letter", "letter_text")
+ANSWER_INSTRUCTION = "Answer with the letter of the correct option."
+
+
+def pubmedqa_label_to_letter(label: str) -> str:
+    key = str(label).strip().lower()
+    if key not in PUBMEDQA_LABEL_TO_LETTER:
+        raise ValueError(f"PubMedQA label {label!r} is not one of yes/no/maybe")
+    return PUBMEDQA_LABEL_TO_LETTER[key]
+
+
+def pubmedqa_letter_to_label(letter: str) -> str:
+    key = str(letter).strip().upper()
+    if key not in PUBMEDQA_LETTER_TO_LABEL:
+        raise ValueError(f"PubMedQA letter {letter!r} is not one of A/B/C")
+    return PUBMEDQA_LETTER_TO_LABEL[key]
+
+
+def index_to_letter(index: int) -> str:
+    """MedMCQA's Hub `cop` is 0-3; letters everywhere else."""
+    if not isinstance(index, int) or isinstance(index, bool) or not 0 <= index < len(LETTERS):
+        raise ValueError(f"option index {index!r} is not an integer in 0..{len(LETTERS) - 1}")
+    return LETTERS[index]
+
+
+def is_mcq(record: Mapping[str, Any]) -> bool:
+    return "options" in record
+
+
+def format_mcq_prompt(record: Mapping[str, Any]) -> str:
+    """User turn of an MCQ record: optional abstract context, the question, lettered options."""
+    parts = []
+    context = record.get("context") or ""
+    if context:
+        parts.append(f"Context:\n{context}")
+    parts.append(f"Question: {record['question'].strip()}")
+    options = "\n".join(f"{letter}. {text}" for letter, text in record["options"].items())
+    parts.append(f"Options:\n{options}")
+    parts.append(ANSWER_INSTRUCTION)
+    return "\n\n".join(parts)
+
+
+def mcq_target(record: Mapping[str, Any], style: str = "letter") -> str:
+    """Training target: the answer letter only (as in the paper), or letter + option text."""
+    letter = record["answer"]
+    if style == "letter":
+        return letter
+    if style == "letter_text":
+        return f"{letter}. {record['options'][letter]}"
+    raise ValueError(f"unknown target style {style!r}; choose one of {', '.join(TARGET_STYLES)}")
+
+
+def record_to_messages(
+    record: Mapping[str, Any],
+    system_prompt: str | None = SYSTEM_PROMPT,
+    target_style: str = "letter",
+    with_answer: bool = True,
+) -> list[dict[str, str]]:
+    """Chat messages for an MCQ or dialogue record, system prompt first.
+
+    with_answer=False drops the answer (MCQ) or the final assistant turn (dialogue): that is
+    the prompt used for evaluation and generation.
+    """
+    messages: list[dict[str, str]] = []
+    if system_prompt:
+        messages.append({"role": "system", "content": system_prompt})
+    if is_mcq(record):
+        messages.append({"role": "user", "content": format_mcq_prompt(record)})
+        if with_answer:
+            messages.append({"role": "assistant", "content": mcq_target(record, target_style)})
+        return messages
+    turns = [dict(role=m["role"], content=m["content"]) for m in record["messages"] if m["role"] != "system"]
+    if not with_answer and turns and turns[-1]["role"] == "assistant":
+        turns = turns[:-1]
+    return messages + turns
+
+
+def render_chat(tokenizer: Any, messages: Sequence[Mapping[str, str]], add_generation_prompt: bool = False) -> str:
+    """The one chat-template function: the tokenizer's own template, as text."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError(f"tokenizer {getattr(tokenizer, 'name_or_path', tokenizer)!r} has no chat template")
+    return tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=add_generation_prompt)
