@@ -1,0 +1,54 @@
+"""`medlib data build` and `medlib data inspect`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections import Counter
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    from medlib.cli import add_common_args
+
+    parser = subparsers.add_parser("data", help="build training mixtures, inspect sources")
+    sub = parser.add_subparsers(dest="data_command", required=True)
+    build = sub.add_parser("build", help="build a stage's mixture and manifest.json")
+    add_common_args(build)
+    build.add_argument("--stage", type=int, choices=[1, 2], required=True)
+    build.set_defaults(func=cmd_build)
+    inspect = sub.add_parser("inspect", help="counts and one formatted prompt of a source")
+    inspect.add_argument("source", help="medqa, medmcqa, pubmedqa, mmlu_med, notechat, genmedgpt, healthcaremagic, icliniq")
+    inspect.add_argument("--split", default=None, help="default: the source's evaluation or training split")
+    inspect.add_argument("--data-dir", default=None, help="folder of published files ('samples' for the shipped samples)")
+    inspect.add_argument("--hub", action="store_true", help="read from the Hugging Face Hub instead of a folder")
+    inspect.set_defaults(func=cmd_inspect)
+
+
+def cmd_build(args: argparse.Namespace) -> int:
+    from medlib.config import load_recipe
+    from medlib.data.mixtures import build_mixture, summary_lines
+
+    recipe = load_recipe(args.profile, f"stage{args.stage}", args.overrides)
+    out = build_mixture(recipe, data_dir=args.data_dir, out=args.out)
+    print("\n".join(summary_lines(out)))
+    return 0
+
+
+DEFAULT_SPLITS = {"medqa": "test", "medmcqa": "validation", "pubmedqa": "pqa_labeled", "mmlu_med": "test",
+                  "notechat": "train", "genmedgpt": "train", "healthcaremagic": "train", "icliniq": "train"}
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from medlib.data.loaders import load_source
+    from medlib.prompts import record_to_messages
+
+    split = args.split or DEFAULT_SPLITS.get(args.source, "train")
+    result = load_source(args.source, split, args.data_dir, strict=False, hub=args.hub)
+    print(json.dumps(result.summary(), indent=1))
+    if result.records and "options" in result.records[0]:
+        print("answers:", dict(sorted(Counter(r["answer"] for r in result.records).items())))
+    if result.records:
+        print("\n--- first record as the model sees it (system, user, assistant) ---")
+        for message in record_to_messages(result.records[0]):
+            print(f"[{message['role']}]\n{message['content']}\n")
+    return 0
