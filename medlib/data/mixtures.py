@@ -165,6 +165,11 @@ def build_stage2(recipe: dict[str, Any]) -> tuple[list[dict], list[dict], dict[s
             stage1["data"]["mixture_dir"] = replay["mixture_dir"]
             build_mixture(stage1)
         manifest1 = json.loads((stage1_dir / "manifest.json").read_text())
+        wanted = data.get("data_dir") or "hub"
+        if str(manifest1.get("data_dir")) != str(wanted):
+            raise DataError(stage1_dir / "manifest.json", "data_dir",
+                            f"the stage-1 mixture was built from {manifest1.get('data_dir')!r} but stage 2 reads {wanted!r}; "
+                            "rebuild stage 1 with the same --data-dir or point data.replay.mixture_dir elsewhere")
         for split, rows in (("train", train), ("validation", validation)):
             pool = read_jsonl(stage1_dir / f"{split}.jsonl")
             k = resolve_count(replay.get(f"n_{split}"), len(pool), f"replay n_{split}")

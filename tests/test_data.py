@@ -1,0 +1,243 @@
+"""The data layer on the real published files, generated paper-scale rows and planted bad rows."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+
+import pytest
+
+from medlib import prompts
+from medlib.config import load_recipe
+from medlib.data.decontam import normalised_key
+from medlib.data.eval_sets import load_chat_eval, load_eval_set
+from medlib.data.io import read_jsonl
+from medlib.data.loaders import load_source
+from medlib.data.mixtures import build_mixture
+from medlib.data.synthetic import write_paper_scale_folder
+from medlib.data.validate import DataError
+
+REAL_COUNTS = [("medqa", "test", 1273), ("medmcqa", "validation", 4183), ("pubmedqa", "pqa_labeled", 1000),
+               ("pubmedqa", "test", 500), ("mmlu_med", "test", 1089), ("genmedgpt", "train", 5452)]
+
+
+@pytest.mark.parametrize("source,split,expected", REAL_COUNTS)
+def test_real_files_load_with_exact_counts(data_dir, source, split, expected):
+    result = load_source(source, split, data_dir)
+    assert len(result.records) == expected
+    assert result.report.skipped == []
+
+
+def test_answer_spreads_match_the_data_readme(data_dir):
+    def spread(source, split):
+        return dict(Counter(r["answer"] for r in load_source(source, split, data_dir).records))
+
+    assert spread("pubmedqa", "pqa_labeled") == {"A": 552, "B": 338, "C": 110}  # yes / no / maybe
+    assert spread("pubmedqa", "test") == {"A": 276, "B": 169, "C": 55}
+    assert spread("medmcqa", "validation") == {"A": 1348, "B": 1085, "C": 925, "D": 825}
+
+
+def test_records_are_normalised(data_dir):
+    medqa = load_source("medqa", "test", data_dir).records[0]
+    assert list(medqa["options"]) == ["A", "B", "C", "D"] and medqa["answer"] == "B"
+    pubmed = load_source("pubmedqa", "test", data_dir).records[0]
+    assert pubmed["options"] == {"A": "yes", "B": "no", "C": "maybe"} and pubmed["context"]
+    chat = load_source("genmedgpt", "train", data_dir).records[0]
+    assert [m["role"] for m in chat["messages"]] == ["user", "assistant"]
+
+
+def test_letter_mapping_holds_both_ways():
+    for label in ("yes", "no", "maybe"):
+        assert prompts.pubmedqa_letter_to_label(prompts.pubmedqa_label_to_letter(label)) == label
+    for letter in "ABC":
+        assert prompts.pubmedqa_label_to_letter(prompts.pubmedqa_letter_to_label(letter)) == letter
+    assert [prompts.index_to_letter(i) for i in range(4)] == ["A", "B", "C", "D"]
+    with pytest.raises(ValueError):
+        prompts.pubmedqa_label_to_letter("perhaps")
+    with pytest.raises(ValueError):
+        prompts.index_to_letter(-1)  # MedMCQA test rows carry cop = -1: no label
+
+
+def test_mcq_prompt_and_targets():
+    record = {"id": "x", "source": "medqa", "question": "Q?", "context": "", "options": {"A": "a", "B": "b"}, "answer": "B"}
+    messages = prompts.record_to_messages(record)
+    assert messages[0]["content"] == prompts.SYSTEM_PROMPT
+    assert "A. a\nB. b" in messages[1]["content"]
+    assert messages[-1] == {"role": "assistant", "content": "B"}
+    assert prompts.record_to_messages(record, target_style="letter_text")[-1]["content"] == "B. b"
+    assert prompts.record_to_messages(record, with_answer=False)[-1]["role"] == "user"
+
+
+def test_local_standins_never_overlap_evaluation(data_dir):
+    train_parts = (load_source("pubmedqa", "pqal_train_standin", data_dir).records
+                   + load_source("medmcqa", "validation_train_standin", data_dir).records)
+    eval_parts = [r for name in ("medqa", "medmcqa", "pubmedqa", "mmlu_med") for r in load_eval_set(name, data_dir, "local")]
+    assert len(load_eval_set("pubmedqa", data_dir, "local")) == 500
+    assert {r["id"] for r in train_parts}.isdisjoint({r["id"] for r in eval_parts})
+    medmcqa_train = load_source("medmcqa", "validation_train_standin", data_dir).records
+    assert len(medmcqa_train) + len(load_eval_set("medmcqa", data_dir, "local")) == 4183
+    chat_train = load_source("genmedgpt", "train_standin", data_dir).records
+    chat_eval = load_chat_eval(data_dir, "local")
+    assert len(chat_eval) == 50 and len(chat_train) == 5402
+    assert {r["id"] for r in chat_train}.isdisjoint({r["id"] for r in chat_eval})
+
+
+def test_local_mixtures_are_disjoint_from_what_is_evaluated(data_dir, tmp_path):
+    recipe1 = load_recipe("local", "stage1", [f"data.mixture_dir={tmp_path}/s1"])
+    recipe2 = load_recipe("local", "stage2", [f"data.mixture_dir={tmp_path}/s2", f"data.replay.mixture_dir={tmp_path}/s1"])
+    out1, out2 = build_mixture(recipe1), build_mixture(recipe2)
+    evaluated = [r for name in ("medqa", "medmcqa", "pubmedqa", "mmlu_med") for r in load_eval_set(name, data_dir, "local")]
+    evaluated += load_chat_eval(data_dir, "local")
+    eval_keys = {normalised_key(r) for r in evaluated}
+    for out in (out1, out2):
+        rows = read_jsonl(out / "train.jsonl") + read_jsonl(out / "validation.jsonl")
+        assert rows and not any(normalised_key(r) in eval_keys for r in rows)
+        manifest = json.loads((out / "manifest.json").read_text())
+        assert manifest["standin"] is True and "STAND-IN" in manifest["note"]
+        assert manifest["sizes"]["total"] == len(rows)
+
+
+@pytest.fixture(scope="module")
+def paper_scale_dir(tmp_path_factory):
+    return write_paper_scale_folder(tmp_path_factory.mktemp("paper_scale"), notechat_rows=110_000)
+
+
+@pytest.mark.slow
+def test_paper_scale_mixtures_have_the_sizes_of_tables_1_and_2(paper_scale_dir, tmp_path):
+    d = paper_scale_dir
+    stage1 = build_mixture(load_recipe("paper", "stage1", [f"data.data_dir={d}", f"data.mixture_dir={tmp_path}/s1"]))
+    m1 = json.loads((stage1 / "manifest.json").read_text())
+    assert m1["sizes"]["total"] == 10178 + 182822 + 211269 == 404269
+    assert m1["sizes"]["validation"] == 40427
+    totals = Counter()
+    for split in ("train", "validation"):
+        totals.update(m1["counts"][split])
+    assert dict(totals) == {"medqa": 10178, "medmcqa": 182822, "pubmedqa": 211269}
+    stage2 = build_mixture(load_recipe("paper", "stage2", [f"data.data_dir={d}", f"data.mixture_dir={tmp_path}/s2",
+                                                           f"data.replay.mixture_dir={tmp_path}/s1"]))
+    m2 = json.loads((stage2 / "manifest.json").read_text())
+    assert m2["counts"]["train"]["notechat"] == 100000 and m2["counts"]["validation"]["notechat"] == 10000
+    assert m2["sizes"] == {"train": 133333, "validation": 13333, "total": 146666}
+    # replay given as a ratio of the stage-1 split instead of a count
+    ratio = build_mixture(load_recipe("paper", "stage2", [f"data.data_dir={d}", f"data.mixture_dir={tmp_path}/s2r",
+                                                          f"data.replay.mixture_dir={tmp_path}/s1",
+                                                          "data.replay.n_train=0.5", "data.replay.n_validation=0.5"]))
+    assert json.loads((ratio / "manifest.json").read_text())["sizes"]["train"] == 100000 + round(0.5 * 363842)
+
+
+def test_same_seed_same_hash_other_seed_other_order(data_dir, tmp_path):
+    def build(seed, name):
+        out = build_mixture(load_recipe("local", "stage1", [f"data.seed={seed}", f"data.mixture_dir={tmp_path}/{name}"]))
+        return json.loads((out / "manifest.json").read_text())["content_hash"], [r["id"] for r in read_jsonl(out / "train.jsonl")]
+
+    hash_a, order_a = build(1, "a")
+    hash_b, order_b = build(1, "b")
+    hash_c, order_c = build(2, "c")
+    assert hash_a == hash_b and order_a == order_b
+    assert hash_c != hash_a and order_c != order_a
+
+
+BAD_ROWS = {
+    "bad-empty": ({"question": "  ", "options": {"A": "x", "B": "y"}, "answer": "A"}, "empty question"),
+    "bad-one-option": ({"question": "Q?", "options": {"A": "x"}, "answer": "A"}, "fewer than 2 options"),
+    "bad-answer": ({"question": "Q?", "options": {"A": "x", "B": "y"}, "answer": "E"}, "not among the options"),
+    "bad-type": ({"question": 42, "options": {"A": "x", "B": "y"}, "answer": "A"}, "question must be a string"),
+}
+
+
+def _folder_with_bad_rows(tmp_path, data_dir):
+    folder = tmp_path / "bad"
+    (folder / "medmcqa").mkdir(parents=True)
+    good = {f"good-{i}": {"question": f"Generated question {i}?", "options": {"A": "x", "B": "y"}, "answer": "A"}
+            for i in range(20)}
+    good.update({k: v for k, (v, _) in BAD_ROWS.items()})
+    text = json.dumps(good)
+    # a duplicate id: JSON objects cannot repeat keys, so plant it in the Hub's JSONL layout instead
+    (folder / "medmcqa" / "train.json").write_text(text)
+    (folder / "medqa").mkdir()
+    line = json.dumps({"id": "dup", "question": "Q?", "options": {"A": "x", "B": "y"}, "answer": "y", "answer_idx": "B"})
+    (folder / "medqa" / "train.jsonl").write_text(line + "\n" + line + "\n")
+    return folder
+
+
+def test_planted_bad_rows_are_each_reported(tmp_path, data_dir):
+    folder = _folder_with_bad_rows(tmp_path, data_dir)
+    lenient = load_source("medmcqa", "train", folder, strict=False)
+    assert len(lenient.records) == 20 and lenient.rows_read == 24
+    reasons = {s["row"]: s["reason"] for s in lenient.report.skipped}
+    for key, (_, reason) in BAD_ROWS.items():
+        assert reason in reasons[key]
+    with pytest.raises(DataError) as err:
+        load_source("medmcqa", "train", folder, strict=True)
+    assert "train.json" in str(err.value) and "bad-" in str(err.value)
+    duplicate = load_source("medqa", "train", folder, strict=False)
+    assert len(duplicate.records) == 1 and "duplicate id 'dup'" in duplicate.report.skipped[0]["reason"]
+    with pytest.raises(DataError, match="line 2.*duplicate id"):
+        load_source("medqa", "train", folder, strict=True)
+
+
+def test_lenient_build_lists_skipped_rows_in_the_manifest(tmp_path, data_dir):
+    folder = _folder_with_bad_rows(tmp_path, data_dir)
+    recipe = load_recipe("paper", "stage1", [f"data.data_dir={folder}", f"data.mixture_dir={tmp_path}/m", "data.strict=false"])
+    recipe["data"]["sources"] = [{"source": "medmcqa", "split": "train", "n": None}]
+    manifest = json.loads((build_mixture(recipe) / "manifest.json").read_text())
+    assert manifest["skipped_rows"]["total"] == 4
+    assert {r["id"] for r in manifest["skipped_rows"]["rows"]} == set(BAD_ROWS)
+    with pytest.raises(DataError, match="bad-"):
+        build_mixture({**recipe, "data": {**recipe["data"], "strict": True}})
+
+
+def test_unreadable_json_names_file_and_line(tmp_path):
+    (tmp_path / "medqa").mkdir()
+    good = json.dumps({"question": "Q?", "options": {"A": "x", "B": "y"}, "answer": "x", "answer_idx": "A"})
+    (tmp_path / "medqa" / "train.jsonl").write_text(good + "\n{broken\n")
+    with pytest.raises(DataError, match=r"train.jsonl: line 2: not valid JSON"):
+        load_source("medqa", "train", tmp_path)
+
+
+def test_decontamination_catches_planted_test_questions(tmp_path, data_dir):
+    folder = tmp_path / "planted"
+    write_paper_scale_folder(folder, sizes={"medqa": 200, "medmcqa": 200, "pubmedqa_artificial": 50}, notechat_rows=0)
+    test_rows = [json.loads(line) for line in (data_dir / "medqa" / "test.jsonl").read_text().splitlines()[:3]]
+    test_rows[1]["question"] = test_rows[1]["question"].upper() + "  "  # only equal after normalisation
+    with open(folder / "medqa" / "train.jsonl", "a") as f:
+        for row in test_rows:
+            f.write(json.dumps(row) + "\n")
+    mmlu = json.loads((data_dir / "mmlu_med" / "mmlu_med.json").read_text())
+    key, value = next(iter(mmlu.items()))
+    with open(folder / "medmcqa" / "train.jsonl", "a") as f:
+        f.write(json.dumps({"id": "planted-mmlu", "question": value["question"], "opa": value["options"]["A"],
+                            "opb": value["options"]["B"], "opc": value["options"]["C"], "opd": value["options"]["D"],
+                            "cop": 0}) + "\n")
+    recipe = load_recipe("paper", "stage1", [f"data.data_dir={folder}", f"data.mixture_dir={tmp_path}/m"])
+    for spec in recipe["data"]["sources"]:
+        spec["n"] = None
+    out = build_mixture(recipe)
+    decon = json.loads((out / "manifest.json").read_text())["decontamination"]
+    assert decon["exact"] == 3 and decon["normalised"] == 1 and decon["dropped"] == 4
+    assert decon["by_eval_set"] == {"medqa": 3, "mmlu_med": 1}
+    rows = read_jsonl(out / "train.jsonl") + read_jsonl(out / "validation.jsonl")
+    assert len(rows) == 450 and "planted-mmlu" not in {r["id"] for r in rows}
+
+
+def test_samples_run_with_no_data_at_all(tmp_path):
+    out = build_mixture(load_recipe("local", "stage1", ["data.data_dir=samples", f"data.mixture_dir={tmp_path}/s1"]))
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["sizes"]["total"] > 0 and manifest["data_dir"] == "samples"
+    for source, split in [("medqa", "train"), ("medmcqa", "train"), ("pubmedqa", "pqa_artificial"), ("notechat", "train"),
+                          ("healthcaremagic", "train"), ("icliniq", "train")]:
+        records = load_source(source, split, "samples").records
+        assert records and all("[SAMPLE]" in json.dumps(r) for r in records)
+
+
+def test_cli_build_prints_a_summary(tmp_path):
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "medlib", "data", "build", "--profile", "local", "--stage", "1",
+                           "--out", str(tmp_path / "m")], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "STAND-IN" in done.stdout and "content hash" in done.stdout
+    bad = subprocess.run([sys.executable, "-m", "medlib", "data", "build", "--profile", "local", "--stage", "1",
+                          "--set", "data.nope=1"], capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "unknown recipe key 'data.nope'" in bad.stderr
