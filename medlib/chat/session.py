@@ -1,0 +1,267 @@
+"""ChatSession: routed, multi-turn medical chat on a base model plus an optional adapter.
+
+    session = ChatSession.from_profile("local")          # the profile's Med-Nirvana, else the base model
+    reply = session.reply("I have had a fever for 3 days")  # Reply(kind="medical", text=..., ...)
+    replies = run_script(session, ["hi", "I have a headache", "who won the match?"])
+
+Every message is cleaned (guardrails.clean_input), checked for red flags, then routed
+(medical / greeting / other). Only medical messages reach the model; its prompt is the
+training system prompt + the kept history + the new message, rendered by
+medlib.prompts.render_chat (the same template as training).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Sequence
+
+from medlib.chat import guardrails
+from medlib.chat.router import RouteDecision, Router
+
+log = logging.getLogger(__name__)
+StreamFn = Callable[[str], None]
+
+
+@dataclass
+class Reply:
+    kind: str                       # "medical" | "greeting" | "fallback" | "urgent" | "empty"
+    text: str                       # everything shown to the user, in order
+    answer: str | None = None       # the model's own answer (medical only)
+    red_flags: list[str] = field(default_factory=list)
+    notices: list[str] = field(default_factory=list)
+    route: RouteDecision | None = None
+    disclaimer: bool = False
+    dropped_turns: int = 0          # history turns left out to fit the context
+
+
+def fit_history(tokenizer: Any, system_prompt: str, history: Sequence[tuple[str, str]], user_text: str,
+                budget: int) -> tuple[list[dict[str, str]], int, bool]:
+    """Messages whose rendered prompt fits `budget` tokens: the system prompt always, then as many
+    of the most recent (user, assistant) turns as fit, then the new user message (cut from the
+    end, as a last resort, when it alone does not fit). Returns (messages, dropped_turns, cut)."""
+    from medlib.prompts import render_chat
+
+    def build(turns: Sequence[tuple[str, str]], text: str) -> list[dict[str, str]]:
+        msgs = [{"role": "system", "content": system_prompt}]
+        for u, a in turns:
+            msgs += [{"role": "user", "content": u}, {"role": "assistant", "content": a}]
+        return msgs + [{"role": "user", "content": text}]
+
+    def n_tokens(msgs: list[dict[str, str]]) -> int:
+        return len(tokenizer(render_chat(tokenizer, msgs, add_generation_prompt=True),
+                             add_special_tokens=False)["input_ids"])
+
+    turns = list(history)
+    dropped = 0
+    while turns and n_tokens(build(turns, user_text)) > budget:
+        turns.pop(0)  # oldest first
+        dropped += 1
+    msgs = build(turns, user_text)
+    cut = False
+    if n_tokens(msgs) > budget:
+        overflow = n_tokens(msgs) - budget
+        ids = tokenizer(user_text, add_special_tokens=False)["input_ids"]
+        if overflow >= len(ids):
+            raise ValueError(f"the system prompt alone does not fit the {budget}-token history budget")
+        user_text = tokenizer.decode(ids[: len(ids) - overflow - 8], skip_special_tokens=True)
+        msgs = build(turns, user_text)
+        cut = True
+    return msgs, dropped, cut
+
+
+def find_adapter(path: str | Path) -> Path | None:
+    """A run folder or an adapter folder -> the folder holding adapter_config.json, or None."""
+    path = Path(path)
+    for candidate in (path, path / "adapter", path / "final_adapter"):
+        if (candidate / "adapter_config.json").exists():
+            return candidate
+    return None
+
+
+def resolve_system_prompt(recipe: dict[str, Any]) -> str:
+    """The chat recipe's prompt.system_prompt, else the same profile's stage-2 training recipe's,
+    else medlib.prompts.SYSTEM_PROMPT: the model is asked what it was trained on."""
+    from medlib.config import RecipeError, load_recipe
+    from medlib.prompts import SYSTEM_PROMPT
+
+    prompt = (recipe.get("prompt") or {}).get("system_prompt")
+    if prompt:
+        return prompt
+    try:
+        prompt = (load_recipe(recipe["profile"], "stage2").get("prompt") or {}).get("system_prompt")
+    except (RecipeError, KeyError):
+        prompt = None
+    return prompt or SYSTEM_PROMPT
+
+
+class ChatSession:
+    def __init__(self, model: Any, tokenizer: Any, router: Router, recipe: dict[str, Any],
+                 system_prompt: str | None = None, notices: Iterable[str] = ()):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.router = router
+        self.recipe = recipe
+        self.system_prompt = system_prompt or resolve_system_prompt(recipe)
+        self.startup_notices = list(notices)
+        self.history: list[tuple[str, str]] = []
+        self.answers_given = 0
+        gen = recipe["generation"]
+        self.temperature = float(gen["temperature"])
+        self.max_new_tokens = int(gen["max_new_tokens"])
+        self.context_tokens = int(recipe["history"]["max_context_tokens"])
+        self._special_tokens = list(getattr(tokenizer, "all_special_tokens", []) or [])
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_profile(cls, profile: str = "local", adapter: str | Path | None = None,
+                     overrides: Iterable[str] = (), router: Router | None = None) -> "ChatSession":
+        """Load the profile's chat recipe, the base model, the adapter and the router.
+
+        adapter=None uses the recipe's default (the profile's Med-Nirvana run); when that does
+        not exist yet a notice says so and the base model runs. An explicit adapter that does not
+        exist is an error.
+        """
+        from medlib.config import load_recipe
+        from medlib.models import ModelNotFoundError, load_for_inference
+        from medlib.paths import resolve
+
+        recipe = load_recipe(profile, "chat", list(overrides))
+        notices = []
+        adapter_dir = None
+        if adapter is not None:
+            adapter_dir = find_adapter(adapter)
+            if adapter_dir is None:
+                raise ModelNotFoundError(f"adapter {adapter} has no adapter_config.json (nor adapter/ inside it)")
+        elif recipe.get("adapter"):
+            default = resolve(recipe["adapter"])
+            adapter_dir = find_adapter(default)
+            if adapter_dir is None:
+                notices.append(f"No trained adapter at {default} yet: running the base model "
+                               f"{recipe['model']['name']} without fine-tuning.")
+        model, tokenizer = load_for_inference(recipe["model"]["name"], adapter_dir,
+                                              load_in_4bit=bool(recipe["model"]["load_in_4bit"]))
+        recipe["_meta"]["adapter_used"] = str(adapter_dir) if adapter_dir else None
+        if router is None:
+            r = recipe.get("router") or {}
+            router = Router.from_files(r.get("calibration_file") and resolve(r["calibration_file"]),
+                                       r.get("reference_file") and resolve(r["reference_file"]))
+        return cls(model, tokenizer, router, recipe, notices=notices)
+
+    def describe(self) -> str:
+        adapter = self.recipe["_meta"].get("adapter_used")
+        return (f"profile {self.recipe['profile']}, model {self.recipe['model']['name']}, "
+                f"adapter {adapter or 'none (base model)'}, temperature {self.temperature}")
+
+    def reset(self) -> None:
+        self.history.clear()
+        self.answers_given = 0
+
+    # ------------------------------------------------------------------ one turn
+    def reply(self, text: str | None, stream: StreamFn | None = None) -> Reply:
+        """Answer one user message. `stream` receives the reply's text piece by piece (the model
+        answer token by token), in the same order as Reply.text."""
+        parts: list[str] = []
+
+        def emit(piece: str) -> None:
+            parts.append(piece)
+            if stream:
+                stream(piece)
+
+        g = self.recipe["guardrails"]
+        clean = guardrails.clean_input(text, int(g["max_input_chars"]), self._special_tokens)
+        for notice in clean.notices:
+            emit(f"[{notice}]\n")
+        if clean.empty:
+            emit(guardrails.EMPTY_REPLY)
+            return Reply("empty", "".join(parts), notices=clean.notices)
+
+        flags = guardrails.detect_red_flags(clean.text)
+        route = self.router.route(clean.text)
+        if flags:
+            emit(guardrails.urgent_message(flags))
+            if not (g["answer_after_red_flag"] and route.label == "medical"):
+                return Reply("urgent", "".join(parts), red_flags=[f.category for f in flags],
+                             notices=clean.notices, route=route)
+            emit("\n\n")
+        if route.label == "greeting":
+            emit(guardrails.GREETING_REPLY)
+            return Reply("greeting", "".join(parts), notices=clean.notices, route=route)
+        if route.label != "medical":
+            emit(guardrails.FALLBACK_REPLY)
+            return Reply("fallback", "".join(parts), notices=clean.notices, route=route)
+
+        messages, dropped, cut = fit_history(self.tokenizer, self.system_prompt, self.history, clean.text,
+                                             self.context_tokens - self.max_new_tokens)
+        notices = list(clean.notices)
+        if cut:
+            notices.append("Your message was too long for the model's context; its end was left out.")
+            emit(f"[{notices[-1]}]\n")
+        disclaimer = bool(g["disclaimer"]) and self.answers_given == 0
+        if disclaimer:
+            emit(guardrails.DISCLAIMER + "\n\n")
+        answer = self.generate(messages, emit)
+        self.history.append((messages[-1]["content"], answer))
+        self.answers_given += 1
+        return Reply("urgent" if flags else "medical", "".join(parts), answer=answer,
+                     red_flags=[f.category for f in flags], notices=notices, route=route,
+                     disclaimer=disclaimer, dropped_turns=dropped)
+
+    def build_prompt(self, text: str) -> tuple[str, int]:
+        """The exact prompt the model would get for `text` now, and how many turns were dropped."""
+        from medlib.prompts import render_chat
+
+        messages, dropped, _ = fit_history(self.tokenizer, self.system_prompt, self.history, text,
+                                           self.context_tokens - self.max_new_tokens)
+        return render_chat(self.tokenizer, messages, add_generation_prompt=True), dropped
+
+    def generate(self, messages: list[dict[str, str]], emit: StreamFn) -> str:
+        import torch
+        from transformers import TextIteratorStreamer
+
+        from medlib.prompts import render_chat
+
+        prompt = render_chat(self.tokenizer, messages, add_generation_prompt=True)
+        inputs = self.tokenizer(prompt, return_tensors="pt", add_special_tokens=False).to(self.model.device)
+        gen = self.recipe["generation"]
+        kwargs: dict[str, Any] = dict(max_new_tokens=self.max_new_tokens,
+                                      repetition_penalty=float(gen["repetition_penalty"]),
+                                      pad_token_id=self.tokenizer.pad_token_id,
+                                      eos_token_id=self.tokenizer.eos_token_id)
+        if self.temperature > 0:
+            torch.manual_seed(int(gen["seed"]) + self.answers_given)
+            kwargs.update(do_sample=True, temperature=self.temperature, top_p=float(gen["top_p"]))
+        else:
+            kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+        streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
+        error: list[BaseException] = []
+
+        def run() -> None:
+            try:
+                with torch.inference_mode():
+                    self.model.generate(**inputs, streamer=streamer, **kwargs)
+            except BaseException as exc:  # re-raised below, in the caller's thread
+                error.append(exc)
+                streamer.end()
+
+        thread = threading.Thread(target=run, daemon=True)
+        thread.start()
+        pieces = []
+        for piece in streamer:
+            pieces.append(piece)
+            emit(piece)
+        thread.join()
+        if error:
+            raise error[0]
+        answer = "".join(pieces).strip()
+        if not answer:
+            answer = "(the model returned an empty answer)"
+            emit(answer)
+        return answer
+
+
+def run_script(session: ChatSession, messages: Sequence[str], stream: StreamFn | None = None) -> list[Reply]:
+    """Send each message in turn (the notebook's scripted conversation); returns the replies."""
+    return [session.reply(m, stream=stream) for m in messages]
