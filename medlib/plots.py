@@ -1,0 +1,143 @@
+"""Figures: train/validation loss per stage (the paper's Figures 11-12), MCQ accuracy bars with the
+paper's Table 3 rows beside ours, BERTScore bars. Every figure names profile and model."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+from typing import Any
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")  # headless: papermill and CI have no display
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _float(value: Any) -> float | None:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def read_log_history(run_dir: str | Path) -> tuple[list[tuple[float, float]], list[tuple[float, float]]]:
+    """(train points, validation points) as (step, loss) from a run's log_history.csv."""
+    train, validation = [], []
+    with open(Path(run_dir) / "log_history.csv") as f:
+        for row in csv.DictReader(f):
+            step = _float(row["step"])
+            if _float(row.get("loss")) is not None:
+                train.append((step, float(row["loss"])))
+            if _float(row.get("eval_loss")) is not None:
+                validation.append((step, float(row["eval_loss"])))
+    return train, validation
+
+
+def plot_loss_curves(run_dir: str | Path, path: str | Path) -> Path:
+    run_dir, path = Path(run_dir), Path(path)
+    train, validation = read_log_history(run_dir)
+    meta_file = run_dir / "run_metadata.json"
+    meta = json.loads(meta_file.read_text()) if meta_file.exists() else {}
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    if train:
+        ax.plot(*zip(*train), label="training loss", color="tab:blue", linewidth=1.5)
+    if validation:
+        ax.plot(*zip(*validation), label="validation loss", color="tab:orange", marker="o", linewidth=1.5)
+    stage = meta.get("stage", "?")
+    name = {1: "Med-Mix", 2: "Med-Nirvana"}.get(stage, run_dir.name)
+    model = meta.get("model", {}).get("name") if isinstance(meta.get("model"), dict) else meta.get("base_model")
+    ax.set_title(f"Stage {stage} ({name}) loss — {meta.get('profile', '?')} profile\n{model or ''}", fontsize=10)
+    ax.set_xlabel("step")
+    ax.set_ylabel("cross-entropy on assistant tokens")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def _grouped_bars(ax, groups: list[str], series: list[tuple[str, list[float | None], list[tuple[float, float] | None]]]):
+    import numpy as np
+
+    width = 0.8 / max(len(series), 1)
+    x = np.arange(len(groups))
+    for i, (label, values, errors) in enumerate(series):
+        heights = [v if v is not None else 0.0 for v in values]
+        yerr = None
+        if any(e for e in errors):
+            yerr = [[(v - e[0]) if (e and v is not None) else 0 for v, e in zip(values, errors)],
+                    [(e[1] - v) if (e and v is not None) else 0 for v, e in zip(values, errors)]]
+        hatch = "//" if label.startswith("paper") else None
+        bars = ax.bar(x + (i - (len(series) - 1) / 2) * width, heights, width, label=label, yerr=yerr, capsize=3,
+                      hatch=hatch, alpha=0.85)
+        for bar, value in zip(bars, values):
+            if value is None:
+                ax.annotate("n/a", (bar.get_x() + bar.get_width() / 2, 0), ha="center", va="bottom", fontsize=7,
+                            rotation=90, xytext=(0, 3), textcoords="offset points")
+    ax.set_xticks(x, groups)
+
+
+def plot_mcq_bars(table3_csv: str | Path, path: str | Path) -> Path:
+    from medlib.evaluate.tables import TABLE3_COLUMNS
+
+    with open(table3_csv) as f:
+        rows = list(csv.DictReader(f))
+    keys = [k for k, _ in TABLE3_COLUMNS]
+    titles = [t.split(" (")[0] for _, t in TABLE3_COLUMNS]
+    series = []
+    for row in rows:
+        values = [_float(row.get(f"{k}_accuracy")) for k in keys]
+        errors = [(float(row[f"{k}_ci95_low"]), float(row[f"{k}_ci95_high"]))
+                  if _float(row.get(f"{k}_ci95_low")) is not None else None for k in keys]
+        tag = "paper" if row["source"].startswith("paper") else row["profile"]
+        series.append((f"{tag}: {row['model']}", values, errors))
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(10, 4.8))
+    _grouped_bars(ax, titles, series)
+    profiles = sorted({r["profile"] for r in rows if not r["source"].startswith("paper")})
+    ax.set_ylabel("accuracy (%) with 95% bootstrap CI")
+    ax.set_ylim(0, 100)
+    ax.set_title(f"Table 3 — MCQ accuracy; ours: {', '.join(profiles)} profile. Hatched: the paper's reported rows "
+                 "(n/a = not transcribed)", fontsize=9)
+    ax.legend(fontsize=7, ncol=2)
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return Path(path)
+
+
+def plot_bertscore_bars(table4_csv: str | Path, path: str | Path) -> Path:
+    from medlib.evaluate.tables import TABLE4_METRICS
+
+    with open(table4_csv) as f:
+        rows = list(csv.DictReader(f))
+    series = []
+    for row in rows:
+        tag = "paper" if row["source"].startswith("paper") else row["profile"]
+        series.append((f"{tag}: {row['model']}", [_float(row.get(k)) for k, _ in TABLE4_METRICS],
+                       [None] * len(TABLE4_METRICS)))
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    _grouped_bars(ax, [t for _, t in TABLE4_METRICS], series)
+    ours = [r for r in rows if not r["source"].startswith("paper")]
+    model = ours[0]["bertscore_model"] if ours else "?"
+    ax.set_ylabel("BERTScore vs physicians' answers")
+    ax.set_ylim(0, 1)
+    ax.set_title(f"Table 4 — BERTScore ({model}); hatched: paper rows (n/a = not transcribed)", fontsize=9)
+    ax.legend(fontsize=7)
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return Path(path)

@@ -1,0 +1,112 @@
+"""`medlib reproduce`: run the numbered notebooks in order with papermill, then write REPORT.md.
+
+A failing notebook stops the run, naming the notebook, the cell and the error; the executed copies
+up to that point are kept. A rerun skips finished notebooks (same parameters) unless --force; once
+one notebook runs again, every later one runs too, since its inputs changed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+from medlib.paths import REPO_ROOT
+
+log = logging.getLogger(__name__)
+
+NOTEBOOK_DIR = REPO_ROOT / "notebooks"
+NOTEBOOKS = ("00_data_prep", "01_stage1_med_mix", "02_stage2_med_nirvana", "03_eval_mcq", "04_eval_bertscore",
+             "05_loss_curves", "06_chat")
+
+
+class ReproduceError(RuntimeError):
+    pass
+
+
+def _parse_params(items: Sequence[str]) -> dict[str, Any]:
+    from medlib.config import parse_value
+
+    params = {}
+    for item in items:
+        if "=" not in item:
+            raise ReproduceError(f"parameter {item!r} must look like name=value")
+        key, value = item.split("=", 1)
+        params[key.strip()] = parse_value(value)
+    return params
+
+
+def reproduce(profile: str = "local", out_dir: str | Path | None = None, force: bool = False,
+              params: dict[str, Any] | None = None, notebooks: Sequence[str] = NOTEBOOKS) -> Path:
+    import papermill as pm
+
+    from medlib.pipeline import layout, report
+
+    lay = layout(profile, out_dir)
+    lay.notebooks.mkdir(parents=True, exist_ok=True)
+    timings_file = lay.notebooks / "timings.json"
+    timings = json.loads(timings_file.read_text()) if timings_file.exists() else {}
+    wanted = {"profile": profile, "out_dir": str(lay.root), **(params or {})}
+    declared_by = {}
+    for name in notebooks:
+        source = NOTEBOOK_DIR / f"{name}.ipynb"
+        if not source.exists():
+            raise ReproduceError(f"notebook {source} does not exist (known: {', '.join(NOTEBOOKS)})")
+        declared_by[name] = set(pm.inspect_notebook(str(source)))
+    unknown = set(params or {}) - set().union(*declared_by.values())
+    if unknown:
+        raise ReproduceError(f"no notebook has a parameter named {', '.join(sorted(unknown))}")
+    rerun = force
+    for name in notebooks:
+        source = NOTEBOOK_DIR / f"{name}.ipynb"
+        declared = declared_by[name]
+        given = {k: v for k, v in wanted.items() if k in declared}
+        target = lay.notebooks / f"{name}.ipynb"
+        marker = lay.notebooks / ".done" / f"{name}.json"
+        if not rerun and marker.exists() and target.exists() and json.loads(marker.read_text()) == given:
+            print(f"[reproduce] {name}: done earlier with the same parameters, skipped (--force reruns it)", flush=True)
+            continue
+        rerun = True
+        marker.unlink(missing_ok=True)
+        print(f"[reproduce] {name}: running {json.dumps(given)}", flush=True)
+        started = time.time()
+        try:
+            pm.execute_notebook(str(source), str(target), parameters=given, kernel_name="python3",
+                                cwd=str(REPO_ROOT), progress_bar=False, log_output=False)
+        except pm.PapermillExecutionError as exc:
+            raise ReproduceError(f"notebook {name} failed at cell {exc.exec_count}: {exc.ename}: {exc.evalue} "
+                                 f"(executed copy kept at {target})") from None
+        seconds = time.time() - started
+        timings[name] = {"seconds": round(seconds, 1), "output": str(target), "parameters": given}
+        timings_file.write_text(json.dumps(timings, indent=1))
+        marker.parent.mkdir(exist_ok=True)
+        marker.write_text(json.dumps(given))
+        print(f"[reproduce] {name}: {seconds:.0f} s", flush=True)
+    path = report(profile, lay.root)
+    print(f"[reproduce] report: {path}", flush=True)
+    return path
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("reproduce", help="run every notebook with papermill and write REPORT.md")
+    parser.add_argument("--profile", choices=["local", "paper"], default="local")
+    parser.add_argument("--out", default=None, help="output root (default outputs/<profile>)")
+    parser.add_argument("--force", action="store_true", help="rerun notebooks that finished earlier")
+    parser.add_argument("-p", "--param", dest="params", action="append", default=[], metavar="NAME=VALUE",
+                        help="notebook parameter, e.g. -p max_steps=10 -p mcq_limit=20 (repeatable)")
+    parser.add_argument("--only", default=None, help="comma-separated notebook names (default: all, in order)")
+    parser.set_defaults(func=main)
+
+
+def main(args: argparse.Namespace) -> int:
+    from medlib.cli import CLIError
+
+    notebooks = tuple(args.only.split(",")) if args.only else NOTEBOOKS
+    try:
+        reproduce(args.profile, args.out, args.force, _parse_params(args.params), notebooks)
+    except ReproduceError as exc:
+        raise CLIError(str(exc)) from None
+    return 0
