@@ -46,9 +46,11 @@ def plot_loss_curves(run_dir: str | Path, path: str | Path) -> Path:
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.2))
     if train:
-        ax.plot(*zip(*train), label="training loss", color="tab:blue", linewidth=1.5)
+        ax.plot(*zip(*train), label="training loss", color="tab:blue", marker=".", linewidth=1.5)
     if validation:
         ax.plot(*zip(*validation), label="validation loss", color="tab:orange", marker="o", linewidth=1.5)
+    # Which curves were drawn, as PNG metadata, so tests and readers can check without eyeballing.
+    description = f"training loss: {len(train)} points; validation loss: {len(validation)} points"
     stage = meta.get("stage", "?")
     name = {1: "Med-Mix", 2: "Med-Nirvana"}.get(stage, run_dir.name)
     model = meta.get("model", {}).get("name") if isinstance(meta.get("model"), dict) else meta.get("base_model")
@@ -59,13 +61,18 @@ def plot_loss_curves(run_dir: str | Path, path: str | Path) -> Path:
     ax.legend()
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=120, metadata={"Description": description})
     plt.close(fig)
     return path
 
 
 def _grouped_bars(ax, groups: list[str], series: list[tuple[str, list[float | None], list[tuple[float, float] | None]]]):
     import numpy as np
+
+    missing = [label for label, values, _ in series if all(v is None for v in values)]
+    series = [s for s in series if s[0] not in missing]
+    if missing:
+        ax.text(0.01, 0.97, "no figures for: " + "; ".join(missing), transform=ax.transAxes, fontsize=7, va="top")
 
     width = 0.8 / max(len(series), 1)
     x = np.arange(len(groups))

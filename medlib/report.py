@@ -59,15 +59,13 @@ def write_report(lay) -> Path:
         from medlib.plots import read_log_history
 
         train, validation = read_log_history(run) if (run / "log_history.csv").exists() else ([], [])
-        model = meta.get("model", {})
-        memory = meta.get("peak_memory", {})
-        memory_text = ", ".join(f"{k} {v:,.0f}" for k, v in memory.items()) if isinstance(memory, dict) else str(memory)
+        memory = ", ".join(f"{k} {v:,.0f}" for k, v in (meta.get("memory") or {}).items())
         lines.append(
-            f"| {stage} | `{_rel(run, root)}` | {model.get('name', '?') if isinstance(model, dict) else model} | "
-            f"{meta.get('backend', '?')} | {meta.get('global_step', meta.get('steps', '?'))} | "
-            f"{train[-1][1]:.4f} | {validation[-1][1] if validation else float('nan'):.4f} | "
-            f"{meta.get('tokens_seen', '?')} | {meta.get('wall_time_s', meta.get('wall_seconds', '?'))} s | {memory_text} |"
-            if train else f"| {stage} | `{_rel(run, root)}` | | | | no log | | | | |")
+            f"| {stage} | `{_rel(run, root)}` | {meta['base_model']} | {meta['backend']} | {meta['global_step']} | "
+            f"{train[-1][1] if train else float('nan'):.4f} | {validation[-1][1] if validation else float('nan'):.4f} | "
+            f"{meta['tokens_seen']:,} | {meta['wall_time_s']} s | {memory} |")
+        if meta.get("fallbacks"):
+            lines.append(f"|  | fallbacks: {'; '.join(meta['fallbacks'])} | | | | | | | | |")
     lines.append("")
 
     for name, title in (("table3.md", "Table 3"), ("table4.md", "Table 4"), ("samples.md", "Side-by-side answers")):
