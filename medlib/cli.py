@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import importlib.util
 import logging
 import sys
 
@@ -54,8 +53,6 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
     for module in COMMAND_MODULES.values():
-        if importlib.util.find_spec(module) is None:  # TODO(lead): remove once every command module exists
-            continue
         importlib.import_module(module).register(sub)
     return parser
 

@@ -51,7 +51,9 @@ def test_data_and_training_artifacts(reproduced):
         assert (run / "adapter_model.safetensors").exists() and (run / "adapter_config.json").exists()
         meta = json.loads((run / "run_metadata.json").read_text())
         assert meta["profile"] == "local" and meta["global_step"] == TINY["max_steps"]
-        assert not list(run.rglob("*.bin")), "safetensors only"
+        weights = [p.name for p in run.rglob("*") if p.suffix in (".bin", ".pt", ".pth", ".safetensors")
+                   and ("model" in p.name or "adapter" in p.name)]
+        assert weights and all(name.endswith(".safetensors") for name in weights), weights  # weights: safetensors only
 
 
 def test_tables_hold_the_expected_rows(reproduced):
