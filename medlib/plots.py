@@ -18,6 +18,17 @@ def _pyplot():
     return plt
 
 
+def _save(fig, path: str | Path, description: str | None = None) -> Path:
+    """Write a figure as PNG; `description` goes into the PNG metadata (what was drawn)."""
+    path = Path(path)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120, metadata={"Description": description} if description else None)
+    fig.clf()
+    _pyplot().close(fig)
+    return path
+
+
 def _float(value: Any) -> float | None:
     try:
         return float(value)
@@ -59,11 +70,7 @@ def plot_loss_curves(run_dir: str | Path, path: str | Path) -> Path:
     ax.set_ylabel("cross-entropy on assistant tokens")
     ax.grid(alpha=0.3)
     ax.legend()
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120, metadata={"Description": description})
-    plt.close(fig)
-    return path
+    return _save(fig, path, description)
 
 
 def _grouped_bars(ax, groups: list[str], series: list[tuple[str, list[float | None], list[tuple[float, float] | None]]]):
@@ -116,11 +123,7 @@ def plot_mcq_bars(table3_csv: str | Path, path: str | Path) -> Path:
                  "(n/a = not transcribed)", fontsize=9)
     ax.legend(fontsize=7, ncol=2)
     ax.grid(axis="y", alpha=0.3)
-    fig.tight_layout()
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return Path(path)
+    return _save(fig, path)
 
 
 def plot_bertscore_bars(table4_csv: str | Path, path: str | Path) -> Path:
@@ -143,8 +146,4 @@ def plot_bertscore_bars(table4_csv: str | Path, path: str | Path) -> Path:
     ax.set_title(f"Table 4 — BERTScore ({model}); hatched: paper rows (n/a = not transcribed)", fontsize=9)
     ax.legend(fontsize=7)
     ax.grid(axis="y", alpha=0.3)
-    fig.tight_layout()
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return Path(path)
+    return _save(fig, path)

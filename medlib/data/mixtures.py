@@ -103,44 +103,53 @@ def _take(records: list[dict], n: Any, what: str, strict: bool, rng: random.Rand
     return rng.sample(records, want)
 
 
-def build_stage1(recipe: dict[str, Any]) -> tuple[list[dict], list[dict], dict[str, Any]]:
-    data = recipe["data"]
-    rng = random.Random(data["seed"])
-    strict = data.get("strict", True)
-    report, notes, sources, pool = ValidationReport(), [], [], []
-    index = eval_index(recipe, with_chat=False) if data.get("decontaminate", True) else None
-    decon_total: dict[str, Any] = {"checked": 0, "exact": 0, "normalised": 0, "dropped": 0, "by_eval_set": {}}
-    for spec in data["sources"]:
-        result = _load_training_source(spec, data, recipe["profile"], report)
+class _Build:
+    """What one mixture build accumulates: the seeded RNG, skipped rows, notes, per-source summaries
+    and decontamination totals."""
+
+    def __init__(self, recipe: dict[str, Any], with_chat: bool):
+        self.recipe, self.data = recipe, recipe["data"]
+        self.rng = random.Random(self.data["seed"])
+        self.strict = self.data.get("strict", True)
+        self.report, self.notes, self.sources = ValidationReport(), [], []
+        self.index = eval_index(recipe, with_chat) if self.data.get("decontaminate", True) else None
+        self.decon: dict[str, Any] = {"checked": 0, "exact": 0, "normalised": 0, "dropped": 0, "by_eval_set": {}}
+
+    def load(self, spec: dict[str, Any]):
+        """A source's validated records, decontaminated; returns (load result, records, source summary)."""
+        result = _load_training_source(spec, self.data, self.recipe["profile"], self.report)
         records, decon = result.records, None
-        if index is not None:
-            records, decon = decontaminate(records, index)
-            _merge_decon(decon_total, decon)
-        taken = _take(records, spec.get("n"), f"{spec['source']}/{spec['split']}", strict, rng, notes)
-        sources.append({**result.summary(), "decontamination": _brief(decon), "taken": len(taken)})
+        if self.index is not None:
+            records, decon = decontaminate(records, self.index)
+            _merge_decon(self.decon, decon)
+        return result, records, {**result.summary(), "decontamination": _brief(decon)}
+
+    def info(self) -> dict[str, Any]:
+        return {"sources": self.sources, "decontamination": self.decon, "validation": self.report, "notes": self.notes}
+
+
+def build_stage1(recipe: dict[str, Any]) -> tuple[list[dict], list[dict], dict[str, Any]]:
+    b = _Build(recipe, with_chat=False)
+    pool: list[dict] = []
+    for spec in b.data["sources"]:
+        _, records, summary = b.load(spec)
+        taken = _take(records, spec.get("n"), f"{spec['source']}/{spec['split']}", b.strict, b.rng, b.notes)
+        b.sources.append({**summary, "taken": len(taken)})
         pool.extend(taken)
     if not pool:
         raise DataError("stage 1 mixture", "sources", "no rows left: the mixture would be empty")
-    rng.shuffle(pool)
-    n_val = round(len(pool) * float(data["validation_fraction"]))
-    validation, train = pool[:n_val], pool[n_val:]
-    return train, validation, {"sources": sources, "decontamination": decon_total, "validation": report, "notes": notes}
+    b.rng.shuffle(pool)
+    n_val = round(len(pool) * float(b.data["validation_fraction"]))
+    return pool[n_val:], pool[:n_val], b.info()
 
 
 def build_stage2(recipe: dict[str, Any]) -> tuple[list[dict], list[dict], dict[str, Any]]:
-    data = recipe["data"]
-    rng = random.Random(data["seed"])
-    strict = data.get("strict", True)
-    report, notes, sources = ValidationReport(), [], []
-    train, validation = [], []
-    index = eval_index(recipe, with_chat=True) if data.get("decontaminate", True) else None
-    decon_total: dict[str, Any] = {"checked": 0, "exact": 0, "normalised": 0, "dropped": 0, "by_eval_set": {}}
+    b = _Build(recipe, with_chat=True)
+    data, rng, strict, notes, sources = b.data, b.rng, b.strict, b.notes, b.sources
+    train: list[dict] = []
+    validation: list[dict] = []
     for spec in data["sources"]:
-        result = _load_training_source(spec, data, recipe["profile"], report)
-        records, decon = result.records, None
-        if index is not None:
-            records, decon = decontaminate(records, index)
-            _merge_decon(decon_total, decon)
+        result, records, summary = b.load(spec)
         records = records[:]
         rng.shuffle(records)
         what = f"{spec['source']}/{spec['split']}"
@@ -153,8 +162,7 @@ def build_stage2(recipe: dict[str, Any]) -> tuple[list[dict], list[dict], dict[s
             notes.append(message + "; took what there was")
         validation.extend(records[:n_val])
         train.extend(records[n_val:n_val + n_train])
-        sources.append({**result.summary(), "decontamination": _brief(decon),
-                        "taken": {"train": len(records[n_val:n_val + n_train]), "validation": len(records[:n_val])}})
+        sources.append({**summary, "taken": {"train": len(records[n_val:n_val + n_train]), "validation": len(records[:n_val])}})
     replay = data.get("replay")
     if replay:
         stage1_dir = resolve(replay["mixture_dir"])
@@ -182,7 +190,7 @@ def build_stage2(recipe: dict[str, Any]) -> tuple[list[dict], list[dict], dict[s
         raise DataError("stage 2 mixture", "sources", "no rows left: the mixture would be empty")
     rng.shuffle(train)
     rng.shuffle(validation)
-    return train, validation, {"sources": sources, "decontamination": decon_total, "validation": report, "notes": notes}
+    return train, validation, b.info()
 
 
 def _mcq_sources() -> set[str]:
