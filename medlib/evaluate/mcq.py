@@ -1,0 +1,420 @@
+"""Multiple-choice accuracy (the paper's Table 3): `loglik` and `generate` scoring, answer parsing,
+bootstrap confidence intervals.
+
+The prompt is the training prompt: `record_to_messages(record, system_prompt, with_answer=False)`
+rendered by `render_chat(..., add_generation_prompt=True)`; the model was trained to reply with
+the answer letter right there.
+
+- loglik: one forward pass per question (batched, sorted by length, left-padded); at the answer
+  position compare the log-probabilities of the option letters' tokens; the highest wins.
+- generate: greedy decoding and parsing of the reply (a letter, "answer is X", or an option's text,
+  so PubMedQA's "maybe" counts as C). Unparseable replies score as wrong and are counted.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Sequence
+
+from medlib.prompts import LETTERS, record_to_messages, render_chat
+
+log = logging.getLogger(__name__)
+
+METHODS = ("loglik", "generate")
+PAPER_SETS = ("medqa", "medmcqa", "pubmedqa")  # the paper's Table 3 columns; mmlu_med is our extra
+SET_TITLES = {"medqa": "MedQA", "medmcqa": "MedMCQA", "pubmedqa": "PubMedQA", "pubmedqa_test": "PubMedQA (test 500)",
+              "mmlu_med": "MMLU-med"}
+TRUNCATION_MARK = "[...] "
+
+
+@dataclass
+class MCQSettings:
+    method: str = "loglik"
+    batch_size: int = 8
+    max_length: int = 512
+    bootstrap_samples: int = 1000
+    seed: int = 3407
+    max_new_tokens: int = 16
+    system_prompt: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"unknown MCQ method {self.method!r}; choose one of {', '.join(METHODS)}")
+
+
+# ---------------------------------------------------------------- items and prompts
+
+def item_problem(record: Mapping[str, Any]) -> str | None:
+    """Why an MCQ record cannot be scored, or None. Such items are counted, never crash a run."""
+    options = record.get("options")
+    if not isinstance(options, Mapping) or not options:
+        return "no options"
+    bad_keys = [k for k in options if k not in LETTERS]
+    if bad_keys:
+        return f"option keys {bad_keys} are not letters {'/'.join(LETTERS)}"
+    if any(not isinstance(v, str) or not v.strip() for v in options.values()):
+        return "empty option text"
+    if not isinstance(record.get("question"), str) or not record["question"].strip():
+        return "empty question"
+    answer = record.get("answer")
+    if answer not in options:
+        return f"answer {answer!r} is not one of the options {'/'.join(options)}"
+    return None
+
+
+def _render(tokenizer: Any, record: Mapping[str, Any], system_prompt: str | None) -> str:
+    return render_chat(tokenizer, record_to_messages(record, system_prompt, with_answer=False), add_generation_prompt=True)
+
+
+def encode_prompt(tokenizer: Any, record: Mapping[str, Any], system_prompt: str | None,
+                  max_length: int) -> tuple[list[int], str | None]:
+    """Prompt token ids and what was cut to fit max_length (None, "context" or "question").
+
+    The context (PubMedQA's abstract) is cut from its start, so the system prompt, the question,
+    the options and the end of the abstract (its results) stay. A prompt without context that is
+    still too long (a rare long MedQA vignette) loses the start of its question instead.
+    """
+    ids = tokenizer(_render(tokenizer, record, system_prompt), add_special_tokens=False)["input_ids"]
+    if len(ids) <= max_length:
+        return ids, None
+    field = "context" if record.get("context") else "question"
+    text_ids = tokenizer(record[field], add_special_tokens=False)["input_ids"]
+    overflow = len(ids) - max_length
+    for margin in (8, 32, 128):  # re-tokenising at the cut can shift a few tokens
+        keep = len(text_ids) - overflow - margin
+        if keep <= 0:
+            break
+        cut = dict(record, **{field: TRUNCATION_MARK + tokenizer.decode(text_ids[len(text_ids) - keep:]).lstrip()})
+        ids = tokenizer(_render(tokenizer, cut, system_prompt), add_special_tokens=False)["input_ids"]
+        if len(ids) <= max_length:
+            return ids, field
+    raise ValueError(f"prompt does not fit max_length {max_length} tokens even with its {field} cut")
+
+
+def letter_token_ids(tokenizer: Any, system_prompt: str | None = None) -> dict[str, int]:
+    """Token id of each answer letter as it follows the generation prompt (as the training target does)."""
+    probe = {"question": "?", "context": "", "options": {"A": "a", "B": "b"}, "answer": "A"}
+    prompt = _render(tokenizer, probe, system_prompt)
+    prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    out: dict[str, int] = {}
+    for letter in LETTERS:
+        ids = tokenizer(prompt + letter, add_special_tokens=False)["input_ids"]
+        if ids[:len(prompt_ids)] != prompt_ids or len(ids) == len(prompt_ids):
+            raise ValueError(f"the tokenizer merges the answer letter {letter!r} into the prompt's last token")
+        out[letter] = ids[len(prompt_ids)]
+    if len(set(out.values())) != len(out):
+        raise ValueError(f"answer letters share first tokens: {out}")
+    return out
+
+
+# ---------------------------------------------------------------- answer parsing
+
+_LEAD_LETTER = re.compile(r"^\W*(?:the\s+)?(?:correct\s+)?(?:answer|option)?\s*(?:is)?\s*[:\-]?\s*\(?([A-E])(?:\)|\.|:|,|\s|$)", re.I)
+_ANSWER_IS = re.compile(r"(?:answer|option)\s*(?:is|:)\s*:?\s*\(?([A-E])\b")
+
+
+def parse_answer(text: str, options: Mapping[str, str]) -> str | None:
+    """The option letter a generated reply gives, or None when it cannot be read.
+
+    Accepts a leading letter ("B", "(B)", "B. text", "Answer: B"), "the answer is B", or an option's
+    text at the start of the reply or as the only option text in it (PubMedQA replies
+    "yes"/"no"/"maybe" map to A/B/C, so a valid "maybe" is never scored as wrong).
+    """
+    reply = text.strip()
+    if not reply:
+        return None
+    m = _LEAD_LETTER.match(reply)
+    if m and m.group(1).upper() in options:
+        # "A" alone is unambiguous; a lower-case "a" only when followed by the option text or punctuation.
+        letter = m.group(1)
+        if letter.isupper() or re.match(r"^\W*[a-e][\.\):]", reply):
+            return letter.upper()
+    m = _ANSWER_IS.search(reply)
+    if m and m.group(1) in options:
+        return m.group(1)
+    norm_reply = " ".join(re.sub(r"[^a-z0-9]+", " ", reply.lower()).split())
+    norm_opts = {k: " ".join(re.sub(r"[^a-z0-9]+", " ", v.lower()).split()) for k, v in options.items()}
+    starts = [k for k, v in norm_opts.items() if v and (norm_reply == v or norm_reply.startswith(v + " "))]
+    if len(starts) == 1:
+        return starts[0]
+    if len(starts) > 1:  # one option's text is a prefix of another's: the longest match
+        return max(starts, key=lambda k: len(norm_opts[k]))
+    inside = [k for k, v in norm_opts.items() if v and re.search(rf"\b{re.escape(v)}\b", norm_reply)]
+    return inside[0] if len(inside) == 1 else None
+
+
+# ---------------------------------------------------------------- statistics
+
+def bootstrap_ci(correct: Sequence[bool] | Sequence[float], n_samples: int = 1000, seed: int = 0,
+                 level: float = 0.95) -> tuple[float, float]:
+    """Percentile bootstrap confidence interval of a mean."""
+    import numpy as np
+
+    values = np.asarray(correct, dtype=float)
+    if values.size == 0:
+        return float("nan"), float("nan")
+    rng = np.random.default_rng(seed)
+    means = values[rng.integers(0, values.size, size=(n_samples, values.size))].mean(axis=1)
+    tail = (1 - level) / 2 * 100
+    return float(np.percentile(means, tail)), float(np.percentile(means, 100 - tail))
+
+
+def bootstrap_average_ci(per_set: Sequence[Sequence[bool]], n_samples: int = 1000, seed: int = 0,
+                         level: float = 0.95) -> tuple[float, float]:
+    """CI of the unweighted average of several sets' accuracies, each set resampled on its own."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    reps = []
+    for values in per_set:
+        values = np.asarray(values, dtype=float)
+        reps.append(values[rng.integers(0, values.size, size=(n_samples, values.size))].mean(axis=1))
+    averages = np.mean(reps, axis=0)
+    tail = (1 - level) / 2 * 100
+    return float(np.percentile(averages, tail)), float(np.percentile(averages, 100 - tail))
+
+
+# ---------------------------------------------------------------- scoring
+
+def _batches(order: Sequence[int], batch_size: int) -> Iterable[list[int]]:
+    for start in range(0, len(order), batch_size):
+        yield list(order[start:start + batch_size])
+
+
+def _left_pad(rows: Sequence[Sequence[int]], pad_id: int):
+    import torch
+
+    width = max(len(r) for r in rows)
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        input_ids[i, width - len(row):] = torch.tensor(row, dtype=torch.long)
+        mask[i, width - len(row):] = 1
+    return input_ids, mask
+
+
+def _device(model: Any):
+    return next(model.parameters()).device
+
+
+def loglik_letter_scores(model: Any, tokenizer: Any, prompts: Sequence[Sequence[int]], batch_size: int = 8,
+                         desc: str = "loglik") -> list[dict[str, float]]:
+    """For each prompt, the log-probability of every answer letter's token at the answer position."""
+    import torch
+    from tqdm.auto import tqdm
+
+    letter_ids = letter_token_ids(tokenizer)
+    ids_tensor = torch.tensor([letter_ids[L] for L in LETTERS])
+    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))  # longest first: memory peaks early
+    out: list[dict[str, float] | None] = [None] * len(prompts)
+    device = _device(model)
+    with torch.inference_mode(), tqdm(total=len(prompts), desc=desc, unit="q") as bar:
+        for batch in _batches(order, batch_size):
+            input_ids, mask = _left_pad([prompts[i] for i in batch], tokenizer.pad_token_id)
+            position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+            logits = model(input_ids=input_ids.to(device), attention_mask=mask.to(device),
+                           position_ids=position_ids.to(device), logits_to_keep=1, use_cache=False).logits[:, -1, :]
+            logprobs = torch.log_softmax(logits.float(), dim=-1)[:, ids_tensor.to(logits.device)].cpu()
+            for row, i in enumerate(batch):
+                out[i] = {L: float(logprobs[row, j]) for j, L in enumerate(LETTERS)}
+            bar.update(len(batch))
+    return out  # type: ignore[return-value]
+
+
+def generate_replies(model: Any, tokenizer: Any, prompts: Sequence[Sequence[int]], batch_size: int = 8,
+                     max_new_tokens: int = 16, desc: str = "generate", **generate_kwargs: Any) -> list[str]:
+    """Greedy (unless generate_kwargs say otherwise) replies to token-id prompts, batched and length-sorted."""
+    import torch
+    from tqdm.auto import tqdm
+
+    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
+    out: list[str | None] = [None] * len(prompts)
+    device = _device(model)
+    kwargs = {"do_sample": False, **generate_kwargs}
+    if not kwargs["do_sample"]:
+        kwargs.update(temperature=None, top_p=None, top_k=None)
+    with torch.inference_mode(), tqdm(total=len(prompts), desc=desc, unit="q") as bar:
+        for batch in _batches(order, batch_size):
+            input_ids, mask = _left_pad([prompts[i] for i in batch], tokenizer.pad_token_id)
+            generated = model.generate(input_ids=input_ids.to(device), attention_mask=mask.to(device),
+                                       max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id, **kwargs)
+            new_tokens = generated[:, input_ids.shape[1]:]
+            n_return = new_tokens.shape[0] // len(batch)
+            texts = tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
+            for row, i in enumerate(batch):
+                out[i] = texts[row * n_return] if n_return == 1 else texts[row * n_return:(row + 1) * n_return]
+            bar.update(len(batch))
+    return out  # type: ignore[return-value]
+
+
+def evaluate_records(model: Any, tokenizer: Any, records: Sequence[Mapping[str, Any]], settings: MCQSettings,
+                     set_name: str = "set") -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Score one set. Returns (summary, per-question predictions); every record appears in the predictions."""
+    started = time.perf_counter()
+    predictions: list[dict[str, Any]] = []
+    prompts: list[list[int]] = []
+    scorable: list[int] = []  # index into predictions
+    bad: list[dict[str, str]] = []
+    n_truncated = 0
+    for n, record in enumerate(records):
+        rid = str(record.get("id", f"{set_name}-row{n}"))
+        problem = item_problem(record)
+        row: dict[str, Any] = {"id": rid, "set": set_name, "answer": record.get("answer"), "prediction": None,
+                               "correct": False, "status": "ok"}
+        if problem is None:
+            try:
+                ids, truncated = encode_prompt(tokenizer, record, settings.system_prompt, settings.max_length)
+            except ValueError as exc:
+                problem = str(exc)
+            else:
+                n_truncated += truncated is not None
+                row["truncated"] = truncated
+                row["prompt_tokens"] = len(ids)
+                prompts.append(ids)
+                scorable.append(len(predictions))
+        if problem is not None:
+            row["status"] = f"bad item: {problem}"
+            bad.append({"id": rid, "reason": problem})
+        predictions.append(row)
+
+    n_unparseable = 0
+    if prompts:
+        if settings.method == "loglik":
+            scores = loglik_letter_scores(model, tokenizer, prompts, settings.batch_size, desc=f"{set_name} loglik")
+            for idx, letter_scores in zip(scorable, scores):
+                row = predictions[idx]
+                options = list(records[idx]["options"])
+                allowed = {L: letter_scores[L] for L in options}
+                row["prediction"] = max(allowed, key=allowed.get)
+                row["logprobs"] = {L: round(v, 4) for L, v in allowed.items()}
+        else:
+            replies = generate_replies(model, tokenizer, prompts, settings.batch_size, settings.max_new_tokens,
+                                       desc=f"{set_name} generate")
+            for idx, reply in zip(scorable, replies):
+                row = predictions[idx]
+                row["reply"] = reply
+                row["prediction"] = parse_answer(reply, records[idx]["options"])
+                if row["prediction"] is None:
+                    row["status"] = "unparseable"
+                    n_unparseable += 1
+        for idx in scorable:
+            predictions[idx]["correct"] = predictions[idx]["prediction"] == predictions[idx]["answer"]
+
+    correct = [predictions[i]["correct"] for i in scorable]
+    accuracy = sum(correct) / len(correct) if correct else float("nan")
+    lo, hi = bootstrap_ci(correct, settings.bootstrap_samples, settings.seed) if correct else (float("nan"),) * 2
+    summary = {
+        "set": set_name, "method": settings.method, "n_total": len(records), "n_scored": len(scorable),
+        "n_correct": sum(correct), "accuracy": accuracy, "ci95": [lo, hi],
+        "n_bad": len(bad), "bad_items": bad,
+        "n_truncated": n_truncated, "max_length": settings.max_length,
+        "seconds": round(time.perf_counter() - started, 2),
+    }
+    if settings.method == "generate":
+        summary["n_unparseable"] = n_unparseable
+        summary["unparseable_share"] = n_unparseable / len(scorable) if scorable else float("nan")
+    summary["questions_per_second"] = round(len(scorable) / summary["seconds"], 3) if summary["seconds"] else None
+    return summary, predictions
+
+
+# ---------------------------------------------------------------- a whole run
+
+def settings_from_recipe(recipe: Mapping[str, Any], method: str | None = None) -> MCQSettings:
+    from medlib.config import get
+    from medlib.evaluate.common import system_prompt_of
+
+    return MCQSettings(
+        method=method or get(recipe, "mcq.method"),
+        batch_size=int(get(recipe, "mcq.batch_size")),
+        max_length=int(get(recipe, "mcq.max_length")),
+        bootstrap_samples=int(get(recipe, "mcq.bootstrap_samples")),
+        seed=int(get(recipe, "mcq.seed")),
+        max_new_tokens=int(get(recipe, "mcq.generation.max_new_tokens")),
+        system_prompt=system_prompt_of(recipe),
+    )
+
+
+def run_mcq(profile: str = "local", adapter: Any = None, *, model: str | None = None, sets: Sequence[str] | str | None = None,
+            method: str | None = None, limit: int | None = None, data_dir: str | None = None, out: str | None = None,
+            label: str | None = None, overrides: Iterable[str] = (), load_in_4bit: bool | None = None,
+            dtype: str | None = None, write_tables: bool = True, loaded: tuple[Any, Any] | None = None) -> dict[str, Any]:
+    """Evaluate a base model (+ optional adapter) on MCQ sets; write predictions, results.json and table3.
+
+    `profile` picks medlib/recipes/<profile>/eval.yaml; keyword arguments override it. Returns the
+    results dict (also written to <out>/mcq/<label>/results.json). `loaded=(model, tokenizer)` reuses
+    an already loaded model (the caller names it with `label` and `model`).
+    """
+    from medlib.config import get
+    from medlib.data.eval_sets import load_eval_set
+    from medlib.evaluate import common
+    from medlib.paths import resolve
+
+    recipe = common.eval_recipe(profile, overrides, model=model, data_dir=data_dir, out=out)
+    settings = settings_from_recipe(recipe, method)
+    if isinstance(sets, str):
+        sets = [s.strip() for s in sets.split(",") if s.strip()]
+    sets = list(sets or get(recipe, "mcq.sets"))
+    limit = get(recipe, "mcq.limit", None) if limit is None else (limit or None)
+    sample_seed = int(get(recipe, "mcq.sample_seed", settings.seed))
+    four_bit = bool(get(recipe, "model.load_in_4bit")) if load_in_4bit is None else load_in_4bit
+    dtype = common.resolve_dtype(get(recipe, "model.dtype", "float32") if dtype is None else dtype)
+    model_name = get(recipe, "model.name")
+    label = common.run_label(adapter, label)
+    out_dir = resolve(get(recipe, "output_dir"))
+    run_dir = out_dir / "mcq" / label
+    folder = common.data_dir_of(recipe)
+
+    records_by_set = {name: common.sample_limit(load_eval_set(name, folder, profile=profile), limit, sample_seed)
+                      for name in sets}  # load every set first: a bad set name fails before the model loads
+    started = time.perf_counter()
+    if loaded is not None:
+        lm, tokenizer = loaded
+        chain = common.adapter_chain(adapter)
+    else:
+        lm, tokenizer, chain = common.load_model(model_name, adapter, load_in_4bit=four_bit, dtype=dtype)
+    common.prepare_tokenizer(tokenizer)
+    load_seconds = time.perf_counter() - started
+
+    results: dict[str, Any] = {
+        "kind": "mcq", "label": label, "display_name": common.display_name(label), "profile": profile,
+        "model": model_name, "adapters": [str(p) for p in chain], "load_in_4bit": four_bit,
+        "dtype": common.model_dtype(lm), "settings": asdict(settings) | {"system_prompt_is_default": settings.system_prompt is not None},
+        "limit_per_set": limit, "sample_seed": sample_seed,
+        "data_dir": str(folder) if folder else None, "recipe": recipe.get("_meta", {}),
+        "environment": common.environment(), "load_seconds": round(load_seconds, 2), "sets": {},
+        "note": ("local profile: SmolLM2-135M and CPU-sized limits; not the paper's numbers" if profile == "local" else
+                 "paper profile"),
+    }
+    correct_by_set: dict[str, list[bool]] = {}
+    for name, records in records_by_set.items():
+        log.info("%s: %d questions (%s)", name, len(records), settings.method)
+        summary, predictions = evaluate_records(lm, tokenizer, records, settings, set_name=name)
+        summary["predictions_file"] = str(common.write_jsonl(run_dir / f"predictions_{name}.jsonl", predictions))
+        results["sets"][name] = summary
+        correct_by_set[name] = [row["correct"] for row in predictions if not row["status"].startswith("bad item")]
+        log.info("%s: accuracy %.3f [%.3f, %.3f] over %d (bad %d, truncated %d)", name, summary["accuracy"],
+                 *summary["ci95"], summary["n_scored"], summary["n_bad"], summary["n_truncated"])
+    results["average"] = average_of(correct_by_set, sets, settings)
+    results["average_paper_sets"] = average_of(correct_by_set, PAPER_SETS, settings) \
+        if all(s in sets for s in PAPER_SETS) else None
+    results["seconds"] = round(time.perf_counter() - started, 2)
+    common.write_json(run_dir / "results.json", results)
+    if write_tables:
+        from medlib.evaluate.tables import write_table3
+
+        results["table3"] = [str(p) for p in write_table3(out_dir=out_dir)]
+    return results
+
+
+def average_of(correct_by_set: Mapping[str, Sequence[bool]], names: Sequence[str], settings: MCQSettings) -> dict[str, Any] | None:
+    """Unweighted mean of the sets' accuracies, with a bootstrap CI that resamples each set."""
+    names = [n for n in names if correct_by_set.get(n)]
+    if not names:
+        return None
+    per_set = [correct_by_set[n] for n in names]
+    lo, hi = bootstrap_average_ci(per_set, settings.bootstrap_samples, settings.seed)
+    return {"sets": list(names), "accuracy": sum(sum(c) / len(c) for c in per_set) / len(per_set), "ci95": [lo, hi]}

@@ -1,0 +1,142 @@
+"""Load a base model + LoRA adapter for training, on the `unsloth` or the `hf` backend.
+
+Both backends get the same recipe settings (LoRA r/alpha/targets/rsLoRA, 4-bit NF4, sequence length)
+and the same pre-tokenised data; they differ only in how the model is built and saved:
+- unsloth: FastLanguageModel.from_pretrained(load_in_4bit, max_seq_length) + get_peft_model with
+  use_gradient_checkpointing="unsloth"; Unsloth's save_pretrained_merged / save_pretrained_gguf.
+- hf: transformers + bitsandbytes NF4 (double quantisation) + peft; peft's merge_and_unload.
+unsloth is imported only inside these functions (it raises at import on a CPU machine).
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from pathlib import Path
+from typing import Any
+
+from medlib.config import get
+from medlib.models import load_hf_model, load_tokenizer
+
+log = logging.getLogger(__name__)
+
+
+def lora_kwargs(recipe: dict[str, Any]) -> dict[str, Any]:
+    lora = get(recipe, "lora")
+    return {
+        "r": int(lora["r"]), "lora_alpha": lora["alpha"], "lora_dropout": float(lora["dropout"]),
+        "bias": lora["bias"], "use_rslora": bool(lora["use_rslora"]), "target_modules": list(lora["target_modules"]),
+    }
+
+
+def load_for_training(recipe: dict[str, Any], backend: str, model_path: str, continue_adapter: Path | None,
+                      gradient_checkpointing: bool) -> tuple[Any, Any]:
+    """(peft model with trainable LoRA, tokenizer). continue_adapter: keep training that adapter."""
+    if backend == "unsloth":
+        return _load_unsloth(recipe, model_path, continue_adapter)
+    return _load_hf(recipe, model_path, continue_adapter, gradient_checkpointing)
+
+
+def keep_4bit_cpu_numerics(model: Any) -> int:
+    """Turn off bitsandbytes' CPU inference repacking of NF4 weights; returns how many layers it touched.
+
+    On CPUs with AVX512-BF16, bitsandbytes 0.50 repacks a Linear4bit's weights for a bf16 kernel the
+    first time it runs in eval mode without grad (e.g. the periodic validation), and keeps them packed.
+    Training and validation would then see different numerics mid-run; keeping every forward on the
+    float32 dequantise path makes the validation loss and a reloaded adapter match the trained model.
+    """
+    touched = 0
+    for module in model.modules():
+        if getattr(module, "support_avx512bf16_for_cpu", False):
+            module.support_avx512bf16_for_cpu = False
+            touched += 1
+    return touched
+
+
+def _load_hf(recipe, model_path, continue_adapter, gradient_checkpointing):
+    from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
+
+    tokenizer = load_tokenizer(model_path)
+    load_in_4bit = bool(get(recipe, "model.load_in_4bit"))
+    model = load_hf_model(model_path, load_in_4bit=load_in_4bit)
+    if keep_4bit_cpu_numerics(model):
+        log.info("bitsandbytes CPU bf16 repacking of NF4 weights disabled: float32 numerics throughout the run")
+    if load_in_4bit:
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
+    elif gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    # No KV cache while training: transformers only builds the block-diagonal mask of padding-free /
+    # packed batches when no cache is passed, and the validation forward would otherwise create one.
+    model.config.use_cache = False
+    if continue_adapter is not None:
+        model = PeftModel.from_pretrained(model, str(continue_adapter), is_trainable=True)
+    else:
+        model = get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", **lora_kwargs(recipe)))
+    return model, tokenizer
+
+
+def _load_unsloth(recipe, model_path, continue_adapter):
+    from unsloth import FastLanguageModel  # noqa: only here; needs CUDA
+
+    max_seq_length = int(get(recipe, "model.max_seq_length"))
+    source = str(continue_adapter) if continue_adapter is not None else model_path
+    model, tokenizer = FastLanguageModel.from_pretrained(
+        model_name=source, max_seq_length=max_seq_length, dtype=None,
+        load_in_4bit=bool(get(recipe, "model.load_in_4bit")),
+    )
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if continue_adapter is None:
+        kw = lora_kwargs(recipe)
+        model = FastLanguageModel.get_peft_model(
+            model, r=kw["r"], lora_alpha=kw["lora_alpha"], lora_dropout=kw["lora_dropout"], bias=kw["bias"],
+            target_modules=kw["target_modules"], use_rslora=kw["use_rslora"],
+            use_gradient_checkpointing="unsloth", random_state=int(get(recipe, "seed")),
+            max_seq_length=max_seq_length,
+        )
+    else:
+        # An adapter loaded by from_pretrained is frozen; make its LoRA weights trainable again.
+        for name, param in model.named_parameters():
+            if "lora_" in name:
+                param.requires_grad_(True)
+    return model, tokenizer
+
+
+def merge_adapter_into_base(base: str, adapter_dir: Path, target: Path, backend: str) -> Path:
+    """Write base + adapter merged in 16-bit (float32 on CPU) as a safetensors model folder."""
+    target = Path(target)
+    tmp = target.with_name(target.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    if backend == "unsloth":
+        from unsloth import FastLanguageModel
+
+        model, tokenizer = FastLanguageModel.from_pretrained(model_name=str(adapter_dir), load_in_4bit=True)
+        model.save_pretrained_merged(str(tmp), tokenizer, save_method="merged_16bit")
+    else:
+        from peft import PeftModel
+
+        tokenizer = load_tokenizer(base)
+        model = load_hf_model(base, load_in_4bit=False)
+        model = PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload()
+        if getattr(model, "hf_quantizer", None) is not None:  # a pre-quantised base (e.g. *-bnb-4bit)
+            model = model.dequantize()
+        model.save_pretrained(str(tmp), safe_serialization=True)
+        tokenizer.save_pretrained(str(tmp))
+    shutil.rmtree(target, ignore_errors=True)
+    tmp.rename(target)
+    return target
+
+
+def export_merged(model: Any, tokenizer: Any, backend: str, target: Path, base: str, adapter_dir: Path) -> Path:
+    """Optional merged 16-bit export of the final model."""
+    if backend == "unsloth":
+        model.save_pretrained_merged(str(target), tokenizer, save_method="merged_16bit")
+        return target
+    return merge_adapter_into_base(base, adapter_dir, target, backend)
+
+
+def export_gguf(model: Any, tokenizer: Any, backend: str, target: Path, quantization: str) -> Path:
+    if backend != "unsloth":
+        raise RuntimeError("GGUF export uses Unsloth's save_pretrained_gguf and needs the unsloth backend (GPU)")
+    model.save_pretrained_gguf(str(target), tokenizer, quantization_method=quantization)
+    return target

