@@ -28,7 +28,7 @@ reproduce: install
 	$(BIN)/medlib reproduce --profile $(PROFILE)
 
 test: install
-	$(BIN)/python -m pytest -q -p no:cacheprovider
+	$(BIN)/python -m pytest -q -p no:cacheprovider --durations=15
 
 data: install
 	$(BIN)/medlib data build --profile $(PROFILE) --stage 1
