@@ -103,3 +103,5 @@ def test_rerun_skips_finished_notebooks_and_failures_name_the_cell(reproduced, c
     assert (reproduced.notebooks / "03_eval_mcq.ipynb").exists()  # the executed copy is kept
     with pytest.raises(ReproduceError, match="no notebook has a parameter named typo"):
         reproduce("local", reproduced.root, params={"typo": 1})
+    with pytest.raises(ReproduceError, match="no notebook named 07_typo"):
+        reproduce("local", reproduced.root, notebooks=("07_typo",))
