@@ -92,21 +92,15 @@ def run_bertscore(profile: str = "local", adapter: Any = None, *, model: str | N
     from medlib.config import get
     from medlib.data.eval_sets import load_chat_eval
     from medlib.evaluate import common
-    from medlib.paths import resolve
 
     recipe = common.eval_recipe(profile, overrides, model=model, data_dir=data_dir, out=out)
     n = int(n or get(recipe, "bertscore.n_queries"))
     gen = generation_settings(recipe)
     system_prompt = common.system_prompt_of(recipe)
-    four_bit = bool(get(recipe, "model.load_in_4bit")) if load_in_4bit is None else load_in_4bit
-    dtype = common.resolve_dtype(get(recipe, "model.dtype", "float32") if dtype is None else dtype)
-    model_name = get(recipe, "model.name")
-    label = common.run_label(adapter, label)
-    out_dir = resolve(get(recipe, "output_dir"))
-    run_dir = out_dir / "bertscore" / label
-    folder = common.data_dir_of(recipe)
+    run = common.eval_run(recipe, "bertscore", adapter, label, load_in_4bit, dtype)
+    label, run_dir = run.label, run.run_dir
 
-    records = load_chat_eval(folder, profile=profile, n=n)[:n]
+    records = load_chat_eval(run.data_dir, profile=profile, n=n)[:n]
     queries, references, skipped = [], [], []
     for record in records:
         try:
@@ -118,12 +112,7 @@ def run_bertscore(profile: str = "local", adapter: Any = None, *, model: str | N
         references.append(reference)
 
     started = time.perf_counter()
-    if loaded is not None:
-        lm, tokenizer = loaded
-        chain = common.adapter_chain(adapter)
-    else:
-        lm, tokenizer, chain = common.load_model(model_name, adapter, load_in_4bit=four_bit, dtype=dtype)
-    common.prepare_tokenizer(tokenizer)
+    lm, tokenizer, chain = run.model(adapter, loaded)
     gen_started = time.perf_counter()
     candidates = generate_answers(lm, tokenizer, queries, system_prompt, gen, desc=f"{label} answers")
     gen_seconds = time.perf_counter() - gen_started
@@ -144,7 +133,7 @@ def run_bertscore(profile: str = "local", adapter: Any = None, *, model: str | N
     mean = {k: (sum(row[k] for row in rows) / len(rows) if rows else float("nan")) for k in ("precision", "recall", "f1")}
     results = {
         "kind": "bertscore", "label": label, "display_name": common.display_name(label), "profile": profile,
-        "model": model_name, "adapters": [str(x) for x in chain], "load_in_4bit": four_bit, "dtype": common.model_dtype(lm),
+        "model": run.model_name, "adapters": [str(x) for x in chain], "load_in_4bit": run.load_in_4bit, "dtype": common.model_dtype(lm),
         "n": len(rows), "skipped": skipped, "queries_source": "load_chat_eval"
         + (" (local: GenMedGPT-5k hold-out)" if profile == "local" else " (iCliniq)"),
         "system_prompt_is_default": system_prompt is not None, "generation": gen, "decoding": decoding_text(gen),
@@ -159,6 +148,6 @@ def run_bertscore(profile: str = "local", adapter: Any = None, *, model: str | N
     if write_tables:
         from medlib.evaluate.tables import write_samples, write_table4
 
-        results["table4"] = [str(x) for x in write_table4(out_dir=out_dir)]
-        results["samples"] = str(write_samples(out_dir=out_dir, k=int(get(recipe, "bertscore.samples_k"))))
+        results["table4"] = [str(x) for x in write_table4(out_dir=run.output_dir)]
+        results["samples"] = str(write_samples(out_dir=run.output_dir, k=int(get(recipe, "bertscore.samples_k"))))
     return results

@@ -6,6 +6,7 @@ import json
 import logging
 import platform
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
@@ -41,6 +42,45 @@ def system_prompt_of(recipe: dict[str, Any]) -> str | None:
 def data_dir_of(recipe: dict[str, Any]) -> Path | None:
     value = get(recipe, "data.data_dir", None)
     return resolve(value) if value else None
+
+
+@dataclass
+class EvalRun:
+    """What one evaluation run resolves from its recipe and arguments before it touches a model."""
+
+    recipe: dict[str, Any]
+    model_name: str
+    load_in_4bit: bool
+    dtype: str
+    label: str
+    output_dir: Path
+    kind: str
+    data_dir: Path | None
+
+    @property
+    def run_dir(self) -> Path:
+        return self.output_dir / self.kind / self.label
+
+    def model(self, adapter: Any, loaded: tuple[Any, Any] | None = None) -> tuple[Any, Any, list[Path]]:
+        """(model, tokenizer, adapter chain): `loaded` is reused as is (the notebooks load once), else load."""
+        if loaded is not None:
+            lm, tokenizer = loaded
+            chain = adapter_chain(adapter)
+        else:
+            lm, tokenizer, chain = load_model(self.model_name, adapter, load_in_4bit=self.load_in_4bit, dtype=self.dtype)
+        prepare_tokenizer(tokenizer)
+        return lm, tokenizer, chain
+
+
+def eval_run(recipe: dict[str, Any], kind: str, adapter: Any, label: str | None,
+             load_in_4bit: bool | None, dtype: str | None) -> EvalRun:
+    """Resolve model, precision, label and output folder (<output_dir>/<kind>/<label>); arguments beat the recipe."""
+    label = run_label(adapter, label)
+    return EvalRun(
+        recipe=recipe, model_name=get(recipe, "model.name"),
+        load_in_4bit=bool(get(recipe, "model.load_in_4bit")) if load_in_4bit is None else load_in_4bit,
+        dtype=resolve_dtype(get(recipe, "model.dtype", "float32") if dtype is None else dtype),
+        label=label, output_dir=resolve(get(recipe, "output_dir")), kind=kind, data_dir=data_dir_of(recipe))
 
 
 def adapter_chain(adapter: str | Path | Sequence[str | Path] | None) -> list[Path]:

@@ -351,7 +351,6 @@ def run_mcq(profile: str = "local", adapter: Any = None, *, model: str | None = 
     from medlib.config import get
     from medlib.data.eval_sets import load_eval_set
     from medlib.evaluate import common
-    from medlib.paths import resolve
 
     recipe = common.eval_recipe(profile, overrides, model=model, data_dir=data_dir, out=out)
     settings = settings_from_recipe(recipe, method)
@@ -360,28 +359,18 @@ def run_mcq(profile: str = "local", adapter: Any = None, *, model: str | None = 
     sets = list(sets or get(recipe, "mcq.sets"))
     limit = get(recipe, "mcq.limit", None) if limit is None else (limit or None)
     sample_seed = int(get(recipe, "mcq.sample_seed", settings.seed))
-    four_bit = bool(get(recipe, "model.load_in_4bit")) if load_in_4bit is None else load_in_4bit
-    dtype = common.resolve_dtype(get(recipe, "model.dtype", "float32") if dtype is None else dtype)
-    model_name = get(recipe, "model.name")
-    label = common.run_label(adapter, label)
-    out_dir = resolve(get(recipe, "output_dir"))
-    run_dir = out_dir / "mcq" / label
-    folder = common.data_dir_of(recipe)
+    run = common.eval_run(recipe, "mcq", adapter, label, load_in_4bit, dtype)
+    label, run_dir, folder = run.label, run.run_dir, run.data_dir
 
     records_by_set = {name: common.sample_limit(load_eval_set(name, folder, profile=profile), limit, sample_seed)
                       for name in sets}  # load every set first: a bad set name fails before the model loads
     started = time.perf_counter()
-    if loaded is not None:
-        lm, tokenizer = loaded
-        chain = common.adapter_chain(adapter)
-    else:
-        lm, tokenizer, chain = common.load_model(model_name, adapter, load_in_4bit=four_bit, dtype=dtype)
-    common.prepare_tokenizer(tokenizer)
+    lm, tokenizer, chain = run.model(adapter, loaded)
     load_seconds = time.perf_counter() - started
 
     results: dict[str, Any] = {
         "kind": "mcq", "label": label, "display_name": common.display_name(label), "profile": profile,
-        "model": model_name, "adapters": [str(p) for p in chain], "load_in_4bit": four_bit,
+        "model": run.model_name, "adapters": [str(p) for p in chain], "load_in_4bit": run.load_in_4bit,
         "dtype": common.model_dtype(lm), "settings": asdict(settings) | {"system_prompt_is_default": settings.system_prompt is not None},
         "limit_per_set": limit, "sample_seed": sample_seed,
         "data_dir": str(folder) if folder else None, "recipe": recipe.get("_meta", {}),
@@ -406,7 +395,7 @@ def run_mcq(profile: str = "local", adapter: Any = None, *, model: str | None = 
     if write_tables:
         from medlib.evaluate.tables import write_table3
 
-        results["table3"] = [str(p) for p in write_table3(out_dir=out_dir)]
+        results["table3"] = [str(p) for p in write_table3(out_dir=run.output_dir)]
     return results
 
 
