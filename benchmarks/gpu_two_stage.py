@@ -8,7 +8,8 @@ Everything goes through `medlib.train.train` with the paper recipes, pointed at 
 
     # here (CPU): the local mixtures and a tokenizer, in a folder that travels to the GPU machine
     medlib data build --profile local --stage 1 && medlib data build --profile local --stage 2
-    cp -r outputs/local/data .whl/mix && cp -r ~/.cache/medlib/models/smollm2-135m-instruct .whl/tok
+    cp -r outputs/local/data .whl/mix && mkdir -p .whl/tok
+    cp ~/.cache/medlib/models/smollm2-135m-instruct/{tokenizer.json,tokenizer_config.json,chat_template.jinja} .whl/tok/
     # on the GPU machine (requirements-gpu.txt installed)
     python benchmarks/gpu_two_stage.py --mixtures .whl/mix --tokenizer .whl/tok --work /tmp/two_stage
 
