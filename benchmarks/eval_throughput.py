@@ -1,7 +1,8 @@
 """Evaluation throughput and the lm-evaluation-harness cross-check, on SmolLM2-135M on CPU.
 
 Over the same questions (a fixed random slice of each set) this times
-  - medlib loglik   (one forward per question, letter log-probs at the answer position),
+  - medlib loglik   (one forward per question, letter log-probs at the answer position; with and
+                     without the shared-prefix key/value cache),
   - medlib generate (greedy decoding + answer parsing),
   - lm-eval         (lm-evaluation-harness 0.4.x HFLM.loglikelihood on the same prompt text and the
                      option letters as continuations: its `medqa_4options`/`medmcqa`-style letter scoring),
@@ -60,12 +61,13 @@ def main(argv: list[str] | None = None) -> int:
 
     out: dict = {"questions": n_total, "per_set": args.per_set, "batch_size": args.batch_size, "methods": {}}
     ours_pred: dict[str, list] = {}
-    runs = [("loglik", fast_dtype)] + ([("loglik", "float32")] if fast_dtype != "float32" else []) \
-        + ([] if args.skip_generate else [("generate", fast_dtype)])
-    for method, dtype in runs:
-        name = f"medlib {method} {dtype}"
+    runs = [("loglik", fast_dtype, True)] + ([("loglik", "float32", True)] if fast_dtype != "float32" else []) \
+        + [("loglik", fast_dtype, False)] + ([] if args.skip_generate else [("generate", fast_dtype, True)])
+    for method, dtype, prefix_cache in runs:
+        name = f"medlib {method} {dtype}" + ("" if prefix_cache else " no prefix cache")
         settings = MCQSettings(method=method, batch_size=args.batch_size, max_length=args.max_length,
-                               max_new_tokens=args.max_new_tokens, bootstrap_samples=200, system_prompt=SYSTEM_PROMPT)
+                               max_new_tokens=args.max_new_tokens, bootstrap_samples=200, system_prompt=SYSTEM_PROMPT,
+                               prefix_cache=prefix_cache)
         seconds, correct, scored, unparse = 0.0, 0, 0, 0
         for s, recs in records.items():
             started = time.perf_counter()
@@ -74,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
             correct += summary["n_correct"]
             scored += summary["n_scored"]
             unparse += summary.get("n_unparseable", 0)
-            if method == "loglik":
+            if method == "loglik" and prefix_cache:
                 ours_pred.setdefault(dtype, {})[s] = [p["prediction"] for p in predictions]
         out["methods"][name] = {"seconds": seconds, "qps": scored / seconds, "accuracy": correct / scored,
                                               "unparseable": unparse if method == "generate" else None}
@@ -94,10 +96,10 @@ def main(argv: list[str] | None = None) -> int:
     out["agreement_with_lm_eval"] = {f"medlib loglik {d}": a / n_total for d, a in agree.items()}
     out["prompts_not_round_tripping"] = mismatched_prompts
 
-    print(f"\n{'method':24s} {'q/s':>8s} {'seconds':>8s} {'accuracy':>9s}")
+    print(f"\n{'method':40s} {'q/s':>8s} {'seconds':>8s} {'accuracy':>9s}")
     for name, m in out["methods"].items():
         extra = f"  unparseable {m['unparseable']}/{n_total}" if m["unparseable"] is not None else ""
-        print(f"{name:24s} {m['qps']:8.2f} {m['seconds']:8.1f} {100 * m['accuracy']:8.1f}%{extra}")
+        print(f"{name:40s} {m['qps']:8.2f} {m['seconds']:8.1f} {100 * m['accuracy']:8.1f}%{extra}")
     lm = out["methods"]["lm-eval loglikelihood float32"]
     worst = 0.0
     for dtype in ours_pred:
@@ -109,6 +111,10 @@ def main(argv: list[str] | None = None) -> int:
         out[f"accuracy_diff_points_loglik_{dtype}_vs_lm_eval"] = diff
         print(f"medlib loglik {dtype} / lm-eval float32: {ratio:.2f}x (target >= 2x); accuracy {diff:+.2f} points "
               f"(must be within 1); same prediction on {100 * out['agreement_with_lm_eval'][f'medlib loglik {dtype}']:.1f}% of questions")
+    uncached = out["methods"][f"medlib loglik {fast_dtype} no prefix cache"]
+    out["ratio_prefix_cache"] = out["methods"][f"medlib loglik {fast_dtype}"]["qps"] / uncached["qps"]
+    print(f"prefix cache: {out['ratio_prefix_cache']:.2f}x the uncached loglik; uncached / lm-eval: "
+          f"{uncached['qps'] / lm['qps']:.2f}x")
     if not args.skip_generate:
         gen = out["methods"][f"medlib generate {fast_dtype}"]
         out["ratio_loglik_vs_generate"] = out["methods"][f"medlib loglik {fast_dtype}"]["qps"] / gen["qps"]

@@ -14,7 +14,8 @@ import yaml
 
 from medlib.evaluate import common, tables
 from medlib.evaluate.mcq import (
-    MCQSettings, bootstrap_ci, encode_prompt, evaluate_records, item_problem, parse_answer,
+    MIN_SHARED_PREFIX, MCQSettings, bootstrap_ci, cached_prefix_length, encode_prompt, evaluate_records, item_problem,
+    loglik_letter_scores, parse_answer, shared_prefix_length,
 )
 from medlib.models import SMOLLM2
 from medlib.prompts import PUBMEDQA_OPTIONS, SYSTEM_PROMPT
@@ -47,6 +48,16 @@ def test_bootstrap_ci_holds_point_estimate():
         assert hi - lo > 0
     assert bootstrap_ci([True] * 20) == (1.0, 1.0)
     assert bootstrap_ci([True, False] * 200, seed=1) == bootstrap_ci([True, False] * 200, seed=1)  # seeded
+
+
+def test_shared_prefix_leaves_every_prompt_its_answer_position():
+    assert shared_prefix_length([[1, 2, 3, 4], [1, 2, 3, 9, 9], [1, 2, 5]]) == 2
+    assert shared_prefix_length([[1, 2, 3], [1, 2, 3, 4]]) == 2  # a prompt that is all prefix keeps its last token
+    assert shared_prefix_length([[1, 2, 3]]) == 0 and shared_prefix_length([[7, 1], [8, 1]]) == 0
+    long = list(range(40))
+    assert cached_prefix_length([long + [1], long + [2]]) == 40
+    assert cached_prefix_length([long + [1], long + [2]], prefix_cache=False) == 0
+    assert cached_prefix_length([long[:MIN_SHARED_PREFIX - 1] + [1], long[:MIN_SHARED_PREFIX - 1] + [2]]) == 0
 
 
 def test_item_problem_names_the_reason():
@@ -218,6 +229,26 @@ def test_adapter_trained_on_one_item_picks_its_letter(tmp_path, data_dir, smollm
     gen_summary, gen_pred = evaluate_records(tuned, tokenizer, [record], MCQSettings(method="generate", max_new_tokens=4,
                                              system_prompt=SYSTEM_PROMPT, bootstrap_samples=100), "one")
     assert gen_pred[0]["prediction"] == target, gen_pred[0]["reply"]
+
+
+@pytest.mark.slow
+def test_prefix_cache_gives_the_uncached_letter_scores(data_dir, smollm2_dir):
+    """Reusing the shared prefix's key/value cache (with pads between prefix and suffix) changes no score."""
+    from medlib.data.eval_sets import load_eval_set
+
+    model, tokenizer, _ = common.load_model(SMOLLM2, None, dtype="float32")
+    common.prepare_tokenizer(tokenizer)
+    records = [r for name in ("medqa", "medmcqa", "pubmedqa") for r in common.sample_limit(load_eval_set(name, data_dir), 2, 5)]
+    prompts = [encode_prompt(tokenizer, r, SYSTEM_PROMPT, 512)[0] for r in records]
+    assert len({len(p) for p in prompts}) == len(prompts)  # unequal lengths: batches carry padding
+    shared = cached_prefix_length(prompts)
+    assert shared >= MIN_SHARED_PREFIX
+    plain = loglik_letter_scores(model, tokenizer, prompts, batch_size=3, prefix_cache=False)
+    cached = loglik_letter_scores(model, tokenizer, prompts, batch_size=3, prefix_cache=True)
+    assert max(abs(a[L] - b[L]) for a, b in zip(plain, cached) for L in a) < 1e-3
+    assert [max(a, key=a.get) for a in plain] == [max(b, key=b.get) for b in cached]
+    summary, _ = evaluate_records(model, tokenizer, records, MCQSettings(bootstrap_samples=10, system_prompt=SYSTEM_PROMPT))
+    assert summary["cached_prefix_tokens"] == shared
 
 
 @pytest.mark.slow

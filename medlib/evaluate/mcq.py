@@ -6,7 +6,10 @@ rendered by `render_chat(..., add_generation_prompt=True)`; the model was traine
 the answer letter right there.
 
 - loglik: one forward pass per question (batched, sorted by length, left-padded); at the answer
-  position compare the log-probabilities of the option letters' tokens; the highest wins.
+  position compare the log-probabilities of the option letters' tokens; the highest wins. The tokens
+  every prompt of a set starts with (chat template + system prompt) are run once and their key/value
+  cache is reused by every batch (`prefix_cache`); the letter log-probs match the uncached ones to
+  float rounding (tests/test_eval.py checks it).
 - generate: greedy decoding and parsing of the reply (a letter, "answer is X", or an option's text,
   so PubMedQA's "maybe" counts as C). Unparseable replies score as wrong and are counted.
 """
@@ -14,6 +17,7 @@ the answer letter right there.
 from __future__ import annotations
 
 import logging
+import os
 import re
 import time
 from dataclasses import asdict, dataclass
@@ -40,6 +44,7 @@ class MCQSettings:
     seed: int = 3407
     max_new_tokens: int = 16
     system_prompt: str | None = None
+    prefix_cache: bool = True  # loglik: run the prompts' shared prefix once
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -201,9 +206,30 @@ def _device(model: Any):
     return next(model.parameters()).device
 
 
+MIN_SHARED_PREFIX = 16  # below this, a separate prefix forward costs about what it saves
+
+
+def shared_prefix_length(prompts: Sequence[Sequence[int]]) -> int:
+    """How many leading tokens all prompts share, leaving each at least its last token (the answer position)."""
+    if len(prompts) < 2:
+        return 0
+    return min(len(os.path.commonprefix([list(p) for p in prompts])), min(len(p) for p in prompts) - 1)
+
+
+def cached_prefix_length(prompts: Sequence[Sequence[int]], prefix_cache: bool = True) -> int:
+    """The shared prefix loglik runs once: shared_prefix_length, or 0 when off or shorter than MIN_SHARED_PREFIX."""
+    shared = shared_prefix_length(prompts) if prefix_cache else 0
+    return shared if shared >= MIN_SHARED_PREFIX else 0
+
+
 def loglik_letter_scores(model: Any, tokenizer: Any, prompts: Sequence[Sequence[int]], batch_size: int = 8,
-                         desc: str = "loglik") -> list[dict[str, float]]:
-    """For each prompt, the log-probability of every answer letter's token at the answer position."""
+                         desc: str = "loglik", prefix_cache: bool = True) -> list[dict[str, float]]:
+    """For each prompt, the log-probability of every answer letter's token at the answer position.
+
+    With `prefix_cache`, the prefix all prompts share (at least MIN_SHARED_PREFIX tokens) is run once and
+    each batch continues from a copy of its key/value cache; the rest of each prompt is left-padded
+    after it, so pad tokens sit between prefix and suffix, masked out, with positions counted past them.
+    """
     import torch
     from tqdm.auto import tqdm
 
@@ -212,17 +238,34 @@ def loglik_letter_scores(model: Any, tokenizer: Any, prompts: Sequence[Sequence[
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))  # longest first: memory peaks early
     out: list[dict[str, float] | None] = [None] * len(prompts)
     device = _device(model)
+    shared = cached_prefix_length(prompts, prefix_cache)
     with torch.inference_mode(), tqdm(total=len(prompts), desc=desc, unit="q") as bar:
+        prefix_kv = _prefix_key_values(model, prompts[0][:shared], device) if shared else None
         for batch in _batches(order, batch_size):
-            input_ids, mask = _left_pad([prompts[i] for i in batch], tokenizer.pad_token_id)
-            position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
-            logits = model(input_ids=input_ids.to(device), attention_mask=mask.to(device),
-                           position_ids=position_ids.to(device), logits_to_keep=1, use_cache=False).logits[:, -1, :]
+            input_ids, mask = _left_pad([prompts[i][shared:] for i in batch], tokenizer.pad_token_id)
+            position_ids = shared + (mask.cumsum(-1) - 1).clamp(min=0)
+            cache_args: dict[str, Any] = {"use_cache": False}
+            if prefix_kv is not None:  # a fresh cache per batch: the forward appends to it
+                from transformers import DynamicCache
+
+                mask = torch.cat([torch.ones(len(batch), shared, dtype=mask.dtype), mask], dim=1)
+                cache_args = {"use_cache": True, "past_key_values": DynamicCache(ddp_cache_data=[
+                    (k.expand(len(batch), -1, -1, -1), v.expand(len(batch), -1, -1, -1)) for k, v in prefix_kv])}
+            logits = model(input_ids=input_ids.to(device), attention_mask=mask.to(device), position_ids=position_ids.to(device),
+                           logits_to_keep=1, **cache_args).logits[:, -1, :]
             logprobs = torch.log_softmax(logits.float(), dim=-1)[:, ids_tensor.to(logits.device)].cpu()
             for row, i in enumerate(batch):
                 out[i] = {L: float(logprobs[row, j]) for j, L in enumerate(LETTERS)}
             bar.update(len(batch))
     return out  # type: ignore[return-value]
+
+
+def _prefix_key_values(model: Any, prefix: Sequence[int], device: Any) -> list[tuple[Any, Any]]:
+    """Per layer (keys, values) of one forward over `prefix`, batch dimension 1."""
+    import torch
+
+    cache = model(input_ids=torch.tensor([list(prefix)], device=device), use_cache=True, logits_to_keep=1).past_key_values
+    return [(layer[0], layer[1]) for layer in cache]
 
 
 def generate_replies(model: Any, tokenizer: Any, prompts: Sequence[Sequence[int]], batch_size: int = 8,
@@ -284,7 +327,8 @@ def evaluate_records(model: Any, tokenizer: Any, records: Sequence[Mapping[str, 
     n_unparseable = 0
     if prompts:
         if settings.method == "loglik":
-            scores = loglik_letter_scores(model, tokenizer, prompts, settings.batch_size, desc=f"{set_name} loglik")
+            scores = loglik_letter_scores(model, tokenizer, prompts, settings.batch_size, desc=f"{set_name} loglik",
+                                          prefix_cache=settings.prefix_cache)
             for idx, letter_scores in zip(scorable, scores):
                 row = predictions[idx]
                 options = list(records[idx]["options"])
@@ -312,6 +356,7 @@ def evaluate_records(model: Any, tokenizer: Any, records: Sequence[Mapping[str, 
         "n_correct": sum(correct), "accuracy": accuracy, "ci95": [lo, hi],
         "n_bad": len(bad), "bad_items": bad,
         "n_truncated": n_truncated, "max_length": settings.max_length,
+        "cached_prefix_tokens": cached_prefix_length(prompts, settings.prefix_cache) if settings.method == "loglik" else 0,
         "seconds": round(time.perf_counter() - started, 2),
     }
     if settings.method == "generate":
@@ -335,6 +380,7 @@ def settings_from_recipe(recipe: Mapping[str, Any], method: str | None = None) -
         seed=int(get(recipe, "mcq.seed")),
         max_new_tokens=int(get(recipe, "mcq.generation.max_new_tokens")),
         system_prompt=system_prompt_of(recipe),
+        prefix_cache=bool(get(recipe, "mcq.prefix_cache", True)),
     )
 
 
