@@ -239,6 +239,8 @@ def loglik_letter_scores(model: Any, tokenizer: Any, prompts: Sequence[Sequence[
     out: list[dict[str, float] | None] = [None] * len(prompts)
     device = _device(model)
     shared = cached_prefix_length(prompts, prefix_cache)
+    if shared:
+        from transformers import DynamicCache
     with torch.inference_mode(), tqdm(total=len(prompts), desc=desc, unit="q") as bar:
         prefix_kv = _prefix_key_values(model, prompts[0][:shared], device) if shared else None
         for batch in _batches(order, batch_size):
@@ -246,8 +248,6 @@ def loglik_letter_scores(model: Any, tokenizer: Any, prompts: Sequence[Sequence[
             position_ids = shared + (mask.cumsum(-1) - 1).clamp(min=0)
             cache_args: dict[str, Any] = {"use_cache": False}
             if prefix_kv is not None:  # a fresh cache per batch: the forward appends to it
-                from transformers import DynamicCache
-
                 mask = torch.cat([torch.ones(len(batch), shared, dtype=mask.dtype), mask], dim=1)
                 cache_args = {"use_cache": True, "past_key_values": DynamicCache(ddp_cache_data=[
                     (k.expand(len(batch), -1, -1, -1), v.expand(len(batch), -1, -1, -1)) for k, v in prefix_kv])}
@@ -380,7 +380,7 @@ def settings_from_recipe(recipe: Mapping[str, Any], method: str | None = None) -
         seed=int(get(recipe, "mcq.seed")),
         max_new_tokens=int(get(recipe, "mcq.generation.max_new_tokens")),
         system_prompt=system_prompt_of(recipe),
-        prefix_cache=bool(get(recipe, "mcq.prefix_cache", True)),
+        prefix_cache=bool(get(recipe, "mcq.prefix_cache")),
     )
 
 
