@@ -1,5 +1,6 @@
 # Two commands do all the setup on a fresh machine:
-#   make reproduce   # the main job: every notebook in order, local profile by default (PROFILE=paper on a GPU)
+#   make reproduce   # the main job: every notebook in order, local profile by default
+#                    # PROFILE=paper [PRESET=colab_t4]: a CUDA GPU, the Hub, and the GPU set in .venv-gpu
 #   make test        # the test suite (CPU, offline)
 SHELL := /bin/bash
 .SHELLFLAGS := -eo pipefail -c
@@ -8,10 +9,13 @@ PROFILE ?= local
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+GPU_VENV := .venv-gpu
+GPU_STAMP := $(GPU_VENV)/.installed
+PRESET ?=
 # pip on these machines warns about every missing local index; keep the log readable.
 QUIET := grep -v "^WARNING: Location" || true
 
-.PHONY: install reproduce test data bench clean-outputs
+.PHONY: install install-gpu check-gpu reproduce test data bench clean-outputs
 
 $(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -24,8 +28,28 @@ $(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 
 install: $(STAMP)
 
+# The GPU set (requirements-gpu.txt: Unsloth's pins) lives in its own environment; the CPU pins cannot run Unsloth.
+$(GPU_STAMP): requirements-gpu.txt pyproject.toml scripts/install_gpu.sh
+	test -x $(GPU_VENV)/bin/python || $(PYTHON) -m venv $(GPU_VENV)
+	PYTHON=$(GPU_VENV)/bin/python bash scripts/install_gpu.sh
+	touch $(GPU_STAMP)
+
+check-gpu:
+	@nvidia-smi -L >/dev/null 2>&1 || { \
+	  echo "make reproduce PROFILE=$(PROFILE) needs a CUDA GPU, and nvidia-smi finds none on this machine." >&2; \
+	  echo "  Without a GPU: 'make reproduce' runs the same pipeline on the local profile (CPU, ~30 min)." >&2; \
+	  echo "  On Colab: open the notebooks there with preset=\"colab_t4\" (README, 'Colab and GPUs')." >&2; exit 1; }
+
+install-gpu: check-gpu $(GPU_STAMP)
+
+ifeq ($(PROFILE),local)
 reproduce: install
-	$(BIN)/medlib reproduce --profile $(PROFILE)
+	$(BIN)/medlib reproduce --profile local
+else
+# No silent fallback: the paper recipes ask for the unsloth backend, which stops the run if it cannot load.
+reproduce: install-gpu
+	$(GPU_VENV)/bin/medlib reproduce --profile $(PROFILE) $(if $(PRESET),-p preset=$(PRESET) --out outputs/$(PROFILE)-$(PRESET))
+endif
 
 test: install
 	$(BIN)/python -m pytest -q -p no:cacheprovider --durations=15

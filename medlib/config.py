@@ -90,6 +90,36 @@ def get(recipe: dict[str, Any], dotted: str, default: Any = ...) -> Any:
     return node
 
 
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    """A YAML mapping from a file; anything else is an error naming the file."""
+    with open(path) as f:
+        data = yaml.safe_load(f) or {}
+    if not isinstance(data, dict):
+        raise RecipeError(f"{path}: top level must be a mapping")
+    return data
+
+
+PRESET_DIR = RECIPE_DIR / "presets"
+
+
+def preset_overrides(preset: str | None, profile: str, step: str) -> list[str]:
+    """`key=value` overrides of a size preset (medlib/recipes/presets/<name>.yaml) for one step
+    (stage1, stage2, eval or chat). A preset belongs to one profile; any other is an error."""
+    if not preset:
+        return []
+    path = PRESET_DIR / f"{preset}.yaml"
+    if not path.exists():
+        known = sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+        raise RecipeError(f"no preset {preset!r} ({path}); known: {', '.join(known)}")
+    data = load_yaml(path)
+    if data.get("profile") != profile:
+        raise RecipeError(f"{path}: preset {preset!r} is for the {data.get('profile')!r} profile, not {profile!r}")
+    values = data.get(step) or {}
+    if not isinstance(values, dict):
+        raise RecipeError(f"{path}: {step!r} must be a mapping of recipe keys to values")
+    return [f"{key}={json.dumps(value)}" for key, value in values.items()]
+
+
 def save_resolved(recipe: dict[str, Any], path: str | Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -104,6 +104,40 @@ def cuda_available() -> bool:
     return torch.cuda.is_available()
 
 
+PRECISIONS = ("auto", "bf16", "fp16", "fp32")
+
+
+def training_precision(requested: str = "auto") -> tuple[str, str]:
+    """(bf16 | fp16 | fp32, why) for mixed-precision training on this machine.
+
+    auto follows the GPU's real capability: bf16 from compute capability 8.0 (Ampere and later),
+    fp16 below it (a T4 is 7.5; `torch.cuda.is_bf16_supported()` says True there through emulation,
+    which Unsloth's float16 model then refuses), fp32 on a CPU. A forced mode is checked the same way.
+    """
+    if requested not in PRECISIONS:
+        raise ValueError(f"training.precision {requested!r} must be one of {', '.join(PRECISIONS)}")
+    if not cuda_available():
+        if requested in ("bf16", "fp16"):
+            raise ValueError(f"training.precision {requested} needs a CUDA GPU; none is visible (use auto or fp32)")
+        return "fp32", "no CUDA device: float32"
+    import torch
+
+    major, minor = torch.cuda.get_device_capability()
+    gpu = f"{torch.cuda.get_device_name()} (compute capability {major}.{minor})"
+    if requested == "auto":
+        mode = "bf16" if major >= 8 else "fp16"
+        return mode, f"{gpu}: {'native bf16' if mode == 'bf16' else 'no native bf16 below 8.0, so fp16'}"
+    if requested == "bf16" and major < 8:
+        raise ValueError(f"training.precision bf16 needs compute capability 8.0 or more; {gpu} has none (use fp16)")
+    return requested, f"{gpu}: {requested} forced by training.precision"
+
+
+def torch_dtype_for(precision: str) -> Any:
+    import torch
+
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision]
+
+
 def select_backend(requested: str = "auto") -> tuple[str, list[str]]:
     """Return (backend, notes). 'auto' -> unsloth if CUDA and unsloth import, else hf."""
     notes: list[str] = []

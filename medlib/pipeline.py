@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
+from medlib.config import preset_overrides
 from medlib.paths import outputs_dir, resolve
 
 
@@ -78,34 +79,43 @@ def eval_overrides(lay: Layout, data_dir: str | None = None, extra: Iterable[str
 # ------------------------------------------------------------------------------------------ steps
 
 def build_data(profile: str = "local", out_dir: str | Path | None = None, data_dir: str | None = None,
-               overrides: Iterable[str] = ()) -> dict[int, Path]:
+               overrides: Iterable[str] = (), preset: str | None = None) -> dict[int, Path]:
     """00: both stages' mixtures and manifests. Returns {stage: mixture folder}."""
     from medlib.config import load_recipe
     from medlib.data.mixtures import build_mixture
 
     lay = layout(profile, out_dir)
-    return {stage: build_mixture(load_recipe(profile, f"stage{stage}", stage_overrides(stage, lay, data_dir, extra=overrides)))
+    return {stage: build_mixture(load_recipe(profile, f"stage{stage}", stage_overrides(
+                stage, lay, data_dir, extra=[*preset_overrides(preset, profile, f"stage{stage}"), *overrides])))
             for stage in (1, 2)}
 
 
 def train_stage(stage: int, profile: str = "local", out_dir: str | Path | None = None, data_dir: str | None = None,
-                max_steps: int | None = None, overrides: Iterable[str] = (), resume: bool = False) -> Path:
+                max_steps: int | None = None, overrides: Iterable[str] = (), resume: bool | None = None,
+                overwrite: bool = False, train_samples: int | None = None, preset: str | None = None) -> Path:
     """01 / 02: train Med-Mix (stage 1) or Med-Nirvana (stage 2 from the stage-1 run). Returns the run folder.
-    Re-running a notebook replaces its run unless resume=True."""
-    from medlib.train import load_recipe_for, train
+
+    A re-run never loses work: it resumes from the last checkpoint when there is one (resume=None or
+    True), keeps a finished run with the same settings, and deletes a run only with overwrite=True;
+    it prints which it did (medlib.train.plan_run). train_samples: a seeded subset of the mixture."""
+    from medlib.train import load_recipe_for, train_or_resume
 
     lay = layout(profile, out_dir)
-    recipe = load_recipe_for(stage, profile, stage_overrides(stage, lay, data_dir, max_steps, overrides))
-    return train(recipe, resume=resume, overwrite=not resume)
+    extra = [*preset_overrides(preset, profile, f"stage{stage}"), *overrides]
+    if train_samples is not None:
+        extra.append(f"training.max_train_samples={train_samples}")
+    recipe = load_recipe_for(stage, profile, stage_overrides(stage, lay, data_dir, max_steps, extra))
+    return train_or_resume(recipe, resume=resume, overwrite=overwrite)
 
 
 def evaluate_mcq(profile: str = "local", out_dir: str | Path | None = None, data_dir: str | None = None,
-                 limit: int | None = None, sets: Sequence[str] | None = None, overrides: Iterable[str] = ()) -> Path:
+                 limit: int | None = None, sets: Sequence[str] | None = None, overrides: Iterable[str] = (),
+                 preset: str | None = None) -> Path:
     """03: Table 3 for the base model, Med-Mix and Med-Nirvana. Returns table3.md."""
     from medlib.evaluate import run_all, write_table3
 
     lay = layout(profile, out_dir)
-    extra = list(overrides) + ([f"mcq.limit={limit}"] if limit is not None else [])
+    extra = [*preset_overrides(preset, profile, "eval"), *overrides] + ([f"mcq.limit={limit}"] if limit is not None else [])
     if sets:
         extra.append("mcq.sets=[" + ",".join(sets) + "]")
     run_all(profile, mcq=True, bertscore=False, overrides=eval_overrides(lay, data_dir, extra))
@@ -114,12 +124,12 @@ def evaluate_mcq(profile: str = "local", out_dir: str | Path | None = None, data
 
 def evaluate_bertscore(profile: str = "local", out_dir: str | Path | None = None, data_dir: str | None = None,
                        n_queries: int | None = None, max_new_tokens: int | None = None,
-                       overrides: Iterable[str] = ()) -> Path:
+                       overrides: Iterable[str] = (), preset: str | None = None) -> Path:
     """04: Table 4 and side-by-side samples. Returns table4.md."""
     from medlib.evaluate import run_all, write_table4
 
     lay = layout(profile, out_dir)
-    extra = list(overrides)
+    extra = [*preset_overrides(preset, profile, "eval"), *overrides]
     if n_queries is not None:
         extra.append(f"bertscore.n_queries={n_queries}")
     if max_new_tokens is not None:
@@ -145,21 +155,26 @@ def figures(profile: str = "local", out_dir: str | Path | None = None) -> dict[s
 
 
 def chat_demo(profile: str = "local", out_dir: str | Path | None = None, script: Sequence[str] = (),
-              overrides: Iterable[str] = (), adapter: str | Path | None = None) -> Path:
+              overrides: Iterable[str] = (), adapter: str | Path | None = None, preset: str | None = None) -> Path:
     """06: a scripted conversation with the chatbot (Med-Nirvana of this layout, else the base model)."""
     from medlib.chat.session import ChatSession, run_script
 
     lay = layout(profile, out_dir)
-    session = ChatSession.from_profile(profile, adapter=adapter or lay.run(2), overrides=list(overrides))
+    # The layout's Med-Nirvana is the recipe's default adapter: when it is not trained yet the session says
+    # so once and runs the base model, so the chat notebook works before any training.
+    session = ChatSession.from_profile(profile, adapter=adapter, overrides=[
+        f"adapter={lay.run(2)}", *preset_overrides(preset, profile, "chat"), *overrides])
     replies = run_script(session, list(script))
     lay.chat.mkdir(parents=True, exist_ok=True)
     path = lay.chat / "transcript.md"
     lines = [f"# Scripted chat — {profile} profile", "", session.describe(), ""]
     for text, reply in zip(script, replies):
-        lines += [f"**User:** {text}", "", f"**Assistant ({reply.kind}):** {reply.text}", ""]
+        flags = f", red flags: {', '.join(reply.red_flags)}" if reply.red_flags else ""
+        lines += [f"**User:** {text}", "", f"**Assistant ({reply.kind}{flags}):** {reply.text}", ""]
     path.write_text("\n".join(lines))
     (lay.chat / "transcript.json").write_text(json.dumps(
-        [{"user": t, "kind": r.kind, "reply": r.text} for t, r in zip(script, replies)], indent=1))
+        [{"user": t, "kind": r.kind, "red_flags": r.red_flags, "reply": r.text} for t, r in zip(script, replies)],
+        indent=1))
     return path
 
 
@@ -169,6 +184,21 @@ def report(profile: str = "local", out_dir: str | Path | None = None) -> Path:
     lay = layout(profile, out_dir)
     figures(profile, out_dir)
     return write_report(lay)
+
+
+def run_summary(run_dir: str | Path) -> str:
+    """A few lines on a training run from its run_metadata.json: what ran, where, and how it ended."""
+    meta = json.loads((Path(run_dir) / "run_metadata.json").read_text())
+    precision = meta.get("precision") or {}
+    lines = [f"{meta.get('run_name')} ({meta.get('profile_note')})",
+             f"base model {meta.get('base_model')}, backend {meta.get('backend')}, device {meta.get('device')}",
+             f"precision {precision.get('mode', '?')}: {precision.get('reason', '')}",
+             f"status {meta.get('status')}, {meta.get('global_step')} steps, train loss {meta.get('train_loss')}, "
+             f"{meta.get('train_time_s')} s training"]
+    if meta.get("resumed_from"):
+        lines.append(f"resumed from {meta['resumed_from']}")
+    lines += [f"fallback: {note}" for note in meta.get("fallbacks", [])]
+    return "\n".join(lines)
 
 
 def show_markdown(path: str | Path) -> Any:

@@ -126,6 +126,7 @@ def read_mixture(mixture_dir: Path) -> tuple[list[dict], list[dict], dict[str, A
     try:
         content = json.loads((mixture_dir / "manifest.json").read_text())
         manifest["sources"] = content.get("counts") or content.get("sources")
+        manifest["content_hash"] = content.get("content_hash")
     except (ValueError, AttributeError):
         pass
     return splits["train"], splits["validation"], manifest
@@ -224,11 +225,9 @@ def _training_settings(recipe: dict[str, Any], backend: str, fallbacks: list[str
     if not on_gpu and "8bit" in optim:
         fallbacks.append(f"optim {optim} -> adamw_torch (8-bit optimizers need CUDA)")
         optim = "adamw_torch"
-    bf16 = False
-    if on_gpu:
-        import torch
+    from medlib.models import training_precision
 
-        bf16 = torch.cuda.is_bf16_supported()
+    precision, why = training_precision(str(t.get("precision", "auto")))
     gc = t.get("gradient_checkpointing", "auto")
     if gc == "auto":
         gc = on_gpu  # CPU: memory is ample at the local sizes, and recomputation would only cost time
@@ -253,7 +252,8 @@ def _training_settings(recipe: dict[str, Any], backend: str, fallbacks: list[str
         "packing": packing, "padding_free": padding_free or packing, "packing_strategy": "bfd",
         # Records are truncated to max_seq_length when tokenised; padding-free without packing must get None.
         "max_length": None if (padding_free and not packing) else int(get(recipe, "model.max_seq_length")),
-        "bf16": bf16, "fp16": False, "gradient_checkpointing": bool(gc),
+        "bf16": precision == "bf16", "fp16": precision == "fp16", "precision": precision, "precision_reason": why,
+        "gradient_checkpointing": bool(gc),
         "seed": int(get(recipe, "seed")), "data_seed": int(get(recipe, "seed")),
         "report_to": [], "use_cpu": not on_gpu, "dataloader_num_workers": 0,
         "include_num_input_tokens_seen": "non_padding",
@@ -309,6 +309,8 @@ def train(recipe: dict[str, Any], out_dir: str | os.PathLike | None = None,
         log.info("backend: %s", note)
     log.info("stage %s, profile %s, backend %s, run dir %s", stage, recipe.get("profile"), backend, run_dir)
     settings = _training_settings(recipe, backend, fallbacks)
+    precision = {"mode": settings.pop("precision"), "reason": settings.pop("precision_reason")}
+    log.info("precision: %s (%s)", precision["mode"], precision["reason"])
     seed = int(get(recipe, "seed"))
 
     import torch
@@ -330,7 +332,7 @@ def train(recipe: dict[str, Any], out_dir: str | os.PathLike | None = None,
     from medlib.training.backends import load_for_training
 
     model, tokenizer = load_for_training(recipe, backend, train_from, continue_adapter,
-                                         settings["gradient_checkpointing"])
+                                         settings["gradient_checkpointing"], precision["mode"])
 
     from medlib.prompts import SYSTEM_PROMPT
     from medlib.training.tokenize import tokenize_records
@@ -365,12 +367,12 @@ def train(recipe: dict[str, Any], out_dir: str | os.PathLike | None = None,
     )
     if not settings["bf16"]:
         # TRL casts a quantised model's LoRA weights to bf16 (the QLoRA paper's choice on GPU). Without bf16
-        # hardware support (CPU) that is slower and lossy, so they are kept in float32 there.
+        # (CPU: slow and lossy; fp16 on a T4: the grad scaler needs float32 weights) they are kept in float32.
         cast = [p for p in trainer.model.parameters() if p.requires_grad and p.dtype == torch.bfloat16]
         for param in cast:
             param.data = param.data.float()
         if cast:
-            fallbacks.append("LoRA weights kept in float32 (no bf16 compute on this device)")
+            fallbacks.append(f"LoRA weights kept in float32 (precision {precision['mode']}, no bf16)")
 
     metadata = {
         "profile": recipe.get("profile"),
@@ -378,9 +380,11 @@ def train(recipe: dict[str, Any], out_dir: str | os.PathLike | None = None,
                          "LOCAL profile: CPU-sized stand-in, not the paper's model, data or numbers"),
         "stage": stage, "run_name": recipe.get("run_name"), "base_model": base_model, "base_model_path": base_path,
         "backend": backend, "fallbacks": fallbacks, "init": init,
-        "from_stage1": str(stage1) if stage1 else None, "seed": seed,
+        "from_stage1": str(stage1) if stage1 else None,
+        "from_stage1_adapter_sha256": _sha256(stage1 / "adapter_model.safetensors") if stage1 else None, "seed": seed,
         "data": {**manifest, "train": train_report.as_dict(), "validation": eval_report.as_dict()},
-        "training_args": {k: settings[k] for k in ("optim", "bf16", "gradient_checkpointing", "packing",
+        "precision": precision,
+        "training_args": {k: settings[k] for k in ("optim", "bf16", "fp16", "gradient_checkpointing", "packing",
                                                    "padding_free", "max_steps", "max_length")},
         "libraries": library_versions(), "device": _device_name(),
         "recipe_file": recipe.get("_meta", {}).get("recipe_file"), "status": "running",
@@ -435,6 +439,73 @@ def train(recipe: dict[str, Any], out_dir: str | os.PathLike | None = None,
     (run_dir / "run_metadata.json").write_text(json.dumps(metadata, indent=2))
     log.info("finished: %s (%d steps, %.0f s)", run_dir, trainer.state.global_step, metadata["wall_time_s"])
     return run_dir
+
+
+def _comparable(recipe: dict[str, Any]) -> dict[str, Any]:
+    """A recipe's settings as saved in recipe.resolved.yaml, without the bookkeeping in _meta."""
+    return {k: v for k, v in json.loads(json.dumps(recipe, default=str)).items() if k != "_meta"}
+
+
+def plan_run(recipe: dict[str, Any], resume: bool | None = None, overwrite: bool = False) -> tuple[str, str]:
+    """What a notebook's (re)run of this stage does, as (action, sentence); nothing is deleted unless overwrite.
+
+    action is one of:
+      "train"     no run here yet;
+      "resume"    a checkpoint exists and resume is None (the default) or True: continue from it;
+      "keep"      a finished run with exactly these settings exists: keep it, train nothing;
+      "overwrite" overwrite=True: replace whatever is there (checkpoints included).
+    A checkpoint with resume=False, or a finished run with other settings, is a TrainError that
+    names the choice to make; a Colab disconnect therefore never costs the checkpoints.
+    """
+    run_dir = resolve(get(recipe, "output_dir"))
+    checkpoint = find_last_checkpoint(run_dir / "checkpoints")
+    meta_file = run_dir / "run_metadata.json"
+    finished = meta_file.exists() and json.loads(meta_file.read_text()).get("status") == "finished"
+    if overwrite:
+        if checkpoint or finished or (run_dir / "adapter_config.json").exists():
+            return "overwrite", f"overwrite=True: deleting the run in {run_dir} (checkpoints included) and training anew"
+        return "train", f"overwrite=True, but {run_dir} holds no run yet: training from step 0"
+    if finished:
+        changed = _changed_since(recipe, run_dir, json.loads(meta_file.read_text()))
+        if not changed:
+            return "keep", (f"{run_dir} already holds a finished run with these settings and inputs: kept, nothing "
+                            "trained (overwrite=True retrains it)")
+        raise TrainError(f"{run_dir} holds a finished run with other settings or inputs (differs in: "
+                         f"{', '.join(changed)}); pass overwrite=True to replace it, or choose another out_dir")
+    if checkpoint:
+        if resume is False:
+            raise TrainError(f"{run_dir} holds checkpoint {Path(checkpoint).name}; pass resume=True (or None) to "
+                             "continue it, or overwrite=True to delete it and start again")
+        return "resume", f"resuming from {checkpoint}"
+    return "train", f"no run in {run_dir} yet: training from step 0"
+
+
+def _changed_since(recipe: dict[str, Any], run_dir: Path, meta: dict[str, Any]) -> list[str]:
+    """What differs between a finished run and this recipe: top-level recipe sections, the mixture's
+    content, and (stage 2) the stage-1 adapter it started from."""
+    saved = run_dir / "recipe.resolved.yaml"
+    previous = _comparable(config.load_yaml(saved)) if saved.exists() else {}
+    now = _comparable(recipe)
+    changed = sorted(k for k in set(previous) | set(now) if previous.get(k) != now.get(k))
+    manifest = resolve(get(recipe, "data.mixture_dir")) / "manifest.json"
+    if manifest.exists() and json.loads(manifest.read_text()).get("content_hash") != meta.get("data", {}).get("content_hash"):
+        changed.append("the mixture's content")
+    if recipe.get("stage") == 2:
+        adapter = resolve(get(recipe, "from_stage1")) / "adapter_model.safetensors"
+        if adapter.exists() and _sha256(adapter) != meta.get("from_stage1_adapter_sha256"):
+            changed.append("the stage-1 run")
+    return changed
+
+
+def train_or_resume(recipe: dict[str, Any], resume: bool | None = None, overwrite: bool = False,
+                    say=print) -> Path:
+    """Train, resume, keep or overwrite as plan_run decides, and say which (the notebooks' entry point)."""
+    action, sentence = plan_run(recipe, resume, overwrite)
+    say(f"[{get(recipe, 'run_name', 'run')}] {sentence}")
+    run_dir = resolve(get(recipe, "output_dir"))
+    if action == "keep":
+        return run_dir
+    return train(recipe, resume=action == "resume", overwrite=action == "overwrite")
 
 
 def find_last_checkpoint(ckpt_dir: Path) -> str | None:

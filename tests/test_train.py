@@ -264,22 +264,28 @@ def test_stage2_starts_from_stage1_and_ships_one_combined_adapter(tmp_path, stag
 
 
 @pytest.mark.slow
-def test_killed_run_resumes_from_its_checkpoint_to_the_same_step_count(tmp_path, stage1_mixture):
+class Killed(RuntimeError):
+    pass
+
+
+def kill_after_first_checkpoint():
+    """A trainer callback that stops the run like a lost Colab session, right after the first checkpoint."""
     from transformers import TrainerCallback
-
-    from medlib.train import TrainError, train
-
-    class Killed(RuntimeError):
-        pass
 
     class KillAfterFirstCheckpoint(TrainerCallback):
         def on_save(self, args, state, control, **kw):
             raise Killed(f"killed after saving step {state.global_step}")
 
+    return KillAfterFirstCheckpoint()
+
+
+def test_killed_run_resumes_from_its_checkpoint_to_the_same_step_count(tmp_path, stage1_mixture):
+    from medlib.train import TrainError, train
+
     recipe = _recipe(1, stage1_mixture, "training.max_steps=4", "training.save_steps=2", "training.eval_steps=2")
     out = tmp_path / "run"
     with pytest.raises(Killed):
-        train(recipe, out_dir=out, callbacks=[KillAfterFirstCheckpoint()])
+        train(recipe, out_dir=out, callbacks=[kill_after_first_checkpoint()])
     assert (out / "checkpoints" / "checkpoint-2" / "trainer_state.json").exists()
     assert not (out / "adapter_model.safetensors").exists()
     with pytest.raises(TrainError, match="--resume"):
@@ -377,3 +383,85 @@ def test_padding_free_batches_give_the_padded_loss(tokenizer, mcq_records, dialo
             inputs = {k: batch[k] for k in ("input_ids", "labels", "attention_mask", "position_ids") if k in batch}
             losses.append(model(**inputs).loss.item())
     assert losses[0] == pytest.approx(losses[1], abs=1e-4)
+
+
+# ------------------------------------------------------------------------------- notebooks' re-runs
+
+
+def test_notebook_reruns_resume_keep_refuse_and_overwrite_as_they_say(tmp_path, stage1_mixture):
+    from medlib.train import TrainError, plan_run, train, train_or_resume
+
+    out = tmp_path / "med-mix"
+    recipe = _recipe(1, stage1_mixture, f"output_dir={out}", "training.max_steps=4", "training.save_steps=2",
+                     "training.eval_steps=2")
+    said: list[str] = []
+    assert plan_run(recipe)[0] == "train"
+    with pytest.raises(Killed):  # a Colab disconnect after the first checkpoint
+        train(recipe, callbacks=[kill_after_first_checkpoint()])
+    with pytest.raises(TrainError, match="resume=True .* overwrite=True"):
+        plan_run(recipe, resume=False)
+    train_or_resume(recipe, say=said.append)  # the default: continue from the checkpoint
+    assert "resuming from" in said[-1] and said[-1].endswith("checkpoint-2")
+    meta = json.loads((out / "run_metadata.json").read_text())
+    assert meta["status"] == "finished" and meta["global_step"] == 4 and meta["resumed_from"].endswith("checkpoint-2")
+    checkpoints = sorted(p.name for p in (out / "checkpoints").iterdir())
+
+    train_or_resume(recipe, say=said.append)  # the same settings again: kept, nothing trained or deleted
+    assert "kept" in said[-1] and sorted(p.name for p in (out / "checkpoints").iterdir()) == checkpoints
+    changed = _recipe(1, stage1_mixture, f"output_dir={out}", "training.max_steps=5", "training.save_steps=2",
+                      "training.eval_steps=2")
+    with pytest.raises(TrainError, match=r"other settings or inputs \(differs in: training\).*overwrite=True"):
+        train_or_resume(changed, say=said.append)
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == checkpoints  # still nothing deleted
+
+    train_or_resume(changed, overwrite=True, say=said.append)
+    assert "deleting the run" in said[-1]
+    meta = json.loads((out / "run_metadata.json").read_text())
+    assert meta["global_step"] == 5 and meta["resumed_from"] is None
+
+
+# ------------------------------------------------------------------------------------------ precision
+
+
+@pytest.mark.parametrize("capability,name,expected", [((7, 5), "Tesla T4", "fp16"), ((7, 0), "Tesla V100", "fp16"),
+                                                      ((8, 0), "A100", "bf16"), ((9, 0), "H100", "bf16")])
+def test_precision_follows_the_gpus_real_capability(monkeypatch, capability, name, expected):
+    import torch
+
+    from medlib import models, train
+
+    monkeypatch.setattr(models, "cuda_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: capability)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: name)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)  # what a T4 reports (emulated)
+    mode, why = models.training_precision("auto")
+    assert mode == expected and name in why and f"{capability[0]}.{capability[1]}" in why
+    recipe = _recipe(1, Path("unused"))
+    settings = train._training_settings(recipe, "hf", [])
+    assert (settings["fp16"], settings["bf16"]) == (expected == "fp16", expected == "bf16")
+    assert settings["precision"] == expected
+    assert models.training_precision("fp16")[0] == "fp16"  # forcing fp16 works anywhere (the H100 check)
+    if capability < (8, 0):
+        with pytest.raises(ValueError, match="bf16 needs compute capability 8.0"):
+            models.training_precision("bf16")
+    from medlib.evaluate.common import resolve_dtype
+
+    assert resolve_dtype("auto") == {"fp16": "float16", "bf16": "bfloat16"}[expected]
+
+
+def test_precision_on_cpu_is_fp32_and_gpu_modes_are_refused():
+    from medlib.models import training_precision
+
+    assert training_precision("auto")[0] == "fp32"
+    for mode in ("bf16", "fp16"):
+        with pytest.raises(ValueError, match="needs a CUDA GPU"):
+            training_precision(mode)
+    with pytest.raises(ValueError, match="must be one of"):
+        training_precision("half")
+
+
+def test_run_metadata_records_the_precision(stage1_run):
+    run_dir, _ = stage1_run
+    meta = json.loads((run_dir / "run_metadata.json").read_text())
+    assert meta["precision"]["mode"] == "fp32" and "no CUDA" in meta["precision"]["reason"]
+    assert meta["training_args"]["fp16"] is False and meta["training_args"]["bf16"] is False

@@ -1,9 +1,9 @@
 """Guardrails around the chat model: red-flag detection, the disclaimer and input clean-up.
 
-Red flags are matched with regular expressions over the user's words, clause by clause, and a
-match is ignored when a negation governs it in the same clause ("no chest pain", "I am not
-suicidal", "denies shortness of breath"). Patterns are deliberately broad: a false alarm costs
-the user one urgent-care sentence, a miss could cost much more.
+The regular expressions here are the floor of red-flag detection: medlib.chat.red_flags runs them
+and a classifier by meaning on every message, and either one flags it. They match the user's
+words clause by clause, and a match is ignored when a negation governs it in the same clause ("no
+chest pain", "I am not suicidal", "denies shortness of breath").
 """
 
 from __future__ import annotations
@@ -11,18 +11,34 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-URGENT_MESSAGE = (
-    "This may be a medical emergency. Call your local emergency number (for example 911, 112 or 999) "
-    "or go to the nearest emergency department now. Do not wait for an online answer."
-)
-URGENT_BY_CATEGORY = {
-    "suicidal_thoughts": (
-        "If you are thinking about ending your life or harming yourself, please reach out now: call your local "
-        "emergency number, or a crisis line (for example 988 in the US, 116 123 Samaritans in the UK and Ireland). "
-        "You do not have to face this alone."
-    ),
-    "overdose_poisoning": "If someone has taken an overdose or been poisoned, also call your local poison control centre.",
+URGENT_MESSAGE = "This may be a medical emergency. Do not wait for an online answer."
+_CALL = "call an ambulance now (for example 911, 112 or 999)"
+# One short, specific action per category (medlib.chat.red_flags.CATEGORIES).
+URGENT_ACTIONS = {
+    "cardiac": f"Chest pain like this needs help fast: {_CALL}. Do not drive yourself; sit down and rest while you wait.",
+    "stroke": f"These can be signs of a stroke: {_CALL} and note the time the symptoms started. Do not drive yourself.",
+    "suicide_self_harm": (
+        "Please reach out now: call or text a crisis line (988 in the US; Samaritans 116 123 in the UK and Ireland) "
+        "or your local emergency number. If you are in danger right now, call emergency services. "
+        "You do not have to face this alone."),
+    "overdose_poisoning": (
+        "Call poison control now (1-800-222-1222 in the US) or your emergency number, even if they seem well. "
+        "Do not make them vomit; keep the packet or bottle."),
+    "anaphylaxis": f"This may be a severe allergic reaction: use an adrenaline auto-injector (EpiPen) if there is one and {_CALL}.",
+    "severe_bleeding": f"Heavy bleeding needs emergency care: {_CALL}. For a wound, press hard on it with a clean cloth and keep pressing.",
+    "breathing_collapse": f"{_CALL[0].upper() + _CALL[1:]}. If the person is not breathing normally, start CPR; the call handler will guide you.",
+    "thunderclap_headache": f"A sudden, severe headache needs emergency care: {_CALL}. Do not drive yourself.",
+    "seizure": (f"For a first seizure, one over 5 minutes, or someone who does not wake up: {_CALL}. "
+                "Lay them on their side and put nothing in their mouth."),
+    "child_danger": f"A child with these signs needs urgent care: {_CALL} or go to the emergency department. Do not wait to see if it passes.",
 }
+SUPPORT_REPLY = (
+    "I'm sorry you are going through a hard time. Talking to someone can help: your doctor, someone you trust, "
+    "or a support line (988 in the US; Samaritans 116 123 in the UK and Ireland), any time of day. "
+    "If you ever think about harming yourself, call your local emergency number."
+)
+DOSE_CAUTION = ("Caution: this answer mentions a dose or a medicine regimen. Check any dose with a pharmacist or "
+                "clinician before taking it; this assistant can be wrong.")
 DISCLAIMER = (
     "Note: I am an AI assistant, not a doctor. This is general information, not a diagnosis or treatment; "
     "please see a qualified clinician about your own health."
@@ -60,8 +76,8 @@ _BREATH = _rx(r"short(?:ness)?\s+of\s+breath", r"breathless", r"can(?:no|')?t\s+
 
 RED_FLAG_PATTERNS: dict[str, list[tuple[re.Pattern[str], ...]]] = {
     # each entry: a tuple of patterns that must ALL match (un-negated) somewhere in the message
-    "chest_pain_breathlessness": [(_CHEST, _BREATH), (_rx(r"(?:having|have)\s+a\s+heart\s+attack"),)],
-    "stroke_signs": [(_rx(
+    "cardiac": [(_CHEST, _BREATH), (_rx(r"(?:having|have)\s+a\s+heart\s+attack"),)],
+    "stroke": [(_rx(
         r"(?:face|mouth|smile)\s+(?:is\s+)?(?:drooping|droops|droopy|has\s+dropped|is\s+dropping)",
         r"droop\w*\s+(?:on\s+)?(?:one\s+side|face|mouth)", r"slurr(?:ed|ing)\s+(?:speech|words|my\s+words)",
         r"(?:speech|talking)\s+is\s+slurred", r"can(?:no|')?t\s+(?:speak|talk|lift\s+(?:my|his|her)\s+arm)",
@@ -70,25 +86,25 @@ RED_FLAG_PATTERNS: dict[str, list[tuple[re.Pattern[str], ...]]] = {
         r"(?:weak|weakness|numb|numbness)\s+(?:\w+\s+){0,3}(?:one\s+side|left\s+side|right\s+side)",
         r"(?:one|left|right)\s+side\s+of\s+(?:my|his|her|the)\s+(?:face|body)\s+(?:is\s+)?(?:numb|weak|drooping|paraly)",
         r"(?:having|had|think\s+(?:i|he|she)\s+(?:am|is|'m)\s+having)\s+a\s+stroke", r"signs?\s+of\s+(?:a\s+)?stroke"),)],
-    "suicidal_thoughts": [(_rx(
+    "suicide_self_harm": [(_rx(
         r"suicid", r"kill(?:ing)?\s+(?:my|him|her)sel(?:f|ves)", r"end(?:ing)?\s+(?:my|his|her)\s+(?:own\s+)?life", r"end(?:ing)?\s+it\s+all",
         r"take\s+my\s+(?:own\s+)?life", r"want\s+to\s+die", r"wish\s+i\s+(?:was|were)\s+dead",
         r"(?:hurt(?:ing)?|harm(?:ing)?|cut(?:ting)?)\s+myself", r"self[-\s]?harm", r"better\s+off\s+dead", r"no\s+reason\s+to\s+live"),)],
     "overdose_poisoning": [(_rx(
-        r"overdos", r"od'?d\b", r"took\s+(?:too\s+many|a\s+(?:whole|full)\s+(?:bottle|box|pack)|all\s+(?:my|the|of\s+my))\s*(?:\w+\s+){0,2}(?:pills|tablets|medicine|meds|pack|bottle)?",
+        r"overdos", r"od'?d\b", r"took\s+(?:too\s+many|(?:a|the|my)\s+(?:whole|full|entire)\s+(?:bottle|box|pack|packet|strip)|all\s+(?:my|the|of\s+my))\s*(?:\w+\s+){0,2}(?:pills|tablets|medicine|meds|pack|bottle)?",
         r"(?:swallowed|drank|ate|drunk|ingested)\s+(?:\w+\s+){0,3}(?:bleach|poison|antifreeze|detergent|pesticide|rat\s+poison|weed\s*killer|batter(?:y|ies)|cleaning\s+(?:fluid|product))",
         r"(?<!food )poison(?:ed|ing)", r"carbon\s+monoxide"),)],
     "anaphylaxis": [(_rx(
         r"anaphyla", r"throat\s+(?:is\s+)?(?:closing|swelling|swollen|tight)", r"(?:tongue|lips?|face)\s+(?:is\s+|are\s+)?(?:swelling|swollen|swell)\w*\s+(?:\w+\s+){0,4}(?:after|from|since)",
         r"swollen\s+(?:tongue|lips|throat)", r"epi[-\s]?pen"),),
                     (_BREATH, _rx(r"bee\b", r"wasp", r"sting", r"peanut", r"nuts?\b", r"shellfish", r"allerg"))],
-    "heavy_bleeding": [(_rx(
+    "severe_bleeding": [(_rx(
         r"bleeding\s+(?:\w+\s+){0,2}(?:heavily|a\s+lot|badly|profusely|non[-\s]?stop|everywhere)", r"heavy\s+bleeding",
         r"(?:won'?t|will\s+not|doesn'?t|does\s+not|can'?t|cannot)\s+stop\s+(?:the\s+)?bleeding",
         r"bleeding\s+(?:won'?t|will\s+not|doesn'?t|does\s+not)\s+stop", r"blood\s+(?:is\s+)?(?:spurting|pouring|gushing)",
         r"(?:vomiting|throwing\s+up)\s+blood", r"coughing\s+up\s+(?:a\s+lot\s+of|lots\s+of)\s+blood", r"soak(?:ing|ed)\s+(?:through\s+)?(?:a\s+)?(?:pad|pads|tampon)",
         r"lost\s+a\s+lot\s+of\s+blood"),)],
-    "child_danger_signs": [(_rx(r"bab(?:y|ies)\b", r"infant\b", r"newborn\b", r"toddler\b", r"child(?:ren)?\b", r"kids?\b", r"son\b", r"daughter\b", r"\d+[-\s](?:month|week|day)[-\s]old"),
+    "child_danger": [(_rx(r"bab(?:y|ies)\b", r"infant\b", r"newborn\b", r"toddler\b", r"child(?:ren)?\b", r"kids?\b", r"son\b", r"daughter\b", r"\d+[-\s](?:month|week|day)[-\s]old"),
                             _rx(r"not\s+breathing", r"stopped\s+breathing", r"struggling\s+to\s+breathe", r"blue\s+(?:lips|face|skin)",
                                 r"(?:lips|face|skin)\s+(?:is\s+|are\s+|turning\s+|turned\s+)?blue", r"(?:is|gone|went|very|floppy\s+and)\s+limp\b", r"floppy",
                                 r"unresponsive", r"won'?t\s+wake", r"(?:can'?t|cannot)\s+(?:be\s+)?wake", r"hard\s+to\s+wake",
@@ -96,6 +112,12 @@ RED_FLAG_PATTERNS: dict[str, list[tuple[re.Pattern[str], ...]]] = {
                                 r"not\s+(?:feeding|drinking|eating)\s+(?:at\s+all|for)", r"no\s+wet\s+nappies", r"no\s+wet\s+diapers",
                                 r"fever\s+(?:of\s+)?(?:over\s+|above\s+)?(?:3[89]|40|10[2-5])", r"high\s+fever\s+(?:\w+\s+){0,4}(?:under|months?)")),
                            ],
+    "breathing_collapse": [(_rx(r"(?:collapsed|passed\s+out|fainted)\s+and\s+(?:is\s+)?(?:not|isn'?t|won'?t|can'?t)",
+                                r"unresponsive", r"not\s+responding", r"(?:isn'?t|is\s+not|stopped)\s+breathing",
+                                r"(?:lips|face|fingers)\s+(?:are\s+|is\s+)?(?:going|turning|gone|turned)\s+blue"),)],
+    "thunderclap_headache": [(_rx(r"worst\s+headache\s+(?:of\s+my\s+life|ever|i'?ve\s+ever)", r"thunderclap"),)],
+    "seizure": [(_rx(r"(?:having|had)\s+a\s+(?:seizure|fit)\s+(?:right\s+)?now", r"(?:is|are|keeps?)\s+(?:seizing|convulsing|fitting)",
+                     r"convulsing", r"seizure\s+(?:won'?t|will\s+not|that\s+won'?t)\s+stop"),)],
 }
 @dataclass
 class RedFlag:
@@ -107,9 +129,40 @@ def _clauses(text: str) -> list[str]:
     return [c for c in _CLAUSE_SPLIT.split(text) if c and c.strip()]
 
 
+def _negator_start(clause: str, start: int) -> int | None:
+    """Where the negator governing the mention at `start` begins: within the 6 words before it and not
+    across a comma ("No, he is not responding" keeps "not responding" un-negated); None if there is none."""
+    words = list(re.finditer(r"\S+", clause[:start]))[-_NEGATION_WINDOW:]
+    if not words:
+        return None
+    window_start = words[0].start()
+    comma = clause.rfind(",", window_start, start)
+    window_start = max(window_start, comma + 1)
+    found = list(re.finditer(_NEGATOR, clause[window_start:start], re.IGNORECASE))
+    return window_start + found[-1].start() if found else None
+
+
 def _negated(clause: str, start: int) -> bool:
-    before = clause[:start].split()[-_NEGATION_WINDOW:]
-    return re.search(_NEGATOR, " ".join(before), re.IGNORECASE) is not None
+    return _negator_start(clause, start) is not None
+
+
+def strip_negated(text: str) -> str:
+    """The message without its negated red-flag mentions (from the negator to the end of the mention):
+    "I am not suicidal, just tired" -> "I am , just tired". What is left is what the message affirms."""
+    kept = []
+    for clause in _clauses(text):
+        spans = []
+        for alternatives in RED_FLAG_PATTERNS.values():
+            for patterns in alternatives:
+                for pattern in patterns:
+                    for m in pattern.finditer(clause):
+                        negator = _negator_start(clause, m.start())
+                        if negator is not None:  # to the end of the word: "suicid" takes "suicidal" with it
+                            spans.append((negator, m.end() + len(re.match(r"\w*", clause[m.end():]).group())))
+        for a, b in sorted(spans, reverse=True):
+            clause = clause[:a] + " " + clause[b:]
+        kept.append(" ".join(clause.split()))
+    return ". ".join(c for c in kept if c)
 
 
 def _unnegated_match(pattern: re.Pattern[str], clauses: list[str]) -> str | None:
@@ -134,8 +187,20 @@ def detect_red_flags(text: str) -> list[RedFlag]:
 
 
 def urgent_message(flags: list[RedFlag]) -> str:
-    extra = [URGENT_BY_CATEGORY[f.category] for f in flags if f.category in URGENT_BY_CATEGORY]
-    return " ".join([URGENT_MESSAGE, *extra])
+    """The general line, then each flagged category's own action once."""
+    actions = list(dict.fromkeys(URGENT_ACTIONS[f.category] for f in flags))
+    return " ".join([URGENT_MESSAGE, *actions])
+
+
+_DOSE = re.compile(
+    r"\b\d+(?:[.,]\d+)?\s*(?:mg|mcg|µg|ug|g|grams?|ml|mL|milligrams?|micrograms?|units?|iu|IU|tablets?|pills?|capsules?|puffs?|drops?)\b"
+    r"|\b(?:once|twice|three\s+times|four\s+times)\s+(?:a|per)\s+day\b|\bevery\s+\d+\s*(?:-\s*\d+\s*)?hours?\b"
+    r"|\b\d+\s+times\s+(?:a|per)\s+day\b|\b(?:for|over)\s+\d+\s+(?:days?|weeks?|months?)\b", re.IGNORECASE)
+
+
+def mentions_dose(text: str) -> bool:
+    """Whether an answer states a dose or a regimen ("10 mg", "twice a day", "every 6 hours", "for 4 weeks")."""
+    return _DOSE.search(text) is not None
 
 
 @dataclass

@@ -63,21 +63,29 @@ class Thresholds:
             raise RouterError(f"{path}: no valid 'thresholds' object ({type(exc).__name__}: {exc})") from exc
 
 
-def read_examples(path: str | Path, need_split: bool = False) -> list[dict[str, str]]:
-    """JSONL rows {"label", "text"[, "split"]}; any bad row is an error naming the line."""
+def labelled_rows(path: str | Path, labels: Sequence[str], error: type[Exception] = RouterError):
+    """(line number, row) of a JSONL file of {"label", "text", ...}; a row that is not JSON, has a label
+    outside `labels` or an empty text is an `error` naming the file and line."""
     path = Path(path)
-    rows = []
     for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
         if not line.strip():
             continue
         try:
             row = json.loads(line)
         except json.JSONDecodeError as exc:
-            raise RouterError(f"{path}:{n}: not JSON ({exc})") from exc
-        if row.get("label") not in LABELS:
-            raise RouterError(f"{path}:{n}: label {row.get('label')!r} is not one of {', '.join(LABELS)}")
+            raise error(f"{path}:{n}: not JSON ({exc})") from exc
+        if row.get("label") not in labels:
+            raise error(f"{path}:{n}: label {row.get('label')!r} is not one of {', '.join(labels)}")
         if not isinstance(row.get("text"), str) or not row["text"].strip():
-            raise RouterError(f"{path}:{n}: 'text' must be a non-empty string")
+            raise error(f"{path}:{n}: 'text' must be a non-empty string")
+        yield n, row
+
+
+def read_examples(path: str | Path, need_split: bool = False) -> list[dict[str, str]]:
+    """JSONL rows {"label", "text"[, "split"]}; any bad row is an error naming the line."""
+    path = Path(path)
+    rows = []
+    for n, row in labelled_rows(path, LABELS):
         if need_split and row.get("split") not in ("calibration", "heldout"):
             raise RouterError(f"{path}:{n}: split {row.get('split')!r} is not 'calibration' or 'heldout'")
         rows.append(row)

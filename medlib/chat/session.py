@@ -4,10 +4,13 @@
     reply = session.reply("I have had a fever for 3 days")  # Reply(kind="medical", text=..., ...)
     replies = run_script(session, ["hi", "I have a headache", "who won the match?"])
 
-Every message is cleaned (guardrails.clean_input), checked for red flags, then routed
-(medical / greeting / other). Only medical messages reach the model; its prompt is the
-training system prompt + the kept history + the new message, rendered by
-medlib.prompts.render_chat (the same template as training).
+Every message is cleaned (guardrails.clean_input), checked for red flags by meaning and by pattern
+(medlib.chat.red_flags) before anything else, then routed (medical / greeting / other). A red
+flag gets the category's urgent-care message and never reaches the model, a greeting or the
+fallback; emotional distress gets a support message and never the greeting or fallback. Only
+medical messages reach the model; its prompt is the training system prompt + the kept history +
+the new message, rendered by medlib.prompts.render_chat (the same template as training). An answer
+that states a dose or regimen ends with a caution to check it with a pharmacist or clinician.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
 from medlib.chat import guardrails
+from medlib.chat.red_flags import RedFlagDetector
 from medlib.chat.router import RouteDecision, Router
 
 log = logging.getLogger(__name__)
@@ -27,7 +31,7 @@ StreamFn = Callable[[str], None]
 
 @dataclass
 class Reply:
-    kind: str                       # "medical" | "greeting" | "fallback" | "urgent" | "empty"
+    kind: str                       # "medical" | "greeting" | "fallback" | "urgent" | "support" | "empty"
     text: str                       # everything shown to the user, in order
     answer: str | None = None       # the model's own answer (medical only)
     red_flags: list[str] = field(default_factory=list)
@@ -35,6 +39,8 @@ class Reply:
     route: RouteDecision | None = None
     disclaimer: bool = False
     dropped_turns: int = 0          # history turns left out to fit the context
+    distress: bool = False          # the support message was shown
+    dose_caution: bool = False      # the answer stated a dose, so the caution line was added
 
 
 def fit_history(tokenizer: Any, system_prompt: str, history: Sequence[tuple[str, str]], user_text: str,
@@ -99,10 +105,13 @@ def resolve_system_prompt(recipe: dict[str, Any]) -> str:
 
 class ChatSession:
     def __init__(self, model: Any, tokenizer: Any, router: Router, recipe: dict[str, Any],
-                 system_prompt: str | None = None, notices: Iterable[str] = ()):
+                 red_flags: RedFlagDetector, system_prompt: str | None = None, notices: Iterable[str] = ()):
+        if red_flags is None:  # fail safe: no chat without the red-flag detector
+            raise ValueError("ChatSession needs a RedFlagDetector; it never runs without red-flag detection")
         self.model = model
         self.tokenizer = tokenizer
         self.router = router
+        self.red_flags = red_flags
         self.recipe = recipe
         self.system_prompt = system_prompt or resolve_system_prompt(recipe)
         self.startup_notices = list(notices)
@@ -117,8 +126,12 @@ class ChatSession:
     # ------------------------------------------------------------------ construction
     @classmethod
     def from_profile(cls, profile: str = "local", adapter: str | Path | None = None,
-                     overrides: Iterable[str] = (), router: Router | None = None) -> "ChatSession":
-        """Load the profile's chat recipe, the base model, the adapter and the router.
+                     overrides: Iterable[str] = (), router: Router | None = None,
+                     red_flags: RedFlagDetector | None = None) -> "ChatSession":
+        """Load the profile's chat recipe, the red-flag detector, the base model, the adapter and the router.
+
+        The red-flag detector loads first: if it cannot load, this raises (red_flags.RedFlagError)
+        and no chat starts.
 
         adapter=None uses the recipe's default (the profile's Med-Nirvana run); when that does
         not exist yet a notice says so and the base model runs. An explicit adapter that does not
@@ -129,6 +142,9 @@ class ChatSession:
         from medlib.paths import resolve
 
         recipe = load_recipe(profile, "chat", list(overrides))
+        if red_flags is None:
+            model_dir = (recipe.get("guardrails") or {}).get("red_flag_model")
+            red_flags = RedFlagDetector.load(resolve(model_dir)) if model_dir else RedFlagDetector.load()
         notices = []
         adapter_dir = None
         if adapter is not None:
@@ -148,7 +164,7 @@ class ChatSession:
             r = recipe.get("router") or {}
             router = Router.from_files(r.get("calibration_file") and resolve(r["calibration_file"]),
                                        r.get("reference_file") and resolve(r["reference_file"]))
-        return cls(model, tokenizer, router, recipe, notices=notices)
+        return cls(model, tokenizer, router, recipe, red_flags, notices=notices)
 
     def describe(self) -> str:
         adapter = self.recipe["_meta"].get("adapter_used")
@@ -178,13 +194,21 @@ class ChatSession:
             emit(guardrails.EMPTY_REPLY)
             return Reply("empty", "".join(parts), notices=clean.notices)
 
-        flags = guardrails.detect_red_flags(clean.text)
+        # Red flags first, on every message: an emergency never reaches a greeting, the fallback or
+        # (unless the recipe asks for an answer after the urgent message) the model.
+        assessment = self.red_flags.assess(clean.text)
+        flags = assessment.flags
         route = self.router.route(clean.text)
         if flags:
             emit(guardrails.urgent_message(flags))
             if not (g["answer_after_red_flag"] and route.label == "medical"):
-                return Reply("urgent", "".join(parts), red_flags=[f.category for f in flags],
+                return Reply("urgent", "".join(parts), red_flags=assessment.categories,
                              notices=clean.notices, route=route)
+            emit("\n\n")
+        if assessment.distress:
+            emit(guardrails.SUPPORT_REPLY)
+            if route.label != "medical":
+                return Reply("support", "".join(parts), notices=clean.notices, route=route, distress=True)
             emit("\n\n")
         if route.label == "greeting":
             emit(guardrails.GREETING_REPLY)
@@ -203,11 +227,15 @@ class ChatSession:
         if disclaimer:
             emit(guardrails.DISCLAIMER + "\n\n")
         answer = self.generate(messages, emit)
+        dose_caution = guardrails.mentions_dose(answer)
+        if dose_caution:
+            emit("\n\n" + guardrails.DOSE_CAUTION)
         self.history.append((messages[-1]["content"], answer))
         self.answers_given += 1
         return Reply("urgent" if flags else "medical", "".join(parts), answer=answer,
-                     red_flags=[f.category for f in flags], notices=notices, route=route,
-                     disclaimer=disclaimer, dropped_turns=dropped)
+                     red_flags=assessment.categories, notices=notices, route=route,
+                     disclaimer=disclaimer, dropped_turns=dropped, distress=assessment.distress,
+                     dose_caution=dose_caution)
 
     def build_prompt(self, text: str) -> tuple[str, int]:
         """The exact prompt the model would get for `text` now, and how many turns were dropped."""

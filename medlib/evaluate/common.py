@@ -117,12 +117,15 @@ def cpu_has_fast_bf16() -> bool:
 
 
 def resolve_dtype(name: str | None) -> str:
-    """Eval recipe's model.dtype: auto -> bfloat16 on a GPU or a CPU with native bf16, float32 otherwise."""
-    from medlib.models import cuda_available
+    """Eval recipe's model.dtype: auto -> the GPU's training precision (bfloat16 from compute capability 8.0,
+    float16 below), bfloat16 on a CPU with native bf16, float32 otherwise."""
+    from medlib.models import cuda_available, training_precision
 
     name = name or "auto"
     if name == "auto":
-        return "bfloat16" if cuda_available() or cpu_has_fast_bf16() else "float32"
+        if cuda_available():
+            return {"bf16": "bfloat16", "fp16": "float16"}[training_precision("auto")[0]]
+        return "bfloat16" if cpu_has_fast_bf16() else "float32"
     if name not in ("float32", "bfloat16", "float16"):
         raise ValueError(f"model.dtype {name!r} must be auto, float32, bfloat16 or float16")
     return name

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from medlib.config import get
-from medlib.models import load_hf_model, load_tokenizer
+from medlib.models import load_hf_model, load_tokenizer, torch_dtype_for
 
 log = logging.getLogger(__name__)
 
@@ -30,11 +30,13 @@ def lora_kwargs(recipe: dict[str, Any]) -> dict[str, Any]:
 
 
 def load_for_training(recipe: dict[str, Any], backend: str, model_path: str, continue_adapter: Path | None,
-                      gradient_checkpointing: bool) -> tuple[Any, Any]:
-    """(peft model with trainable LoRA, tokenizer). continue_adapter: keep training that adapter."""
+                      gradient_checkpointing: bool, precision: str = "fp32") -> tuple[Any, Any]:
+    """(peft model with trainable LoRA, tokenizer). continue_adapter: keep training that adapter.
+    precision (medlib.models.training_precision) sets the compute dtype, so the model and the trainer agree."""
+    dtype = torch_dtype_for(precision)
     if backend == "unsloth":
-        return _load_unsloth(recipe, model_path, continue_adapter)
-    return _load_hf(recipe, model_path, continue_adapter, gradient_checkpointing)
+        return _load_unsloth(recipe, model_path, continue_adapter, dtype)
+    return _load_hf(recipe, model_path, continue_adapter, gradient_checkpointing, dtype)
 
 
 def keep_4bit_cpu_numerics(model: Any) -> int:
@@ -53,12 +55,12 @@ def keep_4bit_cpu_numerics(model: Any) -> int:
     return touched
 
 
-def _load_hf(recipe, model_path, continue_adapter, gradient_checkpointing):
+def _load_hf(recipe, model_path, continue_adapter, gradient_checkpointing, dtype):
     from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
 
     tokenizer = load_tokenizer(model_path)
     load_in_4bit = bool(get(recipe, "model.load_in_4bit"))
-    model = load_hf_model(model_path, load_in_4bit=load_in_4bit)
+    model = load_hf_model(model_path, load_in_4bit=load_in_4bit, dtype=dtype)
     if keep_4bit_cpu_numerics(model):
         log.info("bitsandbytes CPU bf16 repacking of NF4 weights disabled: float32 numerics throughout the run")
     if load_in_4bit:
@@ -75,13 +77,13 @@ def _load_hf(recipe, model_path, continue_adapter, gradient_checkpointing):
     return model, tokenizer
 
 
-def _load_unsloth(recipe, model_path, continue_adapter):
+def _load_unsloth(recipe, model_path, continue_adapter, dtype):
     from unsloth import FastLanguageModel  # noqa: only here; needs CUDA
 
     max_seq_length = int(get(recipe, "model.max_seq_length"))
     source = str(continue_adapter) if continue_adapter is not None else model_path
     model, tokenizer = FastLanguageModel.from_pretrained(
-        model_name=source, max_seq_length=max_seq_length, dtype=None,
+        model_name=source, max_seq_length=max_seq_length, dtype=dtype,  # not None: Unsloth's guess trusts emulated bf16
         load_in_4bit=bool(get(recipe, "model.load_in_4bit")),
     )
     if tokenizer.pad_token is None:
