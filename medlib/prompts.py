@@ -8,16 +8,16 @@ from __future__ import annotations
 
 from typing import Any, Mapping, Sequence
 
-# Default system prompt. The paper (Athukoralage & Atapattu, "Multi-Stage QLoRA with Augmented
-# Structured Dialogue Corpora", NeurIPS 2024 workshop) shows its instruction in Figure 2. The
-# verbatim wording could not be checked offline when this file was written, so this is our
-# paraphrase of that instruction's role; set `prompt.system_prompt` in a recipe to use the exact text.
+# Default system prompt: the instruction of the paper's Figure 2 ("The instruction used for supervised
+# fine-tuning in both stages"), verbatim; tests/test_eval.py checks it against the paper's text.
 SYSTEM_PROMPT = (
-    "You are a knowledgeable and caring medical assistant. Answer the patient's or the "
-    "examiner's question accurately and concisely, reason from established medical knowledge, "
-    "and when a question has answer options, reply with the letter of the single best option."
+    "You are a highly knowledgeable medical assistant with expertise in various medical domains. Your primary "
+    "role is to provide accurate, evidence-based medical information and advice. Your responses should be "
+    "grounded in the latest clinical guidelines and research, ensuring reliability and precision. When answering "
+    "questions, consider the context and complexity of the query, and aim to provide the most relevant and "
+    "correct answers."
 )
-SYSTEM_PROMPT_SOURCE = "paraphrase of the instruction in Figure 2 of Athukoralage & Atapattu (2024)"
+SYSTEM_PROMPT_SOURCE = "Figure 2 of Athukoralage & Atapattu (2024), verbatim"
 
 LETTERS = ("A", "B", "C", "D", "E")
 

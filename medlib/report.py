@@ -21,6 +21,49 @@ def _rel(path: Path, root: Path) -> str:
     return os.path.relpath(path, root)
 
 
+ALPHA = 0.05
+
+
+def findings(lay) -> list[str]:
+    """What this run's own numbers support, and what they do not: collapsed answerers, and every paired
+    comparison of Tables 3 and 4 read at the 5% level. Nothing here goes beyond those numbers."""
+    from medlib.evaluate.tables import collect_results
+
+    lines = ["## Findings", "", f"From this run's numbers only; a difference is called significant at p < {ALPHA} "
+             "(McNemar's exact test for accuracy, a sign-flip permutation test for BERTScore), without correction "
+             "for the number of comparisons.", ""]
+    said = 0
+    for r in collect_results(lay.eval, "mcq") if (lay.eval / "mcq").exists() else []:
+        for name, summary in r.get("sets", {}).items():
+            d = summary.get("diagnostics") or {}
+            if d.get("constant"):
+                said += 1
+                lines.append(f"- **{r.get('display_name', r['label'])} answers {d['top_prediction']} to "
+                             f"{100 * d['top_prediction_share']:.0f}% of {name} questions** (gold {d['gold']}): its "
+                             f"{100 * summary['accuracy']:.1f}% there measures a near-constant answer, not knowledge "
+                             f"(the majority-class baseline scores {100 * d['majority_baseline']:.1f}%).")
+    for kind, verb in (("table3_paired.json", "accuracy"), ("table4_paired.json", "BERTScore F1")):
+        path = lay.eval / kind
+        for c in json.loads(path.read_text()) if path.exists() else []:
+            said += 1
+            p = c.get("p_mcnemar", c.get("p_permutation"))
+            where = f" on {c['set']}" if "set" in c else ""
+            scale, unit = (100, " points") if "set" in c else (1, "")
+            diff = f"{scale * c['difference']:+.{1 if scale == 100 else 4}f}{unit} (95% CI {scale * c['ci95'][0]:+.{1 if scale == 100 else 4}f} to {scale * c['ci95'][1]:+.{1 if scale == 100 else 4}f})"
+            if p < ALPHA:
+                lines.append(f"- {c['second']} vs {c['first']}{where}, {verb}: {diff}, p = {p:.3g} (n = {c['n_paired']}): "
+                             "a difference this run supports.")
+            else:
+                lines.append(f"- {c['second']} vs {c['first']}{where}, {verb}: {diff}, p = {p:.3g} (n = {c['n_paired']}): "
+                             "not significant; this run cannot tell the two apart.")
+    if not said:
+        lines.append("- No evaluation results to read yet.")
+    if lay.profile == "local":
+        lines.append("- These describe SmolLM2-135M after a few dozen CPU steps on stand-in data; they are not claims "
+                     "about Med-Nirvana 8B or the paper.")
+    return lines + [""]
+
+
 def write_report(lay) -> Path:
     root = lay.root
     local = lay.profile == "local"
@@ -68,6 +111,7 @@ def write_report(lay) -> Path:
             lines.append(f"|  | fallbacks: {'; '.join(meta['fallbacks'])} | | | | | | | | |")
     lines.append("")
 
+    lines += findings(lay)
     for name, title in (("table3.md", "Table 3"), ("table4.md", "Table 4"), ("samples.md", "Side-by-side answers")):
         path = lay.eval / name
         lines += [f"## {title}", ""]

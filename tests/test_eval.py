@@ -98,12 +98,47 @@ def _fake_result(label, profile="local", accs=(0.3, 0.4, 0.5, 0.6)):
             "average_paper_sets": {"accuracy": sum(accs[:3]) / 3, "ci95": [0.3, 0.5], "sets": ["medqa", "medmcqa", "pubmedqa"]}}
 
 
+def _paper_table(number: int) -> list[list[str]]:
+    """The rows of the paper's Table 3 or 4 as printed in the full text (tab-separated lines after the caption)."""
+    from medlib.paths import default_data_dir
+
+    text = (default_data_dir().parent / "reference" / "paper_med_nirvana_2024.txt").read_text(encoding="utf-8")
+    block = text[text.index(f"Table {number}: "):].split("\n\n")[1]
+    return [line.split("\t") for line in block.splitlines()[1:]]
+
+
+def test_default_system_prompt_is_figure_2_verbatim():
+    from medlib.paths import default_data_dir
+    from medlib.prompts import SYSTEM_PROMPT
+
+    text = (default_data_dir().parent / "reference" / "paper_med_nirvana_2024.txt").read_text(encoding="utf-8")
+    figure2 = text.split("Instruction:\n\n", 1)[1].split("\n\nFigure 2:", 1)[0]
+    assert SYSTEM_PROMPT == figure2
+
+
+def test_reference_numbers_match_the_papers_tables_3_and_4():
+    reference = tables.load_reference()
+    value = lambda cell: None if cell in ("–", "-") else float(cell)  # noqa: E731
+    printed = _paper_table(3)
+    assert len(printed) == len(reference["table3"]["rows"]) == 15
+    for cells, row in zip(printed, reference["table3"]["rows"]):
+        assert row["table"] == 3 and cells[0] == row["model"] and cells[1] == (row["size"] or "–"), cells
+        assert [value(c) for c in cells[2:6]] == [row[k] for k in ("medqa", "medmcqa", "pubmedqa", "average")], cells
+    printed = _paper_table(4)
+    assert len(printed) == len(reference["table4"]["rows"]) == 2
+    for cells, row in zip(printed, reference["table4"]["rows"]):
+        assert row["table"] == 4 and cells[0] == row["model"]
+        assert [float(c) for c in cells[1:4]] == [row["precision"], row["recall"], row["f1"]], cells
+    assert reference["citation"].startswith("Athukoralage, Dasun")
+
+
 def test_table3_every_row_and_column_and_reference_numbers(tmp_path):
     results = [_fake_result("base"), _fake_result("med-mix"), _fake_result("med-nirvana")]
     md, path_csv = tables.write_table3(results, tmp_path)
     rows = list(csv.DictReader(open(path_csv)))
     reference = tables.load_reference()
-    assert [r["model"] for r in rows] == ["Base", "Med-Mix", "Med-Nirvana"] + [r["model"] for r in reference["table3"]["rows"]]
+    assert [r["model"] for r in rows] == ["Base", "Med-Mix", "Med-Nirvana"] + [
+        f"{r['model']} {r['size']}" if r["size"] else r["model"] for r in reference["table3"]["rows"]]
     for key, _ in tables.TABLE3_COLUMNS:
         assert f"{key}_accuracy" in rows[0]
     assert rows[1]["medqa_accuracy"] == "30.0" and rows[1]["medqa_ci95_low"] == "25.0"
@@ -111,10 +146,14 @@ def test_table3_every_row_and_column_and_reference_numbers(tmp_path):
     header = text.splitlines()[2]
     for title in tables.TABLE3_ID_COLUMNS + [t for _, t in tables.TABLE3_COLUMNS]:
         assert title in header
-    # The shipped reference is not transcribed: its rows say so and hold no number.
-    assert reference["table3"]["status"] == "not transcribed"
+    # Every transcribed paper row is in the table, with its numbers, "–" where the paper reports none.
+    assert reference["table3"]["status"] == "transcribed"
     paper_lines = [line for line in text.splitlines() if line.startswith("| paper")]
-    assert len(paper_lines) == len(reference["table3"]["rows"]) and all(tables.NOT_TRANSCRIBED in l for l in paper_lines)
+    assert len(paper_lines) == len(reference["table3"]["rows"]) == 15
+    nirvana = [l for l in paper_lines if "Med-Nirvana (4-bit quantized) 8B" in l][0]
+    assert "| paper (Table 3) |" in nirvana and "53.5" in nirvana and "71.7" in nirvana and "59.3" in nirvana
+    human_pass = [l for l in paper_lines if "Human (pass)" in l][0]
+    assert human_pass.count(tables.NOT_REPORTED) == 2 and "(Table 3, comparison)" in human_pass
 
     # A filled-in reference file renders its numbers.
     filled = yaml.safe_load(tables.REFERENCE_FILE.read_text())
@@ -262,7 +301,8 @@ def test_bertscore_run_writes_table4_and_samples(tmp_path, data_dir, smollm2_dir
     rows = [json.loads(line) for line in open(results["generations_file"])]
     assert len(rows) == 3 and all(r["reference"] and r["query"] for r in rows)
     table = (tmp_path / "table4.md").read_text()
-    assert "| ours | Base | local |" in table and results["bertscore"]["hash"] in table and tables.NOT_TRANSCRIBED in table
+    assert "| ours | Base | local |" in table and results["bertscore"]["hash"] in table
+    assert "0.8644" in table and "not named in the paper" in table  # the paper's Med-Nirvana F1, as transcribed
     samples = (tmp_path / "samples.md").read_text()
     assert samples.count("**Physician (reference):**") == 2 and rows[0]["reference"].splitlines()[0] in samples
 
@@ -282,3 +322,32 @@ def test_loglik_agrees_with_lm_eval(data_dir, smollm2_dir):
     prompts = [encode_prompt(tokenizer, r, SYSTEM_PROMPT, settings.max_length)[0] for r in records]
     theirs, _ = lm_eval_letter_predictions(model, tokenizer, prompts, records, batch_size=4)
     assert [p["prediction"] for p in ours] == theirs
+
+
+# ------------------------------------------------------------------ statistics beside the tables
+def test_mcnemar_exact_matches_a_hand_computed_case():
+    from medlib.evaluate.stats import mcnemar_exact
+
+    # b = 1, c = 6: P(X <= 1) for X ~ Binomial(7, 1/2) is (1 + 7) / 128; two-sided doubles it.
+    assert mcnemar_exact(1, 6) == pytest.approx(16 / 128)
+    assert mcnemar_exact(6, 1) == mcnemar_exact(1, 6)
+    assert mcnemar_exact(0, 0) == 1.0 and mcnemar_exact(5, 5) == 1.0
+    assert mcnemar_exact(0, 10) == pytest.approx(2 / 1024)
+
+
+def test_a_planted_constant_predictor_is_flagged_and_compared():
+    from medlib.evaluate.stats import compare_mcq, letter_diagnostics
+
+    rng = random.Random(0)
+    gold = [rng.choice("ABCD") for _ in range(200)]
+    constant = [{"id": str(i), "answer": g, "prediction": "B", "correct": g == "B", "status": "ok"} for i, g in enumerate(gold)]
+    d = letter_diagnostics(constant)
+    assert d["constant"] and d["top_prediction"] == "B" and d["top_prediction_share"] == 1.0
+    assert d["majority_baseline"] == max(gold.count(x) for x in "ABCD") / 200
+    varied = [dict(r, prediction=g, correct=True) if i % 2 else r for i, (r, g) in enumerate(zip(constant, gold))]
+    assert not letter_diagnostics(varied)["constant"]
+    c = compare_mcq(constant, varied)
+    assert c["n_paired"] == 200 and c["only_first_right"] == 0 and c["p_mcnemar"] < 1e-6
+    assert c["ci95"][0] < c["difference"] < c["ci95"][1] and c["difference"] > 0
+    same = compare_mcq(constant, constant)
+    assert same["difference"] == 0 and same["p_mcnemar"] == 1.0

@@ -65,7 +65,7 @@ def test_tables_hold_the_expected_rows(reproduced):
         assert r["profile"] == "local"
         for key in ("medqa", "medmcqa", "pubmedqa", "mmlu_med"):
             assert 0 <= float(r[f"{key}_accuracy"]) <= 100 and int(r[f"{key}_n"]) == TINY["mcq_limit"]
-    assert sum(r["source"].startswith("paper") for r in rows) == 3
+    assert sum(r["source"].startswith("paper") for r in rows) == 15  # every row of the paper's Table 3
     with open(reproduced.eval / "table4.csv") as f:
         table4 = [r for r in csv.DictReader(f) if r["source"] == "ours"]
     assert [r["model"] for r in table4] == ["Base", "Med-Mix", "Med-Nirvana"]
@@ -88,9 +88,16 @@ def test_loss_figures_have_both_curves(reproduced):
 def test_report_and_chat_transcript(reproduced):
     report = reproduced.report.read_text()
     assert "LOCAL PROFILE — NOT THE PAPER'S RESULTS" in report
-    for section in ("## Data", "## Training", "## Table 3", "## Table 4", "## Figures", "## Chat demo", "## Notebooks"):
+    for section in ("## Data", "## Training", "## Findings", "## Table 3", "## Table 4", "## Figures", "## Chat demo",
+                    "## Notebooks"):
         assert section in report
     assert "figure11_loss_stage1_med_mix.png" in report
+    # every model pair on every set and on the BERTScore queries, read into the findings
+    assert len(json.loads((reproduced.eval / "table3_paired.json").read_text())) == 3 * 4
+    assert len(json.loads((reproduced.eval / "table4_paired.json").read_text())) == 3
+    findings = report.split("## Findings", 1)[1].split("\n## ", 1)[0]
+    assert findings.count("p = ") == 3 * 4 + 3 and "not claims about Med-Nirvana 8B" in findings
+    assert "## Answer-letter diagnostics" in report and "## Paired comparisons" in report
     transcript = json.loads((reproduced.chat / "transcript.json").read_text())
     assert [t["kind"] for t in transcript] == ["greeting", "medical", "urgent", "fallback"]
 

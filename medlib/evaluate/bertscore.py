@@ -14,6 +14,8 @@ import logging
 import time
 from typing import Any, Iterable, Mapping, Sequence
 
+from medlib.prompts import SYSTEM_PROMPT
+
 log = logging.getLogger(__name__)
 
 
@@ -136,7 +138,7 @@ def run_bertscore(profile: str = "local", adapter: Any = None, *, model: str | N
         "model": run.model_name, "adapters": [str(x) for x in chain], "load_in_4bit": run.load_in_4bit, "dtype": common.model_dtype(lm),
         "n": len(rows), "skipped": skipped, "queries_source": "load_chat_eval"
         + (" (local: GenMedGPT-5k hold-out)" if profile == "local" else " (iCliniq)"),
-        "system_prompt_is_default": system_prompt is not None, "generation": gen, "decoding": decoding_text(gen),
+        "system_prompt_is_default": system_prompt == SYSTEM_PROMPT, "generation": gen, "decoding": decoding_text(gen),
         "bertscore": dict(bs, hash=hash_code), "scores": mean,
         "generation_seconds": round(gen_seconds, 2), "seconds": round(time.perf_counter() - started, 2),
         "environment": common.environment(), "recipe": recipe.get("_meta", {}),

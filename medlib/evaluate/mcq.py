@@ -24,7 +24,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
-from medlib.prompts import LETTERS, record_to_messages, render_chat
+from medlib.evaluate.stats import letter_diagnostics
+from medlib.prompts import LETTERS, SYSTEM_PROMPT, record_to_messages, render_chat
 
 log = logging.getLogger(__name__)
 
@@ -359,6 +360,7 @@ def evaluate_records(model: Any, tokenizer: Any, records: Sequence[Mapping[str, 
         "cached_prefix_tokens": cached_prefix_length(prompts, settings.prefix_cache) if settings.method == "loglik" else 0,
         "seconds": round(time.perf_counter() - started, 2),
     }
+    summary["diagnostics"] = letter_diagnostics([predictions[i] for i in scorable])
     if settings.method == "generate":
         summary["n_unparseable"] = n_unparseable
         summary["unparseable_share"] = n_unparseable / len(scorable) if scorable else float("nan")
@@ -417,7 +419,7 @@ def run_mcq(profile: str = "local", adapter: Any = None, *, model: str | None = 
     results: dict[str, Any] = {
         "kind": "mcq", "label": label, "display_name": common.display_name(label), "profile": profile,
         "model": run.model_name, "adapters": [str(p) for p in chain], "load_in_4bit": run.load_in_4bit,
-        "dtype": common.model_dtype(lm), "settings": asdict(settings) | {"system_prompt_is_default": settings.system_prompt is not None},
+        "dtype": common.model_dtype(lm), "settings": asdict(settings) | {"system_prompt_is_default": settings.system_prompt == SYSTEM_PROMPT},
         "limit_per_set": limit, "sample_seed": sample_seed,
         "data_dir": str(folder) if folder else None, "recipe": recipe.get("_meta", {}),
         "environment": common.environment(), "load_seconds": round(load_seconds, 2), "sets": {},

@@ -3,7 +3,8 @@ reference rows from medlib/reference/paper.yaml beside ours.
 
 Our rows are read from the results.json files of an output folder (<out>/mcq/<label>/ and
 <out>/bertscore/<label>/), so evaluating base, Med-Mix and Med-Nirvana one by one fills one table.
-Paper rows print "n/a (not transcribed)" for every figure still null in the reference file.
+Paper rows are every row of the paper's Tables 3 and 4 as transcribed there; "–" (not reported) where
+the paper prints none.
 """
 
 from __future__ import annotations
@@ -16,10 +17,13 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import yaml
 
+from medlib.evaluate import stats
 from medlib.paths import PACKAGE_DIR
 
 REFERENCE_FILE = PACKAGE_DIR / "reference" / "paper.yaml"
 NOT_TRANSCRIBED = "n/a (not transcribed)"
+NOT_REPORTED = "– (not reported)"
+REFERENCE_LABELS = ("model", "size", "table", "own")  # the non-numeric keys of a reference row
 NOT_IN_PAPER = "— (not in paper)"
 NOT_RUN = "not run"
 
@@ -41,7 +45,7 @@ def load_reference(path: str | Path | None = None) -> dict[str, Any]:
             if not isinstance(row, dict) or "model" not in row:
                 raise ValueError(f"{path}: {table}.rows[{i}] must be a mapping with a 'model' key")
             for key, value in row.items():
-                if key != "model" and value is not None and not isinstance(value, (int, float)):
+                if key not in REFERENCE_LABELS and value is not None and not isinstance(value, (int, float)):
                     raise ValueError(f"{path}: {table}.rows[{i}].{key} must be a number or null, not {value!r}")
     return data
 
@@ -66,10 +70,21 @@ def _ours_cell(entry: Mapping[str, Any] | None) -> str:
     return f"{_pct(entry['accuracy'])} ({_pct(lo)}–{_pct(hi)}{n})"
 
 
-def _ref_cell(row: Mapping[str, Any], key: str, scale: str = "{:.1f}") -> str:
+def _ref_cell(row: Mapping[str, Any], key: str, scale: str = "{:.1f}", transcribed: bool = True) -> str:
     if key not in row:
         return NOT_IN_PAPER
-    return NOT_TRANSCRIBED if row[key] is None else scale.format(row[key])
+    if row[key] is None:
+        return NOT_REPORTED if transcribed else NOT_TRANSCRIBED
+    return scale.format(row[key])
+
+
+def _ref_source(row: Mapping[str, Any], table: int) -> str:
+    """The paper's own models, and the comparison models it quotes from others, kept apart."""
+    return f"paper (Table {table})" if row.get("own") else f"paper (Table {table}, comparison)"
+
+
+def _ref_model(row: Mapping[str, Any]) -> str:
+    return f"{row['model']} {row['size']}" if row.get("size") else row["model"]
 
 
 def _adapter_text(result: Mapping[str, Any]) -> str:
@@ -86,7 +101,8 @@ def _markdown(header: Sequence[str], rows: Iterable[Sequence[str]]) -> str:
 def _reference_note(reference: Mapping[str, Any], table: str) -> str:
     status = reference.get(table, {}).get("status", reference.get("status", "unknown"))
     note = (f"Paper rows: figures reported by {reference.get('citation', 'the paper')} ({'Table 3' if table == 'table3' else 'Table 4'}), "
-            f"quoted from medlib/reference/paper.yaml, not reproduced here. Status: {status}.")
+            f"quoted from medlib/reference/paper.yaml, not reproduced here. Status: {status}. "
+            "'comparison' rows are other models whose figures the paper quotes.")
     if status != "transcribed":
         note += (" The paper's text could not be checked offline, so its figures have not been transcribed and"
                  " none are invented; fill in medlib/reference/paper.yaml to show them.")
@@ -94,10 +110,11 @@ def _reference_note(reference: Mapping[str, Any], table: str) -> str:
 
 
 def _write(out_dir: Path, stem: str, header: Sequence[str], md_rows: list[list[str]], csv_header: Sequence[str],
-           csv_rows: list[list[Any]], title: str, notes: Sequence[str]) -> tuple[Path, Path]:
+           csv_rows: list[list[Any]], title: str, notes: Sequence[str], extra: str = "") -> tuple[Path, Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     md = out_dir / f"{stem}.md"
-    md.write_text(f"# {title}\n\n" + _markdown(header, md_rows) + "\n\n" + "\n".join(f"- {n}" for n in notes) + "\n")
+    md.write_text(f"# {title}\n\n" + _markdown(header, md_rows) + "\n\n" + "\n".join(f"- {n}" for n in notes) + "\n"
+                  + (f"\n{extra}\n" if extra else ""))
     path_csv = out_dir / f"{stem}.csv"
     with open(path_csv, "w", newline="") as f:
         writer = csv.writer(f)
@@ -134,12 +151,13 @@ def write_table3(results: Sequence[Mapping[str, Any]] | None = None, out_dir: st
             else:
                 row += [NOT_RUN, "", "", ""]
         csv_rows.append(row)
+    done = reference.get("table3", {}).get("status") == "transcribed"
     for ref in reference.get("table3", {}).get("rows", []):
-        ident = ["paper (Table 3)", ref["model"], "paper", "", "", "as reported", "as reported", ""]
-        md_rows.append(ident + [_ref_cell(ref, k) for k in keys])
+        ident = [_ref_source(ref, 3), _ref_model(ref), "paper", "", "", "as reported", "as reported", ""]
+        md_rows.append(ident + [_ref_cell(ref, k, transcribed=done) for k in keys])
         row = list(ident)
         for k in keys:
-            row += [_ref_cell(ref, k, "{}"), "", "", ""]
+            row += [_ref_cell(ref, k, "{}", done), "", "", ""]
         csv_rows.append(row)
     notes = ["Our cells: accuracy % (95% bootstrap CI, n = questions scored). The average is the unweighted mean of "
              "MedQA, MedMCQA and PubMedQA, with a CI that resamples each set.",
@@ -158,8 +176,9 @@ def write_table3(results: Sequence[Mapping[str, Any]] | None = None, out_dir: st
         if unparse:
             extra.append(f"unparseable replies {unparse}")
         notes.append(f"{r.get('display_name', r['label'])}: " + "; ".join(extra) + ".")
+    extra = _diagnostics_md(results) + "\n\n" + _paired_mcq_md(results, out_dir)
     return _write(out_dir, "table3", header, md_rows, csv_header, csv_rows,
-                  "Table 3 — multiple-choice accuracy", notes)
+                  "Table 3 — multiple-choice accuracy", notes, extra)
 
 
 def write_table4(results: Sequence[Mapping[str, Any]] | None = None, out_dir: str | Path = ".",
@@ -177,10 +196,12 @@ def write_table4(results: Sequence[Mapping[str, Any]] | None = None, out_dir: st
                  f"{r['bertscore']['model_type']} (layer {r['bertscore']['num_layers']})", str(r["n"]), r["decoding"]]
         md_rows.append(ident + [f"{r['scores'][k]:.4f}" for k, _ in TABLE4_METRICS])
         csv_rows.append(ident + [round(r["scores"][k], 6) for k, _ in TABLE4_METRICS] + [r["bertscore"]["hash"]])
+    done = reference.get("table4", {}).get("status") == "transcribed"
     for ref in reference.get("table4", {}).get("rows", []):
-        ident = ["paper (Table 4)", ref["model"], "paper", "", "", "roberta-large (as reported)", "as reported", "best of several samples"]
-        md_rows.append(ident + [_ref_cell(ref, k, "{:.4f}") for k, _ in TABLE4_METRICS])
-        csv_rows.append(ident + [_ref_cell(ref, k, "{}") for k, _ in TABLE4_METRICS] + [""])
+        ident = [_ref_source(ref, 4), _ref_model(ref), "paper", "", "", "not named in the paper", "50 (iCliniq + HealthCareMagic)",
+                 "best of several samples"]
+        md_rows.append(ident + [_ref_cell(ref, k, "{:.4f}", done) for k, _ in TABLE4_METRICS])
+        csv_rows.append(ident + [_ref_cell(ref, k, "{}", done) for k, _ in TABLE4_METRICS] + [""])
     notes = ["BERTScore P/R/F1 (mean over queries) of each model's answer against the physician's answer; "
              "no baseline rescaling unless the hash says `rescaled`."]
     notes += [f"{r.get('display_name', r['label'])}: bert-score hash `{r['bertscore']['hash']}`; generation {json.dumps(r['generation'])}"
@@ -189,7 +210,93 @@ def write_table4(results: Sequence[Mapping[str, Any]] | None = None, out_dir: st
     if any(r["profile"] == "local" for r in results):
         notes.append("Local-profile rows: SmolLM2-135M, the GenMedGPT-5k hold-out as queries and all-MiniLM-L6-v2 as "
                      "the BERTScore model (offline stand-in for roberta-large): not comparable with the paper's figures.")
-    return _write(out_dir, "table4", header, md_rows, csv_header, csv_rows, "Table 4 — BERTScore", notes)
+    return _write(out_dir, "table4", header, md_rows, csv_header, csv_rows, "Table 4 — BERTScore", notes,
+                  _paired_bertscore_md(results, out_dir))
+
+
+def _pairs(results: Sequence[Mapping[str, Any]]) -> list[tuple[Mapping[str, Any], Mapping[str, Any]]]:
+    """Base -> Med-Mix, Med-Mix -> Med-Nirvana, Base -> Med-Nirvana (in row order: each later model against each earlier)."""
+    return [(results[i], results[j]) for i in range(len(results)) for j in range(i + 1, len(results))]
+
+
+def _name(result: Mapping[str, Any]) -> str:
+    return result.get("display_name", result["label"])
+
+
+def _read_jsonl(path: str | Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def _diagnostics_md(results: Sequence[Mapping[str, Any]]) -> str:
+    lines = ["## Answer-letter diagnostics", "",
+             f"Predicted letters beside the gold letters of the scored questions; **constant** marks a model whose "
+             f"most frequent letter takes more than {stats.CONSTANT_SHARE:.0%} of its answers. The majority baseline "
+             "always answers the set's most frequent gold letter.", "",
+             "| Model | Set | Predicted | Gold | Top share | Majority baseline | Accuracy | Flag |", "|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        for name, summary in r.get("sets", {}).items():
+            d = summary.get("diagnostics")
+            if not d:
+                continue
+            fmt = lambda c: ", ".join(f"{k} {v}" for k, v in c.items())  # noqa: E731
+            flag = f"**constant ({d['top_prediction']})**" if d["constant"] else ""
+            lines.append(f"| {_name(r)} | {name} | {fmt(d['predicted'])} | {fmt(d['gold'])} | "
+                         f"{_pct(d['top_prediction_share'])}% {d['top_prediction']} | {_pct(d['majority_baseline'])}% "
+                         f"({d['majority_letter']}) | {_pct(summary.get('accuracy'))}% | {flag} |")
+    return "\n".join(lines)
+
+
+def paired_mcq(results: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """Every model pair on every set both were scored on, from their per-question prediction files."""
+    out = []
+    for first, second in _pairs(results):
+        for name in sorted(set(first.get("sets", {})) & set(second.get("sets", {}))):
+            files = [r["sets"][name].get("predictions_file") for r in (first, second)]
+            if not all(f and Path(f).exists() for f in files):
+                continue
+            out.append({"first": _name(first), "second": _name(second), "set": name,
+                        **stats.compare_mcq(_read_jsonl(files[0]), _read_jsonl(files[1]))})
+    return out
+
+
+def _paired_mcq_md(results: Sequence[Mapping[str, Any]], out_dir: Path) -> str:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rows = paired_mcq(results)
+    (out_dir / "table3_paired.json").write_text(json.dumps(rows, indent=1))
+    lines = ["## Paired comparisons", "",
+             "Second model minus first, on the same questions: accuracy difference in points with a paired-bootstrap "
+             "95% CI, the discordant questions, and McNemar's exact two-sided p.", "",
+             "| First | Second | Set | n | Difference (points) | 95% CI | Only first right | Only second right | p (McNemar) |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for c in rows:
+        lines.append(f"| {c['first']} | {c['second']} | {c['set']} | {c['n_paired']} | {100 * c['difference']:+.1f} | "
+                     f"{100 * c['ci95'][0]:+.1f} to {100 * c['ci95'][1]:+.1f} | {c['only_first_right']} | "
+                     f"{c['only_second_right']} | {c['p_mcnemar']:.3g} |")
+    return "\n".join(lines)
+
+
+def paired_bertscore(results: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    out = []
+    for first, second in _pairs(results):
+        files = [r.get("generations_file") for r in (first, second)]
+        if all(f and Path(f).exists() for f in files):
+            out.append({"first": _name(first), "second": _name(second),
+                        **stats.compare_bertscore(_read_jsonl(files[0]), _read_jsonl(files[1]))})
+    return out
+
+
+def _paired_bertscore_md(results: Sequence[Mapping[str, Any]], out_dir: Path) -> str:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rows = paired_bertscore(results)
+    (out_dir / "table4_paired.json").write_text(json.dumps(rows, indent=1))
+    lines = ["## Paired comparisons", "",
+             "Second model minus first, BERTScore F1 on the same queries: mean difference with a paired-bootstrap 95% CI "
+             "and a two-sided sign-flip permutation p.", "",
+             "| First | Second | n | F1 first | F1 second | Difference | 95% CI | p (permutation) |", "|---|---|---|---|---|---|---|---|"]
+    for c in rows:
+        lines.append(f"| {c['first']} | {c['second']} | {c['n_paired']} | {c['f1_first']:.4f} | {c['f1_second']:.4f} | "
+                     f"{c['difference']:+.4f} | {c['ci95'][0]:+.4f} to {c['ci95'][1]:+.4f} | {c['p_permutation']:.3g} |")
+    return "\n".join(lines)
 
 
 def write_samples(results: Sequence[Mapping[str, Any]] | None = None, out_dir: str | Path = ".", k: int = 5) -> Path:

@@ -1,0 +1,79 @@
+"""Statistics beside the tables: answer-letter diagnostics, paired comparisons between models on the
+same questions (McNemar's exact test and a paired bootstrap) and on the same queries (BERTScore)."""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+from math import comb
+from typing import Any, Mapping, Sequence
+
+CONSTANT_SHARE = 0.8  # one letter taking more than this share of the predictions is flagged
+
+
+def mcnemar_exact(b: int, c: int) -> float:
+    """Two-sided exact McNemar p-value from the discordant pairs: b = only the first model right,
+    c = only the second right. Under the null each discordant pair is a fair coin."""
+    n = b + c
+    if n == 0:
+        return 1.0
+    tail = sum(comb(n, k) for k in range(min(b, c) + 1)) / 2 ** n
+    return min(1.0, 2 * tail)
+
+
+def paired_bootstrap(differences: Sequence[float], samples: int = 1000, seed: int = 3407) -> tuple[float, float, float]:
+    """(mean difference, 95% CI low, high), resampling the paired items."""
+    n = len(differences)
+    if n == 0:
+        return float("nan"), float("nan"), float("nan")
+    rng = random.Random(seed)
+    means = sorted(sum(differences[rng.randrange(n)] for _ in range(n)) / n for _ in range(samples))
+    return sum(differences) / n, means[int(0.025 * samples)], means[min(samples - 1, int(0.975 * samples))]
+
+
+def letter_diagnostics(rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """Predicted vs gold letters of the scored questions, the majority-class baseline, and a flag when
+    one letter takes more than CONSTANT_SHARE of the predictions (a collapsed, near-constant answerer)."""
+    predicted = Counter(str(r.get("prediction")) if r.get("prediction") is not None else "none" for r in rows)
+    gold = Counter(str(r.get("answer")) for r in rows)
+    n = len(rows)
+    top, top_n = predicted.most_common(1)[0] if predicted else ("none", 0)
+    majority, majority_n = gold.most_common(1)[0] if gold else ("none", 0)
+    return {"n": n, "predicted": dict(sorted(predicted.items())), "gold": dict(sorted(gold.items())),
+            "top_prediction": top, "top_prediction_share": top_n / n if n else float("nan"),
+            "constant": bool(n) and top_n / n > CONSTANT_SHARE,
+            "majority_letter": majority, "majority_baseline": majority_n / n if n else float("nan")}
+
+
+def compare_mcq(first: Sequence[Mapping[str, Any]], second: Sequence[Mapping[str, Any]],
+                samples: int = 1000, seed: int = 3407) -> dict[str, Any]:
+    """Two models' per-question rows of one set, paired by question id (scored by both):
+    accuracies, second minus first with a paired-bootstrap CI, and McNemar's exact p."""
+    scored = lambda rows: {r["id"]: bool(r["correct"]) for r in rows if not str(r.get("status", "ok")).startswith("bad")}  # noqa: E731
+    a, b = scored(first), scored(second)
+    ids = sorted(set(a) & set(b))
+    only_first = sum(1 for i in ids if a[i] and not b[i])
+    only_second = sum(1 for i in ids if b[i] and not a[i])
+    diff, lo, hi = paired_bootstrap([float(b[i]) - float(a[i]) for i in ids], samples, seed)
+    return {"n_paired": len(ids), "accuracy_first": sum(a[i] for i in ids) / len(ids) if ids else float("nan"),
+            "accuracy_second": sum(b[i] for i in ids) / len(ids) if ids else float("nan"),
+            "difference": diff, "ci95": [lo, hi], "only_first_right": only_first, "only_second_right": only_second,
+            "p_mcnemar": mcnemar_exact(only_first, only_second)}
+
+
+def compare_bertscore(first: Sequence[Mapping[str, Any]], second: Sequence[Mapping[str, Any]],
+                      samples: int = 1000, seed: int = 3407) -> dict[str, Any]:
+    """Two models' per-query BERTScore F1, paired by query id: second minus first, paired-bootstrap CI
+    and a two-sided sign-flip permutation p-value (exact over the bootstrap's resolution)."""
+    key = lambda r: str(r.get("id", r.get("query")))  # noqa: E731
+    a = {key(r): float(r["f1"]) for r in first}
+    b = {key(r): float(r["f1"]) for r in second}
+    ids = sorted(set(a) & set(b))
+    d = [b[i] - a[i] for i in ids]
+    diff, lo, hi = paired_bootstrap(d, samples, seed)
+    rng = random.Random(seed)
+    observed = abs(sum(d))
+    extreme = sum(1 for _ in range(samples) if abs(sum(x if rng.random() < 0.5 else -x for x in d)) >= observed - 1e-12)
+    return {"n_paired": len(ids), "f1_first": sum(a[i] for i in ids) / len(ids) if ids else float("nan"),
+            "f1_second": sum(b[i] for i in ids) / len(ids) if ids else float("nan"),
+            "difference": diff, "ci95": [lo, hi], "p_permutation": (extreme + 1) / (samples + 1) if ids else 1.0}
