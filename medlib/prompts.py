@@ -6,7 +6,7 @@ so the model always sees the prompt it was trained on.
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 # Default system prompt: the instruction of the paper's Figure 2 ("The instruction used for supervised
 # fine-tuning in both stages"), verbatim; tests/test_eval.py checks it against the paper's text.
@@ -101,6 +101,35 @@ def record_to_messages(
     if not with_answer and turns and turns[-1]["role"] == "assistant":
         turns = turns[:-1]
     return messages + turns
+
+
+TRUNCATION_MARK = "[...] "
+
+
+def fit_mcq_record(tokenizer: Any, record: Mapping[str, Any], n_tokens: Callable[[Mapping[str, Any]], int],
+                   max_length: int) -> tuple[Mapping[str, Any], str | None]:
+    """The record cut to fit max_length tokens as `n_tokens` counts them, and what was cut (None,
+    "context" or "question"). Used for training (the whole conversation) and evaluation (the prompt).
+
+    The context (PubMedQA's abstract) loses its start, so the system prompt, the question, the options,
+    the answer and the end of the abstract (its results) stay. A record without context that is still
+    too long (a rare long MedQA vignette) loses the start of its question instead. ValueError when even
+    that cannot make it fit.
+    """
+    total = n_tokens(record)
+    if total <= max_length:
+        return record, None
+    field = "context" if record.get("context") else "question"
+    text_ids = tokenizer(record[field], add_special_tokens=False)["input_ids"]
+    overflow = total - max_length
+    for margin in (8, 32, 128):  # re-tokenising at the cut can shift a few tokens
+        keep = len(text_ids) - overflow - margin
+        if keep <= 0:
+            break
+        cut = dict(record, **{field: TRUNCATION_MARK + tokenizer.decode(text_ids[len(text_ids) - keep:]).lstrip()})
+        if n_tokens(cut) <= max_length:
+            return cut, field
+    raise ValueError(f"does not fit max_length {max_length} tokens even with its {field} cut")
 
 
 def render_chat(tokenizer: Any, messages: Sequence[Mapping[str, str]], add_generation_prompt: bool = False) -> str:

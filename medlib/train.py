@@ -345,6 +345,9 @@ def train(recipe: dict[str, Any], out_dir: str | os.PathLike | None = None,
     train_rows, train_report = tokenize_records(tokenizer, train_records, max_len, system_prompt, target_style)
     eval_rows, eval_report = tokenize_records(tokenizer, eval_records, max_len, system_prompt, target_style)
     for split, rep in (("train", train_report), ("validation", eval_report)):
+        if rep.cut_to_fit:
+            log.info("%s: cut to fit %d tokens, answer kept: %s", split, max_len,
+                     ", ".join(f"{n} by the start of their {what}" for what, n in rep.cut_to_fit.items()))
         if rep.truncated or rep.dropped_no_target:
             log.warning("%s: %d records longer than %d tokens were truncated; %d lost their whole answer and "
                         "were dropped (ids in run_metadata.json)", split, rep.truncated, max_len,

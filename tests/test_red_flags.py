@@ -192,6 +192,8 @@ def test_distress_gets_support_not_greeting_or_fallback(session, monkeypatch):
         assert reply.kind in ("support", "medical", "urgent"), text
         assert guardrails.GREETING_REPLY not in reply.text and guardrails.FALLBACK_REPLY not in reply.text
         assert reply.kind == "urgent" or guardrails.SUPPORT_REPLY in reply.text
+        # flagged or not, a distressed person is pointed to people who can help, never to an unrelated action
+        assert "988" in reply.text and "stroke" not in reply.text and "poison" not in reply.text
 
 
 def test_dose_in_an_answer_adds_the_caution(session, monkeypatch):

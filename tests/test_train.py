@@ -167,6 +167,27 @@ def test_truncation_that_cuts_the_answer_drops_and_reports(tokenizer, mcq_record
     assert report.dropped_no_target == [r["id"] for r in mcq_records[:3]]
 
 
+def test_long_mcq_records_lose_context_not_their_answer(tokenizer, data_dir):
+    from medlib.data.loaders import load_source
+    from medlib.prompts import TRUNCATION_MARK, record_to_messages
+    from medlib.training.tokenize import tokenize_records
+
+    records = load_source("pubmedqa", "pqa_labeled", data_dir).records[:12]  # abstracts of 250-600 tokens
+    max_len = 192
+    rows, report = tokenize_records(tokenizer, records, max_seq_length=max_len)
+    assert report.dropped_no_target == [] and report.kept == len(records) == len(rows)  # nothing dropped
+    assert report.cut_to_fit.get("context", 0) >= 6 and report.truncated == 0
+    assert report.as_dict()["cut_to_fit"] == report.cut_to_fit
+    for row, record in zip(rows, records):
+        assert len(row["input_ids"]) <= max_len and sum(row["assistant_masks"]) >= 1
+        text = tokenizer.decode(row["input_ids"])
+        assert record["question"].strip() in text and "C. maybe" in text  # question and options kept
+        answer = record_to_messages(record)[-1]["content"]
+        assert tokenizer.decode([t for t, m in zip(row["input_ids"], row["assistant_masks"]) if m]).startswith(answer)
+        if TRUNCATION_MARK in text:  # the cut context keeps its end (the results)
+            assert record["context"].strip()[-40:] in text
+
+
 # ----------------------------------------------------------------------------------------- stage 1
 
 

@@ -250,6 +250,10 @@ class RedFlagDetector:
         affirmed = self._affirmed(text, seg_probs) if p_urgent >= self.threshold else None
         if affirmed is not None:
             category = max(CATEGORIES, key=lambda c: affirmed[c])
+            if affirmed["distress"] > urgent_probability(affirmed):
+                # flagged at a recall-first threshold, but mostly distress: the crisis line is the action that
+                # fits (never, say, "signs of a stroke" for "I feel so lonely")
+                category = "suicide_self_harm"
             if category not in [f.category for f in flags]:
                 flags.append(guardrails.RedFlag(category, [f"classifier p={urgent_probability(affirmed):.2f}"]))
         best = affirmed or max(seg_probs, key=urgent_probability)

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
 from medlib.evaluate.stats import letter_diagnostics
-from medlib.prompts import LETTERS, SYSTEM_PROMPT, record_to_messages, render_chat
+from medlib.prompts import LETTERS, SYSTEM_PROMPT, fit_mcq_record, record_to_messages, render_chat
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +33,6 @@ METHODS = ("loglik", "generate")
 PAPER_SETS = ("medqa", "medmcqa", "pubmedqa")  # the paper's Table 3 columns; mmlu_med is our extra
 SET_TITLES = {"medqa": "MedQA", "medmcqa": "MedMCQA", "pubmedqa": "PubMedQA", "pubmedqa_test": "PubMedQA (test 500)",
               "mmlu_med": "MMLU-med"}
-TRUNCATION_MARK = "[...] "
 
 
 @dataclass
@@ -78,27 +77,14 @@ def _render(tokenizer: Any, record: Mapping[str, Any], system_prompt: str | None
 
 def encode_prompt(tokenizer: Any, record: Mapping[str, Any], system_prompt: str | None,
                   max_length: int) -> tuple[list[int], str | None]:
-    """Prompt token ids and what was cut to fit max_length (None, "context" or "question").
-
-    The context (PubMedQA's abstract) is cut from its start, so the system prompt, the question,
-    the options and the end of the abstract (its results) stay. A prompt without context that is
-    still too long (a rare long MedQA vignette) loses the start of its question instead.
-    """
-    ids = tokenizer(_render(tokenizer, record, system_prompt), add_special_tokens=False)["input_ids"]
-    if len(ids) <= max_length:
-        return ids, None
-    field = "context" if record.get("context") else "question"
-    text_ids = tokenizer(record[field], add_special_tokens=False)["input_ids"]
-    overflow = len(ids) - max_length
-    for margin in (8, 32, 128):  # re-tokenising at the cut can shift a few tokens
-        keep = len(text_ids) - overflow - margin
-        if keep <= 0:
-            break
-        cut = dict(record, **{field: TRUNCATION_MARK + tokenizer.decode(text_ids[len(text_ids) - keep:]).lstrip()})
-        ids = tokenizer(_render(tokenizer, cut, system_prompt), add_special_tokens=False)["input_ids"]
-        if len(ids) <= max_length:
-            return ids, field
-    raise ValueError(f"prompt does not fit max_length {max_length} tokens even with its {field} cut")
+    """Prompt token ids and what was cut to fit max_length (None, "context" or "question"), by the
+    same rule as training (medlib.prompts.fit_mcq_record)."""
+    encode = lambda r: tokenizer(_render(tokenizer, r, system_prompt), add_special_tokens=False)["input_ids"]  # noqa: E731
+    try:
+        fitted, cut = fit_mcq_record(tokenizer, record, lambda r: len(encode(r)), max_length)
+    except ValueError as exc:
+        raise ValueError(f"prompt {exc}") from None
+    return encode(fitted), cut
 
 
 def letter_token_ids(tokenizer: Any, system_prompt: str | None = None) -> dict[str, int]:

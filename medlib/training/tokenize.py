@@ -16,7 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping
 
-from medlib.prompts import SYSTEM_PROMPT, record_to_messages, render_chat
+from medlib.prompts import SYSTEM_PROMPT, fit_mcq_record, is_mcq, record_to_messages, render_chat
 
 
 class TemplateError(ValueError):
@@ -59,6 +59,7 @@ class TokenizeReport:
 
     records: int = 0
     kept: int = 0
+    cut_to_fit: dict[str, int] = field(default_factory=dict)  # MCQ records whose context (or question) start was cut
     truncated: int = 0
     dropped_no_target: list[str] = field(default_factory=list)  # ids whose answer was cut off by truncation
     tokens: int = 0
@@ -66,7 +67,8 @@ class TokenizeReport:
 
     def as_dict(self) -> dict[str, Any]:
         return {
-            "records": self.records, "kept": self.kept, "truncated": self.truncated,
+            "records": self.records, "kept": self.kept, "cut_to_fit": dict(self.cut_to_fit),
+            "truncated": self.truncated,
             "dropped_no_target_after_truncation": len(self.dropped_no_target),
             "dropped_ids_first_20": self.dropped_no_target[:20],
             "tokens": self.tokens, "target_tokens": self.target_tokens,
@@ -80,17 +82,28 @@ def tokenize_records(
     system_prompt: str | None = SYSTEM_PROMPT,
     target_style: str = "letter",
 ) -> tuple[list[dict[str, list[int]]], TokenizeReport]:
-    """Tokenise MCQ / dialogue records, truncating to max_seq_length (keep the start).
+    """Tokenise MCQ / dialogue records to at most max_seq_length tokens.
 
-    A record whose every assistant token falls beyond max_seq_length cannot train anything; it is
-    dropped and counted (ids listed in the report), never silently.
+    An MCQ record that is too long loses the start of its context (PubMedQA's abstract), or of its
+    question when it has none, so the question, the options and the answer are kept
+    (medlib.prompts.fit_mcq_record, the rule evaluation uses too); the report counts the cuts. Other
+    records keep their start. A record that still has no assistant token within max_seq_length cannot
+    train anything; it is dropped and counted (ids listed in the report), never silently.
     """
     rows: list[dict[str, list[int]]] = []
     report = TokenizeReport()
+    encode = lambda r: tokenize_messages(tokenizer, record_to_messages(  # noqa: E731
+        r, system_prompt=system_prompt, target_style=target_style))
     for record in records:
         report.records += 1
-        messages = record_to_messages(record, system_prompt=system_prompt, target_style=target_style)
-        row = tokenize_messages(tokenizer, messages)
+        if is_mcq(record):
+            try:
+                record, cut = fit_mcq_record(tokenizer, record, lambda r: len(encode(r)["input_ids"]), max_seq_length)
+            except ValueError:
+                cut = None  # cannot fit even cut: truncated below, and dropped if the answer is lost
+            if cut:
+                report.cut_to_fit[cut] = report.cut_to_fit.get(cut, 0) + 1
+        row = encode(record)
         if len(row["input_ids"]) > max_seq_length:
             report.truncated += 1
             row = {k: v[:max_seq_length] for k, v in row.items()}
