@@ -148,8 +148,9 @@ def _negated(clause: str, start: int) -> bool:
 
 def strip_negated(text: str) -> str:
     """The message without its negated red-flag mentions (from the negator to the end of the mention):
-    "I am not suicidal, just tired" -> "I am , just tired". What is left is what the message affirms."""
-    kept = []
+    "I am not suicidal, just tired" -> "I am , just tired". What is left is what the message affirms.
+    A message with no negated mention comes back unchanged (the same string)."""
+    kept, negated = [], False
     for clause in _clauses(text):
         spans = []
         for alternatives in RED_FLAG_PATTERNS.values():
@@ -161,8 +162,9 @@ def strip_negated(text: str) -> str:
                             spans.append((negator, m.end() + len(re.match(r"\w*", clause[m.end():]).group())))
         for a, b in sorted(spans, reverse=True):
             clause = clause[:a] + " " + clause[b:]
+        negated = negated or bool(spans)
         kept.append(" ".join(clause.split()))
-    return ". ".join(c for c in kept if c)
+    return ". ".join(c for c in kept if c) if negated else text
 
 
 def _unnegated_match(pattern: re.Pattern[str], clauses: list[str]) -> str | None:

@@ -237,7 +237,7 @@ class RedFlagDetector:
         red-flag mention ("I am not suicidal", "no chest pain") it is scored again with those mentions
         taken out (guardrails.strip_negated), and only what is left can raise a flag."""
         affirmed = guardrails.strip_negated(text)
-        if affirmed != " ".join(text.split()):
+        if affirmed is not text:  # only a message with a negated mention is read again
             if not re.search(r"[^\W\d_]{3}", affirmed):
                 return None
             seg_probs = self.classifier.probabilities(segments(affirmed))
