@@ -15,7 +15,7 @@ PRESET ?=
 # pip on these machines warns about every missing local index; keep the log readable.
 QUIET := grep -v "^WARNING: Location" || true
 
-.PHONY: install install-gpu check-gpu reproduce test data bench clean-outputs
+.PHONY: install install-gpu check-gpu browser reproduce test serve data bench clean-outputs
 
 $(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -51,8 +51,18 @@ reproduce: install-gpu
 	$(GPU_VENV)/bin/medlib reproduce --profile $(PROFILE) $(if $(PRESET),-p preset=$(PRESET) --out outputs/$(PROFILE)-$(PRESET))
 endif
 
-test: install
+# The serve tests drive the chat page in Debian's headless Chromium (never a browser build of its own).
+browser:
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || { \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium chromium-driver >/dev/null; \
+	  else echo "the browser tests need Debian's chromium and chromium-driver: sudo apt-get install chromium chromium-driver" >&2; exit 1; fi; }
+
+test: install browser
 	$(BIN)/python -m pytest -q -p no:cacheprovider --durations=15
+
+# The chat page + OpenAI-compatible API on http://127.0.0.1:8000/ (set MEDLIB_API_KEY to require a key).
+serve: install
+	$(BIN)/medlib serve --profile $(PROFILE)
 
 data: install
 	$(BIN)/medlib data build --profile $(PROFILE) --stage 1

@@ -16,6 +16,7 @@ COMMAND_MODULES = {
     "train": "medlib.train",
     "eval": "medlib.evaluate.cli",
     "chat": "medlib.chat.cli",
+    "serve": "medlib.chat.serve",
     "reproduce": "medlib.reproduce",
 }
 

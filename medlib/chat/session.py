@@ -15,6 +15,7 @@ that states a dose or regimen ends with a caution to check it with a pharmacist 
 
 from __future__ import annotations
 
+import copy
 import logging
 import threading
 from dataclasses import dataclass, field
@@ -170,6 +171,20 @@ class ChatSession:
         adapter = self.recipe["_meta"].get("adapter_used")
         return (f"profile {self.recipe['profile']}, model {self.recipe['model']['name']}, "
                 f"adapter {adapter or 'none (base model)'}, temperature {self.temperature}")
+
+    def fork(self, history: Sequence[tuple[str, str]] = (), answers_given: int = 0,
+             temperature: float | None = None, max_new_tokens: int | None = None) -> "ChatSession":
+        """A session sharing this one's model, tokenizer, router and red-flag detector, with its own
+        history: one per API request or browser conversation. max_new_tokens can only lower the
+        recipe's limit."""
+        twin = copy.copy(self)
+        twin.history = list(history)
+        twin.answers_given = answers_given
+        if temperature is not None:
+            twin.temperature = float(temperature)
+        if max_new_tokens is not None:
+            twin.max_new_tokens = min(int(max_new_tokens), self.max_new_tokens)
+        return twin
 
     def reset(self) -> None:
         self.history.clear()
