@@ -17,6 +17,7 @@ COMMAND_MODULES = {
     "eval": "medlib.evaluate.cli",
     "chat": "medlib.chat.cli",
     "serve": "medlib.chat.serve",
+    "export": "medlib.export",
     "reproduce": "medlib.reproduce",
 }
 
@@ -39,7 +40,9 @@ def user_errors() -> tuple[type[BaseException], ...]:
     from medlib.config import RecipeError
     from medlib.models import ModelNotFoundError
 
-    errors: list[type[BaseException]] = [CLIError, RecipeError, ModelNotFoundError, FileNotFoundError]
+    from medlib.export import ExportError
+
+    errors: list[type[BaseException]] = [CLIError, RecipeError, ModelNotFoundError, FileNotFoundError, ExportError]
     try:
         from medlib.data.validate import DataError
 

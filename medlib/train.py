@@ -3,6 +3,7 @@
     medlib train --stage 1 --profile local
     medlib train --stage 2 --profile local --from outputs/local/med-mix
     medlib train --stage 1 --profile paper --set training.max_steps=200 --resume
+    medlib train --recipe chatdoctor --profile local     # any recipe in medlib/recipes/<profile>/
 
 Python (notebooks):  run_dir = medlib.train.train(medlib.train.load_recipe_for(1, "local"))
 
@@ -18,7 +19,9 @@ Stage 2 `init: merge` (default) folds the stage-1 adapter into the base and trai
 stage 2 then gets the full rank-16 capacity for dialogue while the MCQ knowledge sits in the
 (frozen) weights, exactly as the paper continues from the Med-Mix model; the result is shipped as
 one adapter on the original base (see medlib/training/adapters.py). `init: continue` keeps training
-the stage-1 adapter instead (one rank-16 adapter shared by both stages).
+the stage-1 adapter instead (one rank-16 adapter shared by both stages). `init: base` trains one
+dialogue stage straight from the base model, with no stage 1: the seeds' single-stage chatbots
+(recipes `chatdoctor` and `llama3_chatbot`).
 
 Outputs, in outputs/<run>/ (recipe `output_dir`, or --out):
   adapter_model.safetensors + adapter_config.json + tokenizer files   the model (load with peft)
@@ -48,7 +51,7 @@ from medlib.paths import resolve
 log = logging.getLogger(__name__)
 
 STAGES = (1, 2)
-INIT_MODES = ("merge", "continue")
+INIT_MODES = ("merge", "continue", "base")  # base: one stage from the base model (the seeds' chatbots)
 LOG_COLUMNS = ("step", "epoch", "loss", "eval_loss", "learning_rate")
 MIXTURE_FILES = ("train.jsonl", "validation.jsonl", "manifest.json")
 
@@ -279,7 +282,7 @@ def train(recipe: dict[str, Any], out_dir: str | os.PathLike | None = None,
     if not resume and not overwrite and (last_checkpoint or (run_dir / "adapter_config.json").exists()):
         raise TrainError(f"{run_dir} already holds a run; use --resume to continue it, --overwrite to replace it, "
                          "or --out for a new folder")
-    stage1 = _stage1_dir(recipe, from_dir) if stage == 2 else None
+    stage1 = _stage1_dir(recipe, from_dir) if stage == 2 and get(recipe, "init") != "base" else None
     base_model = get(recipe, "model.name")
     if stage1 is not None and _stage1_base(stage1) != base_model:
         raise TrainError(f"stage-1 run {stage1} was trained on {_stage1_base(stage1)!r}, "
@@ -326,7 +329,7 @@ def train(recipe: dict[str, Any], out_dir: str | os.PathLike | None = None,
         if not (Path(train_from) / "config.json").exists():
             log.info("merging the stage-1 adapter %s into %s", stage1, base_model)
             merge_adapter_into_base(base_path, stage1, Path(train_from), backend)
-    elif stage == 2:
+    elif stage == 2 and init == "continue":
         continue_adapter = stage1
 
     from medlib.training.backends import load_for_training
@@ -387,6 +390,8 @@ def train(recipe: dict[str, Any], out_dir: str | os.PathLike | None = None,
         "from_stage1_adapter_sha256": _sha256(stage1 / "adapter_model.safetensors") if stage1 else None, "seed": seed,
         "data": {**manifest, "train": train_report.as_dict(), "validation": eval_report.as_dict()},
         "precision": precision,
+        # What a chat or export of this run must use: the prompt it was trained with, its chat template.
+        "system_prompt": system_prompt, "chat_template": getattr(tokenizer, "chat_template", None),
         "training_args": {k: settings[k] for k in ("optim", "bf16", "fp16", "gradient_checkpointing", "packing",
                                                    "padding_free", "max_steps", "max_length")},
         "libraries": library_versions(), "device": _device_name(),
@@ -493,7 +498,7 @@ def _changed_since(recipe: dict[str, Any], run_dir: Path, meta: dict[str, Any]) 
     manifest = resolve(get(recipe, "data.mixture_dir")) / "manifest.json"
     if manifest.exists() and json.loads(manifest.read_text()).get("content_hash") != meta.get("data", {}).get("content_hash"):
         changed.append("the mixture's content")
-    if recipe.get("stage") == 2:
+    if recipe.get("stage") == 2 and recipe.get("init") != "base":
         adapter = resolve(get(recipe, "from_stage1")) / "adapter_model.safetensors"
         if adapter.exists() and _sha256(adapter) != meta.get("from_stage1_adapter_sha256"):
             changed.append("the stage-1 run")
@@ -562,7 +567,10 @@ def register(subparsers) -> None:
 
     parser = subparsers.add_parser("train", help="two-stage QLoRA training (stage 1 Med-Mix, stage 2 Med-Nirvana)",
                                    description=__doc__.split("\n\n")[0])
-    parser.add_argument("--stage", type=int, choices=STAGES, required=True)
+    which = parser.add_mutually_exclusive_group(required=True)
+    which.add_argument("--stage", type=int, choices=STAGES, help="the profile's stage1.yaml or stage2.yaml")
+    which.add_argument("--recipe", default=None, metavar="NAME",
+                       help="another recipe of the profile, e.g. chatdoctor or llama3_chatbot (single-stage)")
     add_common_args(parser)
     parser.add_argument("--from", dest="from_dir", default=None,
                         help="stage-1 run folder for stage 2 (default: the recipe's from_stage1)")
@@ -579,7 +587,11 @@ def main(args) -> int:
     overrides = list(args.overrides)
     if args.data_dir:
         overrides.append(f"data.data_dir={args.data_dir}")
-    recipe = load_recipe_for(args.stage, args.profile, overrides)
+    if args.recipe:
+        recipe = config.load_recipe(args.profile, args.recipe, overrides)
+        _check_recipe(recipe)
+    else:
+        recipe = load_recipe_for(args.stage, args.profile, overrides)
     if args.push_to_hub and not os.environ.get("HF_TOKEN"):
         raise CLIError("--push-to-hub needs a token in the HF_TOKEN environment variable (checked before training)")
     try:

@@ -88,6 +88,33 @@ def find_adapter(path: str | Path) -> Path | None:
     return None
 
 
+def trained_with(adapter_dir: Path) -> dict[str, Any]:
+    """What a medlib run recorded about itself (run_metadata.json next to or above the adapter):
+    base_model and system_prompt, when present. {} for an adapter from elsewhere."""
+    import json
+
+    for folder in (adapter_dir, adapter_dir.parent):
+        meta = folder / "run_metadata.json"
+        if meta.exists():
+            found = json.loads(meta.read_text())
+            return {k: found[k] for k in ("base_model", "system_prompt", "run_name") if found.get(k)}
+    return {}
+
+
+def model_and_prompt(recipe: dict[str, Any], adapter_dir: Path | None) -> tuple[str, str, str | None]:
+    """(base model, system prompt, notice) for a chat recipe and an adapter. The run folder says what
+    the adapter was trained on and with which prompt (the seeds' single-stage chatbots use another
+    base model or instruction than the profile's Med-Nirvana); the chat recipe's own prompt wins."""
+    run = trained_with(adapter_dir) if adapter_dir else {}
+    base_model, notice = recipe["model"]["name"], None
+    if run.get("base_model") and run["base_model"] != base_model:
+        notice = (f"The adapter was trained on {run['base_model']}: loading that base model "
+                  f"instead of the chat recipe's {base_model}.")
+        base_model = run["base_model"]
+    prompt = (recipe.get("prompt") or {}).get("system_prompt") or run.get("system_prompt") or resolve_system_prompt(recipe)
+    return base_model, prompt, notice
+
+
 def resolve_system_prompt(recipe: dict[str, Any]) -> str:
     """The chat recipe's prompt.system_prompt, else the same profile's stage-2 training recipe's,
     else medlib.prompts.SYSTEM_PROMPT: the model is asked what it was trained on."""
@@ -158,6 +185,10 @@ class ChatSession:
             if adapter_dir is None:
                 notices.append(f"No trained adapter at {default} yet: running the base model "
                                f"{recipe['model']['name']} without fine-tuning.")
+        base_model, system_prompt, notice = model_and_prompt(recipe, adapter_dir)
+        if notice:
+            notices.append(notice)
+        recipe["model"]["name"] = base_model
         model, tokenizer = load_for_inference(recipe["model"]["name"], adapter_dir,
                                               load_in_4bit=bool(recipe["model"]["load_in_4bit"]))
         recipe["_meta"]["adapter_used"] = str(adapter_dir) if adapter_dir else None
@@ -165,7 +196,7 @@ class ChatSession:
             r = recipe.get("router") or {}
             router = Router.from_files(r.get("calibration_file") and resolve(r["calibration_file"]),
                                        r.get("reference_file") and resolve(r["reference_file"]))
-        return cls(model, tokenizer, router, recipe, red_flags, notices=notices)
+        return cls(model, tokenizer, router, recipe, red_flags, system_prompt=system_prompt, notices=notices)
 
     def describe(self) -> str:
         adapter = self.recipe["_meta"].get("adapter_used")

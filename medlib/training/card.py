@@ -34,7 +34,9 @@ def model_card(run_dir: Path) -> str:
     meta = _read_json(run_dir / "run_metadata.json") or {}
     recipe = yaml.safe_load((run_dir / "recipe.resolved.yaml").read_text()) if (run_dir / "recipe.resolved.yaml").exists() else {}
     stage = meta.get("stage", recipe.get("stage"))
-    name = {1: "Med-Mix", 2: "Med-Nirvana"}.get(stage, recipe.get("run_name", "medlib model"))
+    single_stage = recipe.get("init") == "base"
+    name = (recipe.get("run_name", "medlib model") if single_stage
+            else {1: "Med-Mix", 2: "Med-Nirvana"}.get(stage, recipe.get("run_name", "medlib model")))
     profile = meta.get("profile", recipe.get("profile", "?"))
     data = meta.get("data", {})
     hyper = {k: recipe.get("training", {}).get(k) for k in (
@@ -47,10 +49,12 @@ def model_card(run_dir: Path) -> str:
         yaml.safe_dump({"base_model": meta.get("base_model"), "library_name": "peft",
                         "tags": ["medical", "qlora", "lora", "medlib"], "license": "other"}, sort_keys=False).strip(),
         "---",
-        f"# {name} ({'stage ' + str(stage)}, profile `{profile}`)",
+        f"# {name} ({'single stage' if single_stage else 'stage ' + str(stage)}, profile `{profile}`)",
         "",
-        f"LoRA adapter trained with medlib (two-stage QLoRA after Athukoralage & Atapattu, 2024) on the "
-        f"**{profile}** profile.",
+        (f"LoRA adapter trained with medlib (single-stage QLoRA on dialogues, from the base model) on the "
+         f"**{profile}** profile. {recipe.get('about', '')}".strip() if single_stage else
+         f"LoRA adapter trained with medlib (two-stage QLoRA after Athukoralage & Atapattu, 2024) on the "
+         f"**{profile}** profile."),
     ]
     if profile != "paper":
         lines.append("These are NOT the paper's settings or numbers: the local profile is a small CPU-sized stand-in.")
@@ -59,7 +63,7 @@ def model_card(run_dir: Path) -> str:
         "## Base model",
         f"- `{meta.get('base_model')}` (backend: {meta.get('backend')})",
     ]
-    if stage == 2:
+    if stage == 2 and not single_stage:
         lines.append(f"- starts from the stage-1 adapter `{meta.get('from_stage1')}` (init: {meta.get('init')})")
     lines += ["", "## Training data"]
     lines.append(f"- mixture: `{data.get('mixture_dir')}` (manifest sha256 {data.get('manifest_sha256')})")
