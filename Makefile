@@ -15,7 +15,7 @@ PRESET ?=
 # pip on these machines warns about every missing local index; keep the log readable.
 QUIET := grep -v "^WARNING: Location" || true
 
-.PHONY: install install-gpu check-gpu browser reproduce test serve data bench clean-outputs
+.PHONY: install install-gpu check-gpu browser reproduce study test serve data bench clean-outputs
 
 $(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -56,6 +56,10 @@ browser:
 	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || { \
 	  if [ "$$(id -u)" = 0 ]; then apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium chromium-driver >/dev/null; \
 	  else echo "the browser tests need Debian's chromium and chromium-driver: sudo apt-get install chromium chromium-driver" >&2; exit 1; fi; }
+
+# Beyond the paper: the DMT replay study (notebook 07; about 50 minutes on the local profile's 2 cores).
+study: install
+	$(BIN)/medlib reproduce --profile $(PROFILE) --only 07_dmt_study
 
 test: install browser
 	$(BIN)/python -m pytest -q -p no:cacheprovider --durations=15

@@ -18,6 +18,7 @@ COMMAND_MODULES = {
     "chat": "medlib.chat.cli",
     "serve": "medlib.chat.serve",
     "export": "medlib.export",
+    "study": "medlib.study",
     "reproduce": "medlib.reproduce",
 }
 

@@ -121,6 +121,11 @@ def write_report(lay) -> Path:
     for png in sorted(lay.figures.glob("*.png")) if lay.figures.exists() else []:
         lines += [f"### {png.stem.replace('_', ' ')}", "", f"![{png.stem}]({_rel(png, root)})", ""]
 
+    study = lay.root / "study" / "dmt" / "table.md"
+    if study.exists():  # beyond the paper: `make study` (notebook 07)
+        lines += ["## DMT study", "", _demote_headings(study.read_text()).replace(
+            "](dmt_tradeoff.png)", f"]({_rel(study.parent / 'dmt_tradeoff.png', root)})"), ""]
+
     transcript = lay.chat / "transcript.md"
     lines += ["## Chat demo", "", f"Scripted conversation: [`{_rel(transcript, root)}`]({_rel(transcript, root)})"
               if transcript.exists() else "(not run)", ""]

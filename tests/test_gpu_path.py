@@ -14,7 +14,7 @@ import pytest
 
 from medlib.config import RecipeError, load_recipe, preset_overrides
 from medlib.paths import REPO_ROOT
-from medlib.reproduce import NOTEBOOK_DIR, NOTEBOOKS
+from medlib.reproduce import NOTEBOOK_DIR, NOTEBOOKS, STUDY_NOTEBOOKS
 
 
 def test_colab_preset_cuts_only_sizes_of_the_paper_profile():
@@ -41,10 +41,11 @@ def test_colab_preset_cuts_only_sizes_of_the_paper_profile():
 
 def test_every_notebook_has_the_same_colab_cell_and_it_names_the_missing_repository():
     cells = []
-    for name in NOTEBOOKS:
+    for name in NOTEBOOKS + STUDY_NOTEBOOKS:
         nb = nbformat.read(NOTEBOOK_DIR / f"{name}.ipynb", as_version=4)
         params = next(c for c in nb.cells if "parameters" in c.metadata.get("tags", []))
-        assert "medlib_repo = None" in params.source and "preset = None" in params.source, name
+        assert "medlib_repo = None" in params.source, name
+        assert name in STUDY_NOTEBOOKS or "preset = None" in params.source, name
         colab = [c.source for c in nb.cells if c.cell_type == "code" and "google.colab" in c.source]
         assert len(colab) == 1 and "OWNER" not in colab[0], name
         cells.append(colab[0])

@@ -10,7 +10,7 @@ import nbformat
 import pytest
 
 from medlib.pipeline import layout
-from medlib.reproduce import NOTEBOOK_DIR, NOTEBOOKS, ReproduceError, reproduce
+from medlib.reproduce import NOTEBOOK_DIR, NOTEBOOKS, STUDY_NOTEBOOKS, ReproduceError, reproduce
 
 pytestmark = [pytest.mark.slow, pytest.mark.notebooks]
 
@@ -18,7 +18,7 @@ TINY = {"max_steps": 4, "mcq_limit": 6, "n_queries": 3, "max_new_tokens": 12}
 
 
 def test_notebooks_are_committed_clean_with_a_parameters_cell():
-    for name in NOTEBOOKS:
+    for name in NOTEBOOKS + STUDY_NOTEBOOKS:
         nb = nbformat.read(NOTEBOOK_DIR / f"{name}.ipynb", as_version=4)
         assert nb.cells[0].cell_type == "markdown" and nb.cells[0].source.startswith("# "), name
         assert any("parameters" in c.metadata.get("tags", []) for c in nb.cells), name

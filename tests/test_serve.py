@@ -213,6 +213,7 @@ def test_bad_requests_get_a_4xx_json_error(server, body, key, status, needle):
 
 def test_page_in_a_real_browser(server):
     from selenium import webdriver
+    from selenium.common.exceptions import StaleElementReferenceException
     from selenium.webdriver.chrome.service import Service
     from selenium.webdriver.common.by import By
     from selenium.webdriver.common.keys import Keys
@@ -229,21 +230,24 @@ def test_page_in_a_real_browser(server):
                  "--window-size=1200,1000", f"--user-data-dir={server.workdir / 'chromium-profile'}"):
         options.add_argument(flag)
     browser = webdriver.Chrome(service=Service(driver), options=options)
+
+    def wait(seconds: int) -> WebDriverWait:  # the page re-renders: an element found a moment ago may be gone
+        return WebDriverWait(browser, seconds, ignored_exceptions=(StaleElementReferenceException,))
+
     try:
         browser.get(server.url + "/")
-        wait = WebDriverWait(browser, 60)
         # MEDLIB_API_KEY is set, so the page asks for it as its password.
-        wait.until(lambda b: b.find_elements(By.CSS_SELECTOR, "input[type=password]"))
+        wait(60).until(lambda b: b.find_elements(By.CSS_SELECTOR, "input[type=password]"))
         browser.find_element(By.CSS_SELECTOR, "input[type=password]").send_keys(KEY)
         browser.find_element(By.CSS_SELECTOR, "input[data-testid=textbox]").send_keys("staff")
         browser.find_element(By.XPATH, "//button[normalize-space()='Login']").click()
-        wait.until(lambda b: "Not a medical device" in b.find_element(By.TAG_NAME, "body").text)
+        wait(60).until(lambda b: "Not a medical device" in b.find_element(By.TAG_NAME, "body").text)
         body = browser.find_element(By.TAG_NAME, "body").text
         assert "Nothing you type is written to disk" in body and "adapter none (base model)" in body
 
         def say(text: str) -> str:
             before = len(browser.find_elements(By.CSS_SELECTOR, "[data-testid=bot]"))
-            box = WebDriverWait(browser, 120).until(lambda b: next(
+            box = wait(120).until(lambda b: next(
                 (t for t in b.find_elements(By.TAG_NAME, "textarea") if t.is_displayed() and t.is_enabled()), False))
             box.send_keys(text)
             box.send_keys(Keys.ENTER)
@@ -252,7 +256,7 @@ def test_page_in_a_real_browser(server):
                 bots = b.find_elements(By.CSS_SELECTOR, "[data-testid=bot]")
                 return len(bots) > before and "route: " in bots[-1].text and bots[-1].text
 
-            return WebDriverWait(browser, 120).until(answered)
+            return wait(120).until(answered)
 
         greeting = say("hello there")
         assert greeting.startswith(guardrails.GREETING_REPLY) and greeting.endswith("route: greeting")

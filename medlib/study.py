@@ -1,0 +1,297 @@
+"""`medlib study dmt`: how much stage-1 replay stage 2 needs.
+
+The paper replays k = 33,333 stage-1 rows beside 100,000 NoteChat rows in stage 2 (a replay share of
+0.25 of the stage-2 training rows) and says k was chosen empirically; it reports no other value.
+This study trains stage 2 from one Med-Mix run once per replay share (recipe
+`medlib/recipes/<profile>/study_dmt.yaml`), every arm on the same dialogue rows, optionally also
+stage-2 data alone from the base model, and scores each on MCQ retention (the paper's three sets)
+and on dialogue BERTScore. Paired comparisons against the no-replay arm say which differences the
+numbers support.
+
+    medlib study dmt --profile local            # CPU, about 50 minutes; make study runs notebook 07
+    from medlib.study import run_dmt_study       # what notebook 07 calls
+
+Writes under <output root>/study/dmt/: data/<arm>/ and runs/<arm>/ (mixtures and training runs),
+eval/ (per-model predictions), study.json, table.md, table.csv and dmt_tradeoff.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable, Sequence
+
+from medlib import config
+
+PAPER_SHARE = 33_333 / (100_000 + 33_333)   # Table 2: replayed stage-1 rows among stage-2 training rows
+
+
+class StudyError(ValueError):
+    """A study setting that cannot work; the message names it."""
+
+
+@dataclass(frozen=True)
+class Arm:
+    share: float            # replayed stage-1 rows / all stage-2 training rows
+    from_base: bool = False  # stage-2 data alone, trained from the base model (no Med-Mix)
+
+    @property
+    def slug(self) -> str:
+        return "from-base" if self.from_base else f"replay-{round(self.share * 100):02d}"
+
+    @property
+    def name(self) -> str:
+        if self.from_base:
+            return "stage-2 data alone, from the base model"
+        paper = " (the paper's)" if abs(self.share - PAPER_SHARE) < 0.005 else ""
+        return f"replay share {self.share:.2f}{paper}" if self.share else "no replay (k = 0)"
+
+
+def replay_rows(share: float, dialogue_rows: int) -> int:
+    """k such that k / (dialogue_rows + k) is the share."""
+    if not 0 <= share < 1:
+        raise StudyError(f"replay share {share!r} must be in [0, 1)")
+    return round(share / (1 - share) * dialogue_rows)
+
+
+STUDY_KEYS = {"shares": "shares", "from_base": "from_base", "dialogue_train": "dialogue_train",
+              "dialogue_validation": "dialogue_validation", "max_steps": "max_steps", "mcq_limit": "mcq.limit",
+              "n_queries": "bertscore.n_queries"}
+
+
+def study_overrides(**values: Any) -> list[str]:
+    """Notebook parameters (None = the recipe's) as study_dmt.yaml overrides."""
+    unknown = set(values) - set(STUDY_KEYS)
+    if unknown:
+        raise StudyError(f"unknown study setting(s) {', '.join(sorted(unknown))}; known: {', '.join(STUDY_KEYS)}")
+    return [f"{STUDY_KEYS[name]}={json.dumps(value)}" for name, value in values.items() if value is not None]
+
+
+def study_recipe(profile: str, overrides: Iterable[str] = ()) -> dict[str, Any]:
+    recipe = config.load_recipe(profile, "study_dmt", list(overrides))
+    shares = [float(s) for s in recipe["shares"]]
+    if 0.0 not in shares:
+        raise StudyError(f"study_dmt shares {shares}: 0.0 (no replay) must be one of them; every arm is compared with it")
+    recipe["shares"] = sorted(set(shares))
+    return recipe
+
+
+def arm_recipe(arm: Arm, profile: str, root: Path, study_dir: Path, study: dict[str, Any],
+               data_dir: str | None, counts: tuple[int, int] | None) -> dict[str, Any]:
+    """The stage-2 recipe of one arm: same dialogue rows for every arm, k replayed rows for its share."""
+    from medlib.pipeline import layout, stage_overrides
+    from medlib.train import load_recipe_for
+
+    lay = layout(profile, root)
+    recipe = load_recipe_for(2, profile, stage_overrides(2, lay, data_dir, study["max_steps"], [
+        f"output_dir={study_dir / 'runs' / arm.slug}", f"data.mixture_dir={study_dir / 'data' / arm.slug}",
+        f"run_name=dmt-{arm.slug}"]))
+    sources = recipe["data"]["sources"]
+    if study["dialogue_train"] is not None or study["dialogue_validation"] is not None:
+        if len(sources) != 1:
+            raise StudyError(f"study_dmt dialogue_train/dialogue_validation need one dialogue source; the stage-2 "
+                             f"recipe has {len(sources)}")
+        for key, value in (("n_train", study["dialogue_train"]), ("n_validation", study["dialogue_validation"])):
+            if value is not None:
+                sources[0][key] = int(value)
+    replay = recipe["data"]["replay"]
+    if arm.share == 0:
+        recipe["data"]["replay"] = None
+    else:
+        if not replay or counts is None:
+            raise StudyError("a replay arm needs the stage-2 recipe's data.replay section and the no-replay arm's counts")
+        replay["n_train"], replay["n_validation"] = (replay_rows(arm.share, n) for n in counts)
+    if arm.from_base:
+        recipe["init"] = "base"
+    return recipe
+
+
+def _dialogue_counts(mixture_dir: Path) -> tuple[int, int]:
+    sizes = json.loads((mixture_dir / "manifest.json").read_text())["sizes"]
+    return sizes["train"], sizes["validation"]
+
+
+def _read_jsonl(path: str | Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def _mcq_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
+    return [row for s in results["sets"].values() for row in _read_jsonl(s["predictions_file"])]
+
+
+def run_dmt_study(profile: str = "local", out_dir: str | Path | None = None, data_dir: str | None = None,
+                  overrides: Iterable[str] = (), stage1_max_steps: int | None = None,
+                  say: Callable[[str], None] = print) -> dict[str, Any]:
+    """Train every arm (a finished arm with the same settings is kept), evaluate, compare, draw.
+    Returns the study summary (also study.json)."""
+    from medlib.evaluate import stats
+    from medlib.evaluate.bertscore import run_bertscore
+    from medlib.evaluate.mcq import run_mcq
+    from medlib.pipeline import layout, train_stage
+    from medlib.train import prepare_mixture, train_or_resume
+
+    study = study_recipe(profile, overrides)
+    lay = layout(profile, out_dir)
+    study_dir = lay.root / "study" / "dmt"
+    say(f"[dmt study] {profile} profile, shares {study['shares']}{' + from the base model' if study['from_base'] else ''}; "
+        f"writing {study_dir}")
+    med_mix = train_stage(1, profile, lay.root, data_dir, max_steps=stage1_max_steps)
+
+    arms = [Arm(s) for s in study["shares"]] + ([Arm(0.0, from_base=True)] if study["from_base"] else [])
+    runs: dict[str, Path] = {}
+    counts = None
+    for arm in arms:  # the no-replay arm comes first: its mixture gives the dialogue counts
+        recipe = arm_recipe(arm, profile, lay.root, study_dir, study, data_dir, counts)
+        mixture = prepare_mixture(recipe)
+        if counts is None:
+            counts = _dialogue_counts(mixture)
+        runs[arm.slug] = train_or_resume(recipe, say=say)
+
+    eval_args = dict(out=str(study_dir / "eval"), data_dir=data_dir, write_tables=False)
+    models = {"med-mix": med_mix, **runs}
+    mcq, chat = {}, {}
+    for label, run in models.items():
+        say(f"[dmt study] evaluating {label}")
+        mcq[label] = run_mcq(profile, run, label=label, sets=study["mcq"]["sets"], limit=study["mcq"]["limit"] or 0,
+                             **eval_args)
+        chat[label] = run_bertscore(profile, run, label=label, n=int(study["bertscore"]["n_queries"]), **eval_args)
+
+    reference = Arm(0.0).slug
+    rows = []
+    for label in models:
+        arm = next((a for a in arms if a.slug == label), None)
+        f1s = [float(r["f1"]) for r in _read_jsonl(chat[label]["generations_file"])]
+        f1, f1_lo, f1_hi = stats.paired_bootstrap(f1s)
+        manifest = json.loads((Path(runs[label] if arm else med_mix) / "run_metadata.json").read_text())["data"]
+        row = {"label": label, "arm": arm.name if arm else "Med-Mix (stage 1 only, reference)",
+               "share": arm.share if arm else None, "from_base": bool(arm and arm.from_base),
+               "train_rows": manifest.get("train", {}).get("records"), "sources": manifest.get("sources"),
+               "mcq_accuracy": mcq[label]["average"]["accuracy"], "mcq_ci95": mcq[label]["average"]["ci95"],
+               "mcq_by_set": {s: v["accuracy"] for s, v in mcq[label]["sets"].items()},
+               "mcq_n": sum(v["n_scored"] for v in mcq[label]["sets"].values()),
+               "f1": f1, "f1_ci95": [f1_lo, f1_hi], "f1_n": len(f1s)}
+        if label != reference:
+            row["vs_no_replay"] = {"mcq": stats.compare_mcq(_mcq_rows(mcq[reference]), _mcq_rows(mcq[label])),
+                                   "f1": stats.compare_bertscore(_read_jsonl(chat[reference]["generations_file"]),
+                                                                 _read_jsonl(chat[label]["generations_file"]))}
+        rows.append(row)
+
+    summary = {"profile": profile, "note": ("LOCAL profile: SmolLM2-135M on CPU with stand-in data; not the paper's "
+                                            "model, data or numbers") if profile == "local" else "paper profile",
+               "study": {k: v for k, v in study.items() if k != "_meta"}, "recipe": study.get("_meta"),
+               "paper_share": PAPER_SHARE, "dialogue_rows": {"train": counts[0], "validation": counts[1]},
+               "med_mix": str(med_mix), "rows": rows, "findings": findings(rows)}
+    study_dir.mkdir(parents=True, exist_ok=True)
+    (study_dir / "study.json").write_text(json.dumps(summary, indent=1))
+    write_table(summary, study_dir)
+    plot_tradeoff(summary, study_dir / "dmt_tradeoff.png")
+    for line in summary["findings"]:
+        say(f"[dmt study] {line}")
+    return summary
+
+
+def findings(rows: Sequence[dict[str, Any]], alpha: float = 0.05) -> list[str]:
+    """Each arm against no replay, stated only as far as the paired tests go (no multiplicity correction)."""
+    out = []
+    for row in rows:
+        if "vs_no_replay" not in row:
+            continue
+        m, f = row["vs_no_replay"]["mcq"], row["vs_no_replay"]["f1"]
+        mcq_says = (f"MCQ accuracy {100 * m['difference']:+.1f} points [{100 * m['ci95'][0]:+.1f}, {100 * m['ci95'][1]:+.1f}], "
+                    f"McNemar p = {m['p_mcnemar']:.3g}: " + ("a difference" if m["p_mcnemar"] < alpha else "no significant difference"))
+        f1_says = (f"BERTScore F1 {f['difference']:+.3f} [{f['ci95'][0]:+.3f}, {f['ci95'][1]:+.3f}], permutation p = "
+                   f"{f['p_permutation']:.3g}: " + ("a difference" if f["p_permutation"] < alpha else "no significant difference"))
+        out.append(f"{row['arm']} vs no replay, on {m['n_paired']} questions and {f['n_paired']} queries: {mcq_says}; {f1_says}.")
+    out.append(f"Significance at p < {alpha} per comparison, without correction for the {len(out)} comparisons made.")
+    return out
+
+
+def write_table(summary: dict[str, Any], study_dir: Path) -> tuple[Path, Path]:
+    rows = summary["rows"]
+    sets = list(rows[0]["mcq_by_set"])
+    md = [f"# DMT study: stage-1 replay in stage 2 ({summary['profile']} profile)", "", summary["note"] + ".", "",
+          f"Every arm trains stage 2 on the same {summary['dialogue_rows']['train']:,} dialogue rows; the replay share is "
+          f"the stage-1 rows among all stage-2 training rows (the paper's is {summary['paper_share']:.2f}: 33,333 beside "
+          "100,000). MCQ: mean accuracy over " + ", ".join(sets) + " with a bootstrap 95% CI; BERTScore F1 on the dialogue "
+          "hold-out with a bootstrap 95% CI. Differences are paired, against the no-replay arm.", "",
+          "| Model | Replay share | Train rows | MCQ accuracy | 95% CI | " + " | ".join(sets) + " | BERTScore F1 | 95% CI | "
+          "MCQ vs no replay (p) | F1 vs no replay (p) |",
+          "|---|---|---|---|---|" + "---|" * len(sets) + "---|---|---|---|"]
+    for r in rows:
+        vs = r.get("vs_no_replay")
+        mcq_vs = f"{100 * vs['mcq']['difference']:+.1f} ({vs['mcq']['p_mcnemar']:.3g})" if vs else "–"
+        f1_vs = f"{vs['f1']['difference']:+.3f} ({vs['f1']['p_permutation']:.3g})" if vs else "–"
+        share = "–" if r["share"] is None else f"{r['share']:.2f}"
+        md.append(f"| {r['arm']} | {share} | {r['train_rows']} | {100 * r['mcq_accuracy']:.1f} | "
+                  f"[{100 * r['mcq_ci95'][0]:.1f}, {100 * r['mcq_ci95'][1]:.1f}] | "
+                  + " | ".join(f"{100 * r['mcq_by_set'][s]:.1f}" for s in sets)
+                  + f" | {r['f1']:.3f} | [{r['f1_ci95'][0]:.3f}, {r['f1_ci95'][1]:.3f}] | {mcq_vs} | {f1_vs} |")
+    md += ["", "## Findings", ""] + [f"- {line}" for line in summary["findings"]] + ["", "![trade-off](dmt_tradeoff.png)", ""]
+    md_path = study_dir / "table.md"
+    md_path.write_text("\n".join(md))
+    csv_path = study_dir / "table.csv"
+    with open(csv_path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["label", "arm", "share", "from_base", "train_rows", "mcq_accuracy", "mcq_ci_low", "mcq_ci_high",
+                         *[f"{s}_accuracy" for s in sets], "f1", "f1_ci_low", "f1_ci_high"])
+        for r in rows:
+            writer.writerow([r["label"], r["arm"], r["share"], r["from_base"], r["train_rows"], r["mcq_accuracy"],
+                             *r["mcq_ci95"], *[r["mcq_by_set"][s] for s in sets], r["f1"], *r["f1_ci95"]])
+    return md_path, csv_path
+
+
+def plot_tradeoff(summary: dict[str, Any], path: Path) -> Path:
+    """MCQ retention and dialogue BERTScore against the replay share, with 95% CIs; Med-Mix and the
+    from-base arm as reference marks."""
+    from medlib.plots import _pyplot, _save
+
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    arms = [r for r in summary["rows"] if r["share"] is not None and not r["from_base"]]
+    xs = [r["share"] for r in arms]
+    for ax, key, ci, scale, title in ((axes[0], "mcq_accuracy", "mcq_ci95", 100, "MCQ accuracy (%), mean of the sets"),
+                                      (axes[1], "f1", "f1_ci95", 1, "BERTScore F1, dialogue hold-out")):
+        ys = [scale * r[key] for r in arms]
+        err = [[scale * (r[key] - r[ci][0]) for r in arms], [scale * (r[ci][1] - r[key]) for r in arms]]
+        ax.errorbar(xs, ys, yerr=err, marker="o", capsize=4, label="stage 2 from Med-Mix")
+        for r in summary["rows"]:
+            if r["share"] is None:
+                ax.axhline(scale * r[key], color="grey", linestyle="--", label="Med-Mix (stage 1 only)")
+                ax.axhspan(scale * r[ci][0], scale * r[ci][1], color="grey", alpha=0.12)
+            elif r["from_base"]:
+                ax.errorbar([r["share"]], [scale * r[key]], yerr=[[scale * (r[key] - r[ci][0])], [scale * (r[ci][1] - r[key])]],
+                            marker="s", color="tab:red", capsize=4, linestyle="none", label="stage-2 data alone, from the base")
+        ax.axvline(summary["paper_share"], color="tab:green", linestyle=":", label=f"the paper's share ({summary['paper_share']:.2f})")
+        ax.set_xlabel("replay share of stage-2 training rows")
+        ax.set_title(title, fontsize=10)
+    axes[1].legend(fontsize=7, loc="best")
+    fig.suptitle(f"DMT replay study — {summary['profile']} profile" + (" (local stand-in, not the paper's numbers)"
+                                                                         if summary["profile"] == "local" else ""), fontsize=10)
+    return _save(fig, path, description=f"DMT study, {summary['profile']} profile: MCQ accuracy and BERTScore F1 "
+                                         "against the replay share, 95% CIs")
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("study", help="studies beyond the paper (dmt: how much replay stage 2 needs)")
+    which = parser.add_subparsers(dest="study", required=True)
+    dmt = which.add_parser("dmt", help="stage 2 from one Med-Mix for several replay shares, scored on MCQ and BERTScore",
+                           description=__doc__.split("\n\n")[1])
+    dmt.add_argument("--profile", choices=["local", "paper"], default="local")
+    dmt.add_argument("--out", default=None, help="output root (default outputs/<profile>); the study goes in study/dmt/")
+    dmt.add_argument("--data-dir", default=None, help="folder of the published data files (overrides the recipes)")
+    dmt.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                     help="override a study_dmt.yaml key, e.g. --set shares=[0,0.25,0.5,0.75] (repeatable)")
+    dmt.set_defaults(func=main)
+
+
+def main(args: argparse.Namespace) -> int:
+    from medlib.cli import CLIError
+
+    try:
+        run_dmt_study(args.profile, args.out, args.data_dir, args.overrides)
+    except StudyError as exc:
+        raise CLIError(str(exc)) from None
+    return 0
