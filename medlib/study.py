@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
 from medlib import config
+from medlib.data.io import read_jsonl
 
 PAPER_SHARE = 33_333 / (100_000 + 33_333)   # Table 2: replayed stage-1 rows among stage-2 training rows
 
@@ -114,12 +115,8 @@ def _dialogue_counts(mixture_dir: Path) -> tuple[int, int]:
     return sizes["train"], sizes["validation"]
 
 
-def _read_jsonl(path: str | Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
-
-
 def _mcq_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
-    return [row for s in results["sets"].values() for row in _read_jsonl(s["predictions_file"])]
+    return [row for s in results["sets"].values() for row in read_jsonl(s["predictions_file"])]
 
 
 def run_dmt_study(profile: str = "local", out_dir: str | Path | None = None, data_dir: str | None = None,
@@ -163,7 +160,7 @@ def run_dmt_study(profile: str = "local", out_dir: str | Path | None = None, dat
     rows = []
     for label in models:
         arm = next((a for a in arms if a.slug == label), None)
-        f1s = [float(r["f1"]) for r in _read_jsonl(chat[label]["generations_file"])]
+        f1s = [float(r["f1"]) for r in read_jsonl(chat[label]["generations_file"])]
         f1, f1_lo, f1_hi = stats.paired_bootstrap(f1s)
         manifest = json.loads((Path(runs[label] if arm else med_mix) / "run_metadata.json").read_text())["data"]
         row = {"label": label, "arm": arm.name if arm else "Med-Mix (stage 1 only, reference)",
@@ -175,8 +172,8 @@ def run_dmt_study(profile: str = "local", out_dir: str | Path | None = None, dat
                "f1": f1, "f1_ci95": [f1_lo, f1_hi], "f1_n": len(f1s)}
         if label != reference:
             row["vs_no_replay"] = {"mcq": stats.compare_mcq(_mcq_rows(mcq[reference]), _mcq_rows(mcq[label])),
-                                   "f1": stats.compare_bertscore(_read_jsonl(chat[reference]["generations_file"]),
-                                                                 _read_jsonl(chat[label]["generations_file"]))}
+                                   "f1": stats.compare_bertscore(read_jsonl(chat[reference]["generations_file"]),
+                                                                 read_jsonl(chat[label]["generations_file"]))}
         rows.append(row)
 
     summary = {"profile": profile, "note": ("LOCAL profile: SmolLM2-135M on CPU with stand-in data; not the paper's "

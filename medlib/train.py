@@ -419,7 +419,9 @@ def train(recipe: dict[str, Any], out_dir: str | os.PathLike | None = None,
         combine_adapters(stage1, stage2_only, run_dir, base_model)
     else:
         trainer.model.save_pretrained(str(run_dir), safe_serialization=True)
-    _fix_adapter_base(run_dir, base_model)
+    from medlib.models import name_adapter_base
+
+    name_adapter_base(run_dir, base_model)
     tokenizer.save_pretrained(str(run_dir))
 
     exports = {}
@@ -529,12 +531,6 @@ def _step_of(checkpoint) -> int:
     return int(Path(checkpoint).name.split("-")[-1]) if checkpoint else 0
 
 
-def _fix_adapter_base(run_dir: Path, base_model: str) -> None:
-    """adapter_config.json names the recipe's base model (not a cache path or the merged init folder)."""
-    path = run_dir / "adapter_config.json"
-    cfg = json.loads(path.read_text())
-    cfg["base_model_name_or_path"] = base_model
-    path.write_text(json.dumps(cfg, indent=2))
 
 
 def _device_name() -> str:

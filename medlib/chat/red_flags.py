@@ -147,6 +147,9 @@ class RedFlagClassifier:
         model_dir = Path(model_dir)
         model_dir.mkdir(parents=True, exist_ok=True)
         self.encoder.save_pretrained(str(model_dir), safe_serialization=True)
+        from medlib.models import MINILM, name_adapter_base
+
+        name_adapter_base(model_dir, MINILM)
         save_file({k: v.contiguous() for k, v in self.head.state_dict().items()}, str(model_dir / "head.safetensors"))
         (model_dir / "labels.json").write_text(json.dumps(list(LABELS)) + "\n")
 

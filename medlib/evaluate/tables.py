@@ -17,6 +17,7 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import yaml
 
+from medlib.data.io import read_jsonl
 from medlib.evaluate import stats
 from medlib.paths import PACKAGE_DIR
 
@@ -223,10 +224,6 @@ def _name(result: Mapping[str, Any]) -> str:
     return result.get("display_name", result["label"])
 
 
-def _read_jsonl(path: str | Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
-
-
 def _diagnostics_md(results: Sequence[Mapping[str, Any]]) -> str:
     lines = ["## Answer-letter diagnostics", "",
              f"Predicted letters beside the gold letters of the scored questions; **constant** marks a model whose "
@@ -246,17 +243,21 @@ def _diagnostics_md(results: Sequence[Mapping[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def _paired(pair: tuple[Mapping[str, Any], Mapping[str, Any]], files_of, compare,
+            extra: Mapping[str, Any] | None = None) -> dict | None:
+    """One comparison of two models from their per-item files (None when either file is missing)."""
+    first, second = pair
+    files = [files_of(r) for r in pair]
+    if not all(f and Path(f).exists() for f in files):
+        return None
+    return {"first": _name(first), "second": _name(second), **(extra or {}), **compare(*map(read_jsonl, files))}
+
+
 def paired_mcq(results: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
     """Every model pair on every set both were scored on, from their per-question prediction files."""
-    out = []
-    for first, second in _pairs(results):
-        for name in sorted(set(first.get("sets", {})) & set(second.get("sets", {}))):
-            files = [r["sets"][name].get("predictions_file") for r in (first, second)]
-            if not all(f and Path(f).exists() for f in files):
-                continue
-            out.append({"first": _name(first), "second": _name(second), "set": name,
-                        **stats.compare_mcq(_read_jsonl(files[0]), _read_jsonl(files[1]))})
-    return out
+    rows = (_paired(pair, lambda r, n=name: r["sets"][n].get("predictions_file"), stats.compare_mcq, {"set": name})
+            for pair in _pairs(results) for name in sorted(set(pair[0].get("sets", {})) & set(pair[1].get("sets", {}))))
+    return [row for row in rows if row]
 
 
 def _paired_mcq_md(results: Sequence[Mapping[str, Any]], out_dir: Path) -> str:
@@ -276,13 +277,9 @@ def _paired_mcq_md(results: Sequence[Mapping[str, Any]], out_dir: Path) -> str:
 
 
 def paired_bertscore(results: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
-    out = []
-    for first, second in _pairs(results):
-        files = [r.get("generations_file") for r in (first, second)]
-        if all(f and Path(f).exists() for f in files):
-            out.append({"first": _name(first), "second": _name(second),
-                        **stats.compare_bertscore(_read_jsonl(files[0]), _read_jsonl(files[1]))})
-    return out
+    """Every model pair, BERTScore F1 per query, from their generation files."""
+    rows = (_paired(pair, lambda r: r.get("generations_file"), stats.compare_bertscore) for pair in _pairs(results))
+    return [row for row in rows if row]
 
 
 def _paired_bertscore_md(results: Sequence[Mapping[str, Any]], out_dir: Path) -> str:
