@@ -13,7 +13,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from medlib.config import load_recipe
+from medlib.config import load_eval, load_train
 from medlib.data.mixtures import build_mixture
 from medlib.data.synthetic import NOTECHAT_ROWS, write_paper_scale_folder
 
@@ -24,10 +24,10 @@ def main() -> None:
         started = time.perf_counter()
         write_paper_scale_folder(folder / "data", notechat_rows=NOTECHAT_ROWS)
         generated = time.perf_counter()
-        s1 = build_mixture(load_recipe("paper", "stage1", [f"data.data_dir={folder}/data", f"data.mixture_dir={folder}/s1"]))
+        data = [f"data.data_dir={folder}/data"]
+        s1 = build_mixture(load_train("paper", 1, data), folder / "s1", load_eval("paper"))
         built1 = time.perf_counter()
-        s2 = build_mixture(load_recipe("paper", "stage2", [f"data.data_dir={folder}/data", f"data.mixture_dir={folder}/s2",
-                                                           f"data.replay.mixture_dir={folder}/s1"]))
+        s2 = build_mixture(load_train("paper", 2, data), folder / "s2", load_eval("paper"), stage1_mixture=s1)
         built2 = time.perf_counter()
         sizes = [json.loads((d / "manifest.json").read_text())["sizes"] for d in (s1, s2)]
     peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

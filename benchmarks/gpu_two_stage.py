@@ -4,7 +4,7 @@ the merged 16-bit export, and whether the shipped stage-2 adapter reproduces tha
 Like train_gpu_8b.py this runs on a machine that cannot download anything, so the model is
 Llama-3.1-8B-shaped (hidden 4096, MLP 14336, 32/8 heads, vocab 128,256) with RANDOM weights and fewer
 layers (--layers, default 4) to keep the merges quick; loss values mean nothing, the code path does.
-Everything goes through `medlib.train.train` with the paper recipes, pointed at the local mixtures.
+Everything goes through `medlib.training.train` with the paper recipes, pointed at the local mixtures.
 
     # here (CPU): the local mixtures and a tokenizer, in a folder that travels to the GPU machine
     medlib data build --profile local --stage 1 && medlib data build --profile local --stage 2
@@ -34,17 +34,20 @@ def emit(step: str, **fields) -> dict:
     return fields
 
 
-def stage(mt, number: int, work: Path, model_dir: Path, mixtures: Path, steps: int, extra: list[str]) -> Path:
+def stage(number: int, work: Path, model_dir: Path, mixtures: Path, steps: int, extra: list[str]) -> Path:
     import torch
 
     torch.cuda.reset_peak_memory_stats()
-    overrides = [f"model.name={model_dir}", "model.backend=unsloth", f"data.mixture_dir={mixtures}/stage{number}",
+    from medlib.config import load_train
+    from medlib.training import train
+
+    overrides = [f"model.name={model_dir}", "model.backend=unsloth",
                  f"training.max_steps={steps}", "training.logging_steps=1", "training.eval_steps=5",
                  "training.save_steps=1000", "training.max_eval_samples=16", *extra]
-    recipe = mt.load_recipe_for(number, "paper", overrides)
+    recipe = load_train("paper", number, overrides)
     started = time.time()
-    out = work / ("stage1" if number == 1 else f"stage2_{mt.get(recipe, 'init')}")
-    run_dir = mt.train(recipe, out_dir=out, from_dir=work / "stage1" if number == 2 else None, overwrite=True)
+    out = work / ("stage1" if number == 1 else f"stage2_{recipe.init}")
+    run_dir = train(recipe, out, mixtures / f"stage{number}", work / "stage1" if number == 2 else None, overwrite=True)
     meta = json.loads((run_dir / "run_metadata.json").read_text())
     losses = [row["loss"] for row in meta_history(run_dir) if "loss" in row]
     emit(f"stage{number}" + (f"_{meta['init']}" if number == 2 else ""), backend=meta["backend"],
@@ -96,14 +99,12 @@ def main(argv=None) -> int:
 
     import unsloth  # noqa: F401  (first, so it patches transformers and TRL)
 
-    import medlib.train as mt
-
     model_dir = a.work / "base"
     build_model(model_dir, a.tokenizer, a.layers)
-    stage(mt, 1, a.work, model_dir, a.mixtures, a.steps, [])
-    merged = stage(mt, 2, a.work, model_dir, a.mixtures, a.steps,
+    stage(1, a.work, model_dir, a.mixtures, a.steps, [])
+    merged = stage(2, a.work, model_dir, a.mixtures, a.steps,
                    ["init=merge", "training.export_merged_16bit=true"])
-    stage(mt, 2, a.work, model_dir, a.mixtures, a.steps, ["init=continue"])
+    stage(2, a.work, model_dir, a.mixtures, a.steps, ["init=continue"])
     agreement = logits_agreement(model_dir, merged, "Which vitamin deficiency causes scurvy?")
     print("RESULT " + json.dumps({"layers": a.layers, "steps": a.steps, **agreement}), flush=True)
     return 0

@@ -3,7 +3,7 @@
 Nothing can be downloaded on the benchmark GPU machine, so the model is Llama-3.1-8B's exact
 architecture (32 layers, hidden 4096, MLP 14336, GQA 32/8 heads, vocab 128,256) with RANDOM weights;
 step time and memory depend on the shapes, not on the weight values. Training goes through
-`medlib.train.train` with the paper recipe (stage 1: batch 4, LoRA r=16 on all projections, NF4,
+`medlib.training.train` with the paper recipe (stage 1: batch 4, LoRA r=16 on all projections, NF4,
 8-bit AdamW, max_seq_length 2048), on an MCQ mixture sampled from the published benchmark files in
 the paper's source proportions (MedQA 2.5 %, MedMCQA 45.2 %, PubMedQA 52.3 %), so padded batch
 lengths are realistic. The tokenizer is SmolLM2's (Llama-3's is not available offline); it writes
@@ -82,7 +82,8 @@ def run(backend: str, model_dir: Path, mixture: Path, steps: int, warmup: int, o
         import unsloth  # noqa: F401  (before transformers, so it can patch it)
     from transformers import TrainerCallback
 
-    import medlib.train as mt
+    from medlib.config import load_train
+    from medlib.training import train
 
     class StepTimer(TrainerCallback):
         def __init__(self):
@@ -100,14 +101,14 @@ def run(backend: str, model_dir: Path, mixture: Path, steps: int, warmup: int, o
             torch.cuda.synchronize()
             self.times.append(time.perf_counter() - self.t0)
 
-    recipe = mt.load_recipe_for(1, "paper", [
-        f"model.name={model_dir}", f"model.backend={backend}", f"data.mixture_dir={mixture}",
+    recipe = load_train("paper", 1, [
+        f"model.name={model_dir}", f"model.backend={backend}",
         f"training.max_steps={steps}", "training.logging_steps=1", f"training.eval_steps={10**6}",
         f"training.save_steps={10**6}", "training.max_eval_samples=8", *overrides,
     ])
     timer = StepTimer()
     run_dir = Path(f"/tmp/bench_{backend}")
-    run_dir = mt.train(recipe, out_dir=run_dir, overwrite=True, callbacks=[timer])
+    run_dir = train(recipe, run_dir, mixture, overwrite=True, callbacks=[timer])
     meta = json.loads((run_dir / "run_metadata.json").read_text())
     timed = timer.times[warmup:]
     step_s = statistics.median(timed)

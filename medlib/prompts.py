@@ -19,6 +19,12 @@ SYSTEM_PROMPT = (
 )
 SYSTEM_PROMPT_SOURCE = "Figure 2 of Athukoralage & Atapattu (2024), verbatim"
 
+
+def effective_system_prompt(configured: str | None) -> str:
+    """The one rule for a recipe's `prompt.system_prompt`: null or empty means SYSTEM_PROMPT."""
+    return configured or SYSTEM_PROMPT
+
+
 LETTERS = ("A", "B", "C", "D", "E")
 
 # PubMedQA's three labels as MCQ options, both ways.

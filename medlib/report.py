@@ -8,6 +8,10 @@ import os
 from pathlib import Path
 from typing import Any
 
+from medlib import config
+from medlib.evaluate.tables import collect_results
+from medlib.plots import read_log_history
+
 
 def _json(path: Path) -> dict[str, Any] | None:
     return json.loads(path.read_text()) if path.exists() else None
@@ -24,11 +28,9 @@ def _rel(path: Path, root: Path) -> str:
 ALPHA = 0.05
 
 
-def findings(lay) -> list[str]:
+def findings(lay, caveat: str | None = None) -> list[str]:
     """What this run's own numbers support, and what they do not: collapsed answerers, and every paired
     comparison of Tables 3 and 4 read at the 5% level. Nothing here goes beyond those numbers."""
-    from medlib.evaluate.tables import collect_results
-
     lines = ["## Findings", "", f"From this run's numbers only; a difference is called significant at p < {ALPHA} "
              "(McNemar's exact test for accuracy, a sign-flip permutation test for BERTScore), without correction "
              "for the number of comparisons.", ""]
@@ -58,49 +60,41 @@ def findings(lay) -> list[str]:
                              "not significant; this run cannot tell the two apart.")
     if not said:
         lines.append("- No evaluation results to read yet.")
-    if lay.profile == "local":
-        lines.append("- These describe SmolLM2-135M after a few dozen CPU steps on stand-in data; they are not claims "
-                     "about Med-Nirvana 8B or the paper.")
+    if caveat:
+        lines.append(f"- {caveat}")
     return lines + [""]
 
 
 def write_report(lay) -> Path:
+    from medlib.pipeline import stage_recipes
+
     root = lay.root
-    local = lay.profile == "local"
-    lines = [f"# medlib reproduction report — `{lay.profile}` profile", ""]
-    if local:
-        lines += ["> **LOCAL PROFILE — NOT THE PAPER'S RESULTS.** SmolLM2-135M-Instruct on a 2-core CPU, trained for a "
-                  "few dozen steps on stand-in data built from the public evaluation files (see "
-                  "`data_cards/local_standins.md`). The numbers show that the pipeline runs and behaves sensibly; "
-                  "they say nothing about Med-Nirvana 8B. The paper's figures appear only in rows labelled "
-                  "`paper`.", ""]
-    else:
-        lines += ["> Paper profile: the paper's model, data and hyperparameters (Athukoralage & Atapattu, NeurIPS 2024 "
-                  "workshop). Our rows are our own runs; the paper's reported figures are in rows labelled `paper`.", ""]
+    evaluation = config.load_eval(lay.profile)
+    stages = stage_recipes(lay.profile)
+    lines = [f"# medlib reproduction report — `{lay.profile}` profile", "", f"> {evaluation.report.banner}", ""]
 
     lines += ["## Data", "", "| stage | mixture | train | validation | per source (train) | decontamination dropped | content hash |",
               "|---|---|---|---|---|---|---|"]
-    for stage in (1, 2):
-        manifest = _json(lay.mixture(stage) / "manifest.json")
+    for stage, recipe in stages.items():
+        mixture = lay.mixture(recipe.mixture)
+        manifest = _json(mixture / "manifest.json")
         if manifest is None:
             lines.append(f"| {stage} | not built | | | | | |")
             continue
         per_source = ", ".join(f"{k} {v:,}" for k, v in manifest["counts"]["train"].items())
-        lines.append(f"| {stage} | `{_rel(lay.mixture(stage), root)}` ({'stand-in' if manifest['standin'] else 'paper'}) | "
+        lines.append(f"| {stage} | `{_rel(mixture, root)}` ({'stand-in' if manifest['standin'] else 'paper'}) | "
                      f"{manifest['sizes']['train']:,} | {manifest['sizes']['validation']:,} | {per_source} | "
                      f"{manifest['decontamination']['dropped']} | `{manifest['content_hash'][:16]}…` |")
     lines.append("")
 
     lines += ["## Training", "", "| stage | run | base model | backend | steps | final train loss | final validation loss "
               "| tokens seen | wall time | peak memory |", "|---|---|---|---|---|---|---|---|---|---|"]
-    for stage in (1, 2):
-        run = lay.run(stage)
+    for stage, recipe in stages.items():
+        run = lay.run(recipe.run_name)
         meta = _json(run / "run_metadata.json")
         if meta is None:
             lines.append(f"| {stage} | not trained | | | | | | | | |")
             continue
-        from medlib.plots import read_log_history
-
         train, validation = read_log_history(run) if (run / "log_history.csv").exists() else ([], [])
         memory = ", ".join(f"{k} {v:,.0f}" for k, v in (meta.get("memory") or {}).items())
         lines.append(
@@ -111,7 +105,7 @@ def write_report(lay) -> Path:
             lines.append(f"|  | fallbacks: {'; '.join(meta['fallbacks'])} | | | | | | | | |")
     lines.append("")
 
-    lines += findings(lay)
+    lines += findings(lay, evaluation.report.findings_caveat)
     for name, title in (("table3.md", "Table 3"), ("table4.md", "Table 4"), ("samples.md", "Side-by-side answers")):
         path = lay.eval / name
         lines += [f"## {title}", ""]
@@ -121,7 +115,7 @@ def write_report(lay) -> Path:
     for png in sorted(lay.figures.glob("*.png")) if lay.figures.exists() else []:
         lines += [f"### {png.stem.replace('_', ' ')}", "", f"![{png.stem}]({_rel(png, root)})", ""]
 
-    study = lay.root / "study" / "dmt" / "table.md"
+    study = lay.study / "table.md"
     if study.exists():  # beyond the paper: `make study` (notebook 07)
         lines += ["## DMT study", "", _demote_headings(study.read_text()).replace(
             "](dmt_tradeoff.png)", f"]({_rel(study.parent / 'dmt_tradeoff.png', root)})"), ""]

@@ -14,6 +14,8 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
+from medlib.cli_common import CLIError
+from medlib.config import parse_value
 from medlib.paths import REPO_ROOT
 
 log = logging.getLogger(__name__)
@@ -30,8 +32,6 @@ class ReproduceError(RuntimeError):
 
 
 def _parse_params(items: Sequence[str]) -> dict[str, Any]:
-    from medlib.config import parse_value
-
     params = {}
     for item in items:
         if "=" not in item:
@@ -104,8 +104,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from medlib.cli import CLIError
-
     notebooks = tuple(args.only.split(",")) if args.only else NOTEBOOKS
     try:
         reproduce(args.profile, args.out, args.force, _parse_params(args.params), notebooks)

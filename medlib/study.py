@@ -25,7 +25,16 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
 from medlib import config
+from medlib.cli_common import CLIError
+from medlib.config import StudyRecipe, TrainRecipe
 from medlib.data.io import read_jsonl
+from medlib.data.mixtures import build_mixture
+from medlib.evaluate import stats
+from medlib.evaluate.bertscore import run_bertscore
+from medlib.evaluate.mcq import run_mcq
+from medlib.pipeline import Layout, layout, stage1_of, train_stage, with_data_dir
+from medlib.plots import _pyplot, _save
+from medlib.training import train_or_resume
 
 PAPER_SHARE = 33_333 / (100_000 + 33_333)   # Table 2: replayed stage-1 rows among stage-2 training rows
 
@@ -58,56 +67,50 @@ def replay_rows(share: float, dialogue_rows: int) -> int:
     return round(share / (1 - share) * dialogue_rows)
 
 
-STUDY_KEYS = {"shares": "shares", "from_base": "from_base", "dialogue_train": "dialogue_train",
-              "dialogue_validation": "dialogue_validation", "max_steps": "max_steps", "mcq_limit": "mcq.limit",
-              "n_queries": "bertscore.n_queries"}
+def study_recipe(profile: str, overrides: Iterable[str] = (), **settings: Any) -> StudyRecipe:
+    """study_dmt.yaml with --set overrides, then typed settings (None = the recipe's): shares, from_base,
+    dialogue_train, dialogue_validation, max_steps, mcq_limit, n_queries (the notebook's parameters)."""
+    recipe = config.load_study(profile, overrides)
+    settings = {k: v for k, v in settings.items() if v is not None}
+    nested = {"mcq_limit": ("mcq", "limit"), "n_queries": ("bertscore", "n_queries")}
+    for name, (section, key) in nested.items():
+        if name in settings:
+            recipe = recipe.replace(**{section: getattr(recipe, section).replace(**{key: settings.pop(name)})})
+    try:
+        recipe = recipe.replace(**settings)
+    except config.RecipeError as exc:
+        raise StudyError(f"study setting: {exc}") from None
+    if 0.0 not in recipe.shares:
+        raise StudyError(f"study_dmt shares {list(recipe.shares)}: 0.0 (no replay) must be one of them; every arm "
+                         "is compared with it")
+    return recipe.replace(shares=tuple(sorted(set(recipe.shares))))
 
 
-def study_overrides(**values: Any) -> list[str]:
-    """Notebook parameters (None = the recipe's) as study_dmt.yaml overrides."""
-    unknown = set(values) - set(STUDY_KEYS)
-    if unknown:
-        raise StudyError(f"unknown study setting(s) {', '.join(sorted(unknown))}; known: {', '.join(STUDY_KEYS)}")
-    return [f"{STUDY_KEYS[name]}={json.dumps(value)}" for name, value in values.items() if value is not None]
-
-
-def study_recipe(profile: str, overrides: Iterable[str] = ()) -> dict[str, Any]:
-    recipe = config.load_recipe(profile, "study_dmt", list(overrides))
-    shares = [float(s) for s in recipe["shares"]]
-    if 0.0 not in shares:
-        raise StudyError(f"study_dmt shares {shares}: 0.0 (no replay) must be one of them; every arm is compared with it")
-    recipe["shares"] = sorted(set(shares))
-    return recipe
-
-
-def arm_recipe(arm: Arm, profile: str, root: Path, study_dir: Path, study: dict[str, Any],
-               data_dir: str | None, counts: tuple[int, int] | None) -> dict[str, Any]:
+def arm_recipe(arm: Arm, stage2: TrainRecipe, study: StudyRecipe, counts: tuple[int, int] | None) -> TrainRecipe:
     """The stage-2 recipe of one arm: same dialogue rows for every arm, k replayed rows for its share."""
-    from medlib.pipeline import layout, stage_overrides
-    from medlib.train import load_recipe_for
-
-    lay = layout(profile, root)
-    recipe = load_recipe_for(2, profile, stage_overrides(2, lay, data_dir, study["max_steps"], [
-        f"output_dir={study_dir / 'runs' / arm.slug}", f"data.mixture_dir={study_dir / 'data' / arm.slug}",
-        f"run_name=dmt-{arm.slug}"]))
-    sources = recipe["data"]["sources"]
-    if study["dialogue_train"] is not None or study["dialogue_validation"] is not None:
+    sources = stage2.data.sources
+    if study.dialogue_train is not None or study.dialogue_validation is not None:
         if len(sources) != 1:
             raise StudyError(f"study_dmt dialogue_train/dialogue_validation need one dialogue source; the stage-2 "
                              f"recipe has {len(sources)}")
-        for key, value in (("n_train", study["dialogue_train"]), ("n_validation", study["dialogue_validation"])):
-            if value is not None:
-                sources[0][key] = int(value)
-    replay = recipe["data"]["replay"]
+        source = sources[0]
+        if study.dialogue_train is not None:
+            source = source.replace(n_train=study.dialogue_train)
+        if study.dialogue_validation is not None:
+            source = source.replace(n_validation=study.dialogue_validation)
+        sources = (source,)
+    replay = stage2.data.replay
     if arm.share == 0:
-        recipe["data"]["replay"] = None
+        replay = None
     else:
         if not replay or counts is None:
             raise StudyError("a replay arm needs the stage-2 recipe's data.replay section and the no-replay arm's counts")
-        replay["n_train"], replay["n_validation"] = (replay_rows(arm.share, n) for n in counts)
-    if arm.from_base:
-        recipe["init"] = "base"
-    return recipe
+        n_train, n_validation = (replay_rows(arm.share, n) for n in counts)
+        replay = replay.replace(n_train=n_train, n_validation=n_validation)
+    training = stage2.training if study.max_steps is None else stage2.training.replace(max_steps=study.max_steps)
+    return stage2.replace(run_name=f"dmt-{arm.slug}", mixture=arm.slug, training=training,
+                          data=stage2.data.replace(sources=sources, replay=replay),
+                          init="base" if arm.from_base else stage2.init)
 
 
 def _dialogue_counts(mixture_dir: Path) -> tuple[int, int]:
@@ -121,40 +124,42 @@ def _mcq_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
 
 def run_dmt_study(profile: str = "local", out_dir: str | Path | None = None, data_dir: str | None = None,
                   overrides: Iterable[str] = (), stage1_max_steps: int | None = None,
-                  say: Callable[[str], None] = print) -> dict[str, Any]:
+                  say: Callable[[str], None] = print, **settings: Any) -> dict[str, Any]:
     """Train every arm (a finished arm with the same settings is kept), evaluate, compare, draw.
-    Returns the study summary (also study.json)."""
-    from medlib.evaluate import stats
-    from medlib.evaluate.bertscore import run_bertscore
-    from medlib.evaluate.mcq import run_mcq
-    from medlib.pipeline import layout, train_stage
-    from medlib.train import prepare_mixture, train_or_resume
-
-    study = study_recipe(profile, overrides)
+    settings: typed study settings (see study_recipe). Returns the study summary (also study.json)."""
+    study = study_recipe(profile, overrides, **settings)
     lay = layout(profile, out_dir)
-    study_dir = lay.root / "study" / "dmt"
-    say(f"[dmt study] {profile} profile, shares {study['shares']}{' + from the base model' if study['from_base'] else ''}; "
+    study_dir = lay.study
+    arms_layout = Layout(profile, study_dir)   # arms' mixtures in study/dmt/data/<arm>, runs in study/dmt/runs/...
+    say(f"[dmt study] {profile} profile, shares {list(study.shares)}{' + from the base model' if study.from_base else ''}; "
         f"writing {study_dir}")
     med_mix = train_stage(1, profile, lay.root, data_dir, max_steps=stage1_max_steps)
+    stage2 = with_data_dir(config.load_train(profile, 2), data_dir)
+    stage1_mixture = lay.mixture(stage1_of(stage2, profile).mixture)
 
-    arms = [Arm(s) for s in study["shares"]] + ([Arm(0.0, from_base=True)] if study["from_base"] else [])
+    arms = [Arm(s) for s in study.shares] + ([Arm(0.0, from_base=True)] if study.from_base else [])
     runs: dict[str, Path] = {}
     counts = None
+    eval_recipe = config.load_eval(profile)
     for arm in arms:  # the no-replay arm comes first: its mixture gives the dialogue counts
-        recipe = arm_recipe(arm, profile, lay.root, study_dir, study, data_dir, counts)
-        mixture = prepare_mixture(recipe)
+        recipe = arm_recipe(arm, stage2, study, counts)
+        mixture = arms_layout.mixture(recipe.mixture)
+        if not (mixture / "manifest.json").exists():
+            build_mixture(recipe, mixture, eval_recipe, stage1_mixture if recipe.data.replay else None)
         if counts is None:
             counts = _dialogue_counts(mixture)
-        runs[arm.slug] = train_or_resume(recipe, say=say)
+        runs[arm.slug] = train_or_resume(recipe, study_dir / "runs" / arm.slug, mixture,
+                                         med_mix if recipe.uses_stage1 else None, say=say)
 
-    eval_args = dict(out=str(study_dir / "eval"), data_dir=data_dir, write_tables=False)
+    evaluation = with_data_dir(eval_recipe, data_dir)
+    evaluation = evaluation.replace(mcq=evaluation.mcq.replace(sets=study.mcq.sets, limit=study.mcq.limit),
+                                    bertscore=evaluation.bertscore.replace(n_queries=study.bertscore.n_queries))
     models = {"med-mix": med_mix, **runs}
     mcq, chat = {}, {}
     for label, run in models.items():
         say(f"[dmt study] evaluating {label}")
-        mcq[label] = run_mcq(profile, run, label=label, sets=study["mcq"]["sets"], limit=study["mcq"]["limit"] or 0,
-                             **eval_args)
-        chat[label] = run_bertscore(profile, run, label=label, n=int(study["bertscore"]["n_queries"]), **eval_args)
+        mcq[label] = run_mcq(evaluation, study_dir / "eval", run, label=label, write_tables=False)
+        chat[label] = run_bertscore(evaluation, study_dir / "eval", run, label=label, write_tables=False)
 
     reference = Arm(0.0).slug
     rows = []
@@ -176,9 +181,8 @@ def run_dmt_study(profile: str = "local", out_dir: str | Path | None = None, dat
                                                                  read_jsonl(chat[label]["generations_file"]))}
         rows.append(row)
 
-    summary = {"profile": profile, "note": ("LOCAL profile: SmolLM2-135M on CPU with stand-in data; not the paper's "
-                                            "model, data or numbers") if profile == "local" else "paper profile",
-               "study": {k: v for k, v in study.items() if k != "_meta"}, "recipe": study.get("_meta"),
+    summary = {"profile": profile, "note": study.note, "study": study.to_dict(),
+               "recipe": {"recipe_file": study.meta.recipe_file, "overrides": list(study.meta.overrides)},
                "paper_share": PAPER_SHARE, "dialogue_rows": {"train": counts[0], "validation": counts[1]},
                "med_mix": str(med_mix), "rows": rows, "findings": findings(rows)}
     study_dir.mkdir(parents=True, exist_ok=True)
@@ -243,8 +247,6 @@ def write_table(summary: dict[str, Any], study_dir: Path) -> tuple[Path, Path]:
 def plot_tradeoff(summary: dict[str, Any], path: Path) -> Path:
     """MCQ retention and dialogue BERTScore against the replay share, with 95% CIs; Med-Mix and the
     from-base arm as reference marks."""
-    from medlib.plots import _pyplot, _save
-
     plt = _pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     arms = [r for r in summary["rows"] if r["share"] is not None and not r["from_base"]]
@@ -265,8 +267,7 @@ def plot_tradeoff(summary: dict[str, Any], path: Path) -> Path:
         ax.set_xlabel("replay share of stage-2 training rows")
         ax.set_title(title, fontsize=10)
     axes[1].legend(fontsize=7, loc="best")
-    fig.suptitle(f"DMT replay study — {summary['profile']} profile" + (" (local stand-in, not the paper's numbers)"
-                                                                         if summary["profile"] == "local" else ""), fontsize=10)
+    fig.suptitle(f"DMT replay study — {summary['profile']} profile\n{summary['note']}", fontsize=9)
     return _save(fig, path, description=f"DMT study, {summary['profile']} profile: MCQ accuracy and BERTScore F1 "
                                          "against the replay share, 95% CIs")
 
@@ -285,8 +286,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from medlib.cli import CLIError
-
     try:
         run_dmt_study(args.profile, args.out, args.data_dir, args.overrides)
     except StudyError as exc:

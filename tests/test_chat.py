@@ -148,15 +148,15 @@ def test_router_examples(router):
 def session(router):
     from medlib.chat.session import ChatSession
 
-    return ChatSession.from_profile("local", overrides=["generation.max_new_tokens=12", "adapter=null"],
+    return ChatSession.from_profile("local", overrides=["generation.max_new_tokens=12", "run=null"],
                                     router=router)
 
 
 @pytest.mark.slow
 def test_session_turns_and_guardrails(session):
-    from medlib.chat.session import resolve_system_prompt
+    from medlib.prompts import SYSTEM_PROMPT
 
-    expected_system = resolve_system_prompt(session.recipe)  # the training prompt, as the chat recipe resolves it
+    expected_system = SYSTEM_PROMPT  # the base model (run=null): the default training prompt, Figure 2
     session.reset()
     streamed: list[str] = []
     first = session.reply("I have had a sore throat and a fever for two days. What can I take?", stream=streamed.append)

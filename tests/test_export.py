@@ -64,13 +64,11 @@ def test_export_gguf_merges_converts_and_agrees_with_the_merged_model(trained_ad
 
     # The Modelfile carries the training chat template and system prompt: rendered as Ollama would,
     # it gives exactly the prompt medlib's own template gives.
-    from medlib.chat.session import resolve_system_prompt
-    from medlib.config import load_recipe
-    from medlib.prompts import render_chat
+    from medlib.prompts import SYSTEM_PROMPT, render_chat
 
     modelfile = (out / "Modelfile").read_text()
     assert f"FROM ./{gguf.name}" in modelfile
-    system = resolve_system_prompt(load_recipe("local", "chat"))
+    system = SYSTEM_PROMPT  # the exported base model: the default training prompt
     assert f'SYSTEM """{system}"""' in modelfile
     template = re.search(r'TEMPLATE """(.*?)"""', modelfile, re.S).group(1)
     assert chat_format(tok) == "chatml" and template == OLLAMA_TEMPLATES["chatml"][0]

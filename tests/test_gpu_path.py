@@ -12,7 +12,7 @@ import types
 import nbformat
 import pytest
 
-from medlib.config import RecipeError, load_recipe, preset_overrides
+from medlib.config import RecipeError, load_recipe, load_train, preset_overrides
 from medlib.paths import REPO_ROOT
 from medlib.reproduce import NOTEBOOK_DIR, NOTEBOOKS, STUDY_NOTEBOOKS
 
@@ -20,18 +20,17 @@ from medlib.reproduce import NOTEBOOK_DIR, NOTEBOOKS, STUDY_NOTEBOOKS
 def test_colab_preset_cuts_only_sizes_of_the_paper_profile():
     for step in ("stage1", "stage2", "eval", "chat"):
         overrides = preset_overrides("colab_t4", "paper", step)
-        base, cut = load_recipe("paper", step), load_recipe("paper", step, overrides)  # every key exists
+        base, cut = load_recipe("paper", step).to_dict(), load_recipe("paper", step, preset="colab_t4").to_dict()
         changed = {k.split("=", 1)[0] for k in overrides}
         assert all(k.split(".")[-1] in ("max_train_samples", "max_eval_samples", "eval_steps", "save_steps",
                                         "logging_steps", "limit", "n_queries") for k in changed), changed
         # nothing else moves: the preset runs with the paper profile's fidelity settings
-        strip = lambda r: {k: v for k, v in r.items() if k != "_meta"}  # noqa: E731
         for key in changed:
             section, name = key.split(".")
             del base[section][name], cut[section][name]
-        assert strip(base) == strip(cut)
-    stage1 = load_recipe("paper", "stage1", preset_overrides("colab_t4", "paper", "stage1"))
-    assert stage1["training"]["max_train_samples"] == 2400 and stage1["model"]["load_in_4bit"] is True
+        assert base == cut
+    stage1 = load_train("paper", 1, preset="colab_t4")
+    assert stage1.training.max_train_samples == 2400 and stage1.model.load_in_4bit is True
     with pytest.raises(RecipeError, match="for the 'paper' profile, not 'local'"):
         preset_overrides("colab_t4", "local", "stage1")
     with pytest.raises(RecipeError, match="no preset 'nope'.*known: colab_t4"):
@@ -84,9 +83,9 @@ def test_make_reproduce_paper_stops_without_a_gpu_and_says_what_to_do():
 
 
 def test_paper_recipes_never_fall_back_silently():
-    from medlib.models import select_backend
+    from medlib.training.backends import select_backend
 
-    for stage in ("stage1", "stage2"):
-        assert load_recipe("paper", stage)["model"]["backend"] == "unsloth"
+    for stage in (1, 2):
+        assert load_train("paper", stage).model.backend == "unsloth"
     with pytest.raises(RuntimeError, match="needs a CUDA GPU"):
         select_backend("unsloth")

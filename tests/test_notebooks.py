@@ -9,7 +9,7 @@ import json
 import nbformat
 import pytest
 
-from medlib.pipeline import layout
+from medlib.pipeline import layout, stage_recipes
 from medlib.reproduce import NOTEBOOK_DIR, NOTEBOOKS, STUDY_NOTEBOOKS, ReproduceError, reproduce
 
 pytestmark = [pytest.mark.slow, pytest.mark.notebooks]
@@ -44,10 +44,10 @@ def test_every_notebook_is_executed_into_the_output_folder(reproduced):
 
 
 def test_data_and_training_artifacts(reproduced):
-    for stage in (1, 2):
-        manifest = json.loads((reproduced.mixture(stage) / "manifest.json").read_text())
+    for stage, recipe in stage_recipes("local").items():
+        manifest = json.loads((reproduced.mixture(recipe.mixture) / "manifest.json").read_text())
         assert manifest["standin"] is True and manifest["sizes"]["train"] > 0
-        run = reproduced.run(stage)
+        run = reproduced.run(recipe.run_name)
         assert (run / "adapter_model.safetensors").exists() and (run / "adapter_config.json").exists()
         meta = json.loads((run / "run_metadata.json").read_text())
         assert meta["profile"] == "local" and meta["global_step"] == TINY["max_steps"]

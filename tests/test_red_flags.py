@@ -157,11 +157,11 @@ class _Model:
 def session(detector):
     from medlib.chat.router import Router
     from medlib.chat.session import ChatSession
-    from medlib.config import load_recipe
+    from medlib.config import load_chat
     from medlib.models import load_for_inference
 
-    recipe = load_recipe("local", "chat", ["adapter=null", "generation.max_new_tokens=8"])
-    model, tokenizer = load_for_inference(recipe["model"]["name"], None, load_in_4bit=False)
+    recipe = load_chat("local", ["run=null", "generation.max_new_tokens=8"])
+    model, tokenizer = load_for_inference(recipe.model.name, None, load_in_4bit=False)
     return ChatSession(model, tokenizer, Router.from_files(), recipe, detector)
 
 
@@ -211,6 +211,6 @@ def test_chat_refuses_to_start_without_the_detector(tmp_path):
     from medlib.chat.session import ChatSession
 
     with pytest.raises(RedFlagError, match="incomplete|missing"):
-        ChatSession.from_profile("local", overrides=[f"guardrails.red_flag_model={tmp_path}", "adapter=null"])
+        ChatSession.from_profile("local", overrides=[f"guardrails.red_flag_model={tmp_path}", "run=null"])
     with pytest.raises(ValueError, match="RedFlagDetector"):
         ChatSession(object(), object(), object(), {"generation": {}}, None)

@@ -17,23 +17,23 @@ CHATDOCTOR_INSTRUCTION = "If you are a doctor, please answer the medical questio
 
 
 def test_paper_recipes_name_the_seeds_models_and_data():
-    chatdoctor = config.load_recipe("paper", "chatdoctor")
-    assert chatdoctor["model"]["name"] == "meta-llama/Llama-2-7b-chat-hf"
-    assert chatdoctor["data"]["sources"][0]["source"] == "healthcaremagic"
-    assert chatdoctor["init"] == "base" and chatdoctor["data"]["replay"] is None
+    chatdoctor = config.load_train("paper", "chatdoctor")
+    assert chatdoctor.model.name == "meta-llama/Llama-2-7b-chat-hf"
+    assert chatdoctor.data.sources[0].source == "healthcaremagic"
+    assert chatdoctor.init == "base" and chatdoctor.data.replay is None and not chatdoctor.uses_stage1
     from medlib.data.loaders import HUB
 
     assert HUB["healthcaremagic"]["id"] == "lavita/ChatDoctor-HealthCareMagic-100k"
-    llama3 = config.load_recipe("paper", "llama3_chatbot")
-    assert llama3["model"]["name"] == "meta-llama/Meta-Llama-3-8B-Instruct" and llama3["model"]["load_in_4bit"]
-    assert llama3["lora"]["target_modules"] == ["q_proj", "k_proj", "v_proj", "o_proj"]   # attention projections
-    assert llama3["training"]["gradient_accumulation_steps"] > 1
+    llama3 = config.load_train("paper", "llama3_chatbot")
+    assert llama3.model.name == "meta-llama/Meta-Llama-3-8B-Instruct" and llama3.model.load_in_4bit
+    assert llama3.lora.target_modules == ("q_proj", "k_proj", "v_proj", "o_proj")   # attention projections
+    assert llama3.training.gradient_accumulation_steps > 1
 
 
 def test_chatdoctor_instruction_is_the_one_its_data_carries(data_dir):
     rows = json.loads((data_dir / "chatdoctor" / "genmedgpt_5k.json").read_text())
     assert {r["instruction"] for r in rows} == {CHATDOCTOR_INSTRUCTION}
-    assert config.load_recipe("local", "chatdoctor")["prompt"]["system_prompt"] == CHATDOCTOR_INSTRUCTION
+    assert config.load_train("local", "chatdoctor").prompt.system_prompt == CHATDOCTOR_INSTRUCTION
 
 
 @pytest.fixture(scope="module")
@@ -50,10 +50,9 @@ def dialogue_mixture(tmp_path_factory, data_dir):
 
 
 def _run(name: str, mixture: Path, out: Path, *extra: str) -> Path:
-    from medlib.train import train
+    from medlib.training import train
 
-    recipe = config.load_recipe("local", name, [*FAST, f"data.mixture_dir={mixture}", *extra])
-    return train(recipe, out_dir=out)
+    return train(config.load_train("local", name, [*FAST, *extra]), out, mixture)
 
 
 def test_chatdoctor_trains_from_the_base_model_and_chats_with_its_own_prompt(tmp_path, dialogue_mixture):
@@ -69,7 +68,7 @@ def test_chatdoctor_trains_from_the_base_model_and_chats_with_its_own_prompt(tmp
     from medlib.training.card import model_card
 
     card = model_card(run_dir)
-    assert "# chatdoctor (single stage, profile `local`)" in card and "ChatDoctor-style" in card
+    assert "# ChatDoctor (single stage, profile `local`)" in card and "LoRA adapter, r = 16" in card and "ChatDoctor-style" in card
     assert "stage-1 adapter" not in card
 
     from medlib.chat.session import ChatSession

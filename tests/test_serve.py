@@ -43,7 +43,7 @@ def server(tmp_path_factory):
            "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen(
         [sys.executable, "-m", "medlib", "serve", "--profile", "local", "--port", "0",
-         "--set", f"adapter={work / 'no-such-run'}", "--set", "serve.rate_limit_per_minute=1000",
+         "--set", "run=no-such-run", "--set", "serve.rate_limit_per_minute=1000",
          "--set", "generation.max_new_tokens=24"],
         cwd=work, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     lines: queue.Queue[str] = queue.Queue()
@@ -283,7 +283,7 @@ def app_factory():
     from medlib.chat.serve import ChatServer, ServeSettings, create_app
     from medlib.chat.session import ChatSession
 
-    session = ChatSession.from_profile("local", overrides=["generation.max_new_tokens=8", "adapter=null"])
+    session = ChatSession.from_profile("local", overrides=["generation.max_new_tokens=8", "run=null"])
 
     def make(**changes):
         from fastapi.testclient import TestClient

@@ -9,7 +9,7 @@ import json
 import pytest
 
 from medlib.reproduce import reproduce
-from medlib.study import PAPER_SHARE, Arm, StudyError, replay_rows, study_overrides, study_recipe
+from medlib.study import PAPER_SHARE, Arm, StudyError, replay_rows, study_recipe
 
 pytestmark = [pytest.mark.slow, pytest.mark.notebooks]
 
@@ -24,9 +24,11 @@ def test_the_papers_share_and_replay_counts():
     with pytest.raises(StudyError, match="must be in"):
         replay_rows(1.0, 10)
     with pytest.raises(StudyError, match="0.0 \\(no replay\\)"):
-        study_recipe("local", study_overrides(shares=[0.25, 0.5]))
-    with pytest.raises(StudyError, match="unknown study setting"):
-        study_overrides(replay=0.3)
+        study_recipe("local", shares=[0.25, 0.5])
+    with pytest.raises(StudyError, match="no field 'replay'"):
+        study_recipe("local", replay=0.3)
+    with pytest.raises(StudyError, match="must be a list of a number"):
+        study_recipe("local", shares="0.25")
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,6 @@ mixtures cut from the real published files in ../shared/data.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
@@ -63,10 +62,10 @@ def tokenizer(smollm2_dir):
     return load_tokenizer(str(smollm2_dir))
 
 
-def _recipe(stage: int, mixture: Path, *extra: str) -> dict:
-    from medlib.train import load_recipe_for
+def _recipe(stage: int, *extra: str):
+    from medlib.config import load_train
 
-    return load_recipe_for(stage, "local", [*FAST, f"data.mixture_dir={mixture}", *extra])
+    return load_train("local", stage, [*FAST, *extra])
 
 
 PROBE = "<|im_start|>user\nWhich vitamin deficiency causes scurvy?<|im_end|>\n<|im_start|>assistant\n"
@@ -118,10 +117,10 @@ class ProbeCallback:
 
 @pytest.fixture(scope="module")
 def stage1_run(tmp_path_factory, stage1_mixture, tokenizer):
-    from medlib.train import train
+    from medlib.training import train
 
     probe = ProbeCallback(tokenizer)
-    run_dir = train(_recipe(1, stage1_mixture), out_dir=tmp_path_factory.mktemp("runs") / "med-mix", callbacks=[probe])
+    run_dir = train(_recipe(1), tmp_path_factory.mktemp("runs") / "med-mix", stage1_mixture, callbacks=[probe])
     return run_dir, probe
 
 
@@ -242,14 +241,14 @@ def test_stage2_starts_from_stage1_and_ships_one_combined_adapter(tmp_path, stag
     from peft import PeftModel
 
     from medlib.models import load_hf_model
-    from medlib.train import train
+    from medlib.training import train
     from medlib.training.backends import keep_4bit_cpu_numerics
 
     stage1_dir, _ = stage1_run
     mixture = _write_mixture(tmp_path / "mix2", dialogue_records[:6] + mcq_records[8:10], dialogue_records[6:8])
     probe = ProbeCallback(tokenizer)
-    run_dir = train(_recipe(2, mixture, "training.max_steps=2", "training.eval_steps=2", "training.save_steps=2"),
-                    out_dir=tmp_path / "med-nirvana", from_dir=stage1_dir, callbacks=[probe])
+    run_dir = train(_recipe(2, "training.max_steps=2", "training.eval_steps=2", "training.save_steps=2"),
+                    tmp_path / "med-nirvana", mixture, stage1_dir, callbacks=[probe])
 
     base = load_hf_model(SMOLLM2, load_in_4bit=True)
     keep_4bit_cpu_numerics(base)
@@ -274,6 +273,11 @@ def test_stage2_starts_from_stage1_and_ships_one_combined_adapter(tmp_path, stag
     assert not (run_dir / "init_stage1_merged").exists()
     cfg = json.loads((run_dir / "adapter_config.json").read_text())
     assert cfg["r"] == 32 and cfg["base_model_name_or_path"] == SMOLLM2
+    # ... and the run folder and its model card say so: one combined adapter of rank 16 + 16
+    assert meta["adapter"]["r"] == 32 and meta["adapter"]["combined_stages"] and meta["adapter"]["trained_r"] == 16
+    from medlib.training.card import model_card
+
+    assert "combined adapter, r = 32 (stage 1 r = 16 + stage 2 r = 16" in model_card(run_dir)
     # the shipped adapter on the plain float base == float(base + stage 1 merged) + the stage-2 adapter
     float_base = load_hf_model(SMOLLM2, load_in_4bit=False)
     combined = _probe_logits(PeftModel.from_pretrained(float_base, str(run_dir)), tokenizer)
@@ -301,18 +305,18 @@ def kill_after_first_checkpoint():
 
 
 def test_killed_run_resumes_from_its_checkpoint_to_the_same_step_count(tmp_path, stage1_mixture):
-    from medlib.train import TrainError, train
+    from medlib.training import TrainError, train
 
-    recipe = _recipe(1, stage1_mixture, "training.max_steps=4", "training.save_steps=2", "training.eval_steps=2")
+    recipe = _recipe(1, "training.max_steps=4", "training.save_steps=2", "training.eval_steps=2")
     out = tmp_path / "run"
     with pytest.raises(Killed):
-        train(recipe, out_dir=out, callbacks=[kill_after_first_checkpoint()])
+        train(recipe, out, stage1_mixture, callbacks=[kill_after_first_checkpoint()])
     assert (out / "checkpoints" / "checkpoint-2" / "trainer_state.json").exists()
     assert not (out / "adapter_model.safetensors").exists()
     with pytest.raises(TrainError, match="--resume"):
-        train(recipe, out_dir=out)  # never silently overwrites a run
+        train(recipe, out, stage1_mixture)  # never silently overwrites a run
 
-    train(recipe, out_dir=out, resume=True)
+    train(recipe, out, stage1_mixture, resume=True)
     meta = json.loads((out / "run_metadata.json").read_text())
     assert meta["global_step"] == 4 and meta["resumed_from"].endswith("checkpoint-2")
     steps = [e["step"] for e in json.loads((out / "log_history.json").read_text()) if "loss" in e]
@@ -325,25 +329,32 @@ def test_killed_run_resumes_from_its_checkpoint_to_the_same_step_count(tmp_path,
 def test_errors_before_heavy_work(tmp_path, monkeypatch, stage1_mixture):
     import medlib.training.backends as backends
     from medlib.models import ModelNotFoundError
-    from medlib.train import TrainError, load_recipe_for, train
+    from medlib.config import load_train
+    from medlib.data.validate import DataError
+    from medlib.pipeline import Layout, train_run
+    from medlib.training import TrainError, train
 
     monkeypatch.setattr(backends, "load_for_training", lambda *a, **k: pytest.fail("loaded a model"))
     with pytest.raises(RecipeError, match="lora.rank"):
-        load_recipe_for(1, "local", ["lora.rank=8"])
-    with pytest.raises(TrainError, match="does not exist"):
-        train(_recipe(1, tmp_path / "nomix", f"data.data_dir={tmp_path / 'nodata'}"), out_dir=tmp_path / "a")
+        load_train("local", 1, ["lora.rank=8"])
+    with pytest.raises(RecipeError, match=r"local/stage1.yaml: training.max_steps must be an integer, got 'ten'"):
+        load_train("local", 1, ["training.max_steps=ten"])
+    with pytest.raises(RecipeError, match=r"Literal|one of 'auto', 'unsloth', 'hf', got 'gpu'"):
+        load_train("local", 1, ["model.backend=gpu"])
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        train_run(_recipe(1, f"data.data_dir={tmp_path / 'nodata'}"), Layout("local", tmp_path / "a"))
     empty = _write_mixture(tmp_path / "empty", [], [])
-    with pytest.raises(TrainError, match="empty"):
-        train(_recipe(1, empty), out_dir=tmp_path / "b")
+    with pytest.raises(DataError, match="empty"):
+        train(_recipe(1), tmp_path / "b", empty)
     bad = _write_mixture(tmp_path / "bad", [{"id": "x1", "source": "t", "question": "q?", "context": "",
                                              "options": {"A": "a", "B": "b"}, "answer": "Z"}], [])
-    with pytest.raises(TrainError, match=r"train.jsonl line 1 \(id 'x1'\)"):
-        train(_recipe(1, bad), out_dir=tmp_path / "c")
+    with pytest.raises(DataError, match=r"train.jsonl: line 1 \(id 'x1'\)"):
+        train(_recipe(1), tmp_path / "c", bad)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(ModelNotFoundError, match="could not be loaded"):
-        train(_recipe(1, stage1_mixture, "model.name=nobody/no-such-model"), out_dir=tmp_path / "d")
+        train(_recipe(1, "model.name=nobody/no-such-model"), tmp_path / "d", stage1_mixture)
     with pytest.raises(TrainError, match="stage 2 needs a finished stage-1 run"):
-        train(_recipe(2, stage1_mixture), out_dir=tmp_path / "e", from_dir=tmp_path / "no-stage1")
+        train(_recipe(2), tmp_path / "e", stage1_mixture, tmp_path / "no-stage1")
 
 
 def test_cli_refuses_push_without_token_before_training(monkeypatch, capsys):
@@ -364,7 +375,7 @@ def test_model_card_and_offline_push(stage1_run, monkeypatch):
     run_dir, _ = stage1_run
     card = model_card(run_dir)
     for needle in (SMOLLM2, "learning_rate | 0.001", "lora_r | 16", "train: 8 records", "Intended use",
-                   "Limitations", "Medical disclaimer", "NOT the paper's", "No evaluation results"):
+                   "Limitations", "Medical disclaimer", "not the paper's model, data or numbers", "No evaluation results"):
         assert needle in card, needle
     (run_dir / "eval_results.json").write_text(json.dumps({"medqa": {"accuracy": 0.31}}))
     assert '"accuracy": 0.31' in model_card(run_dir)
@@ -410,32 +421,30 @@ def test_padding_free_batches_give_the_padded_loss(tokenizer, mcq_records, dialo
 
 
 def test_notebook_reruns_resume_keep_refuse_and_overwrite_as_they_say(tmp_path, stage1_mixture):
-    from medlib.train import TrainError, plan_run, train, train_or_resume
+    from medlib.training import TrainError, plan_run, train, train_or_resume
 
     out = tmp_path / "med-mix"
-    recipe = _recipe(1, stage1_mixture, f"output_dir={out}", "training.max_steps=4", "training.save_steps=2",
-                     "training.eval_steps=2")
+    recipe = _recipe(1, "training.max_steps=4", "training.save_steps=2", "training.eval_steps=2")
     said: list[str] = []
-    assert plan_run(recipe)[0] == "train"
+    assert plan_run(recipe, out, stage1_mixture)[0] == "train"
     with pytest.raises(Killed):  # a Colab disconnect after the first checkpoint
-        train(recipe, callbacks=[kill_after_first_checkpoint()])
+        train(recipe, out, stage1_mixture, callbacks=[kill_after_first_checkpoint()])
     with pytest.raises(TrainError, match="resume=True .* overwrite=True"):
-        plan_run(recipe, resume=False)
-    train_or_resume(recipe, say=said.append)  # the default: continue from the checkpoint
+        plan_run(recipe, out, stage1_mixture, resume=False)
+    train_or_resume(recipe, out, stage1_mixture, say=said.append)  # the default: continue from the checkpoint
     assert "resuming from" in said[-1] and said[-1].endswith("checkpoint-2")
     meta = json.loads((out / "run_metadata.json").read_text())
     assert meta["status"] == "finished" and meta["global_step"] == 4 and meta["resumed_from"].endswith("checkpoint-2")
     checkpoints = sorted(p.name for p in (out / "checkpoints").iterdir())
 
-    train_or_resume(recipe, say=said.append)  # the same settings again: kept, nothing trained or deleted
+    train_or_resume(recipe, out, stage1_mixture, say=said.append)  # the same settings again: kept, nothing trained
     assert "kept" in said[-1] and sorted(p.name for p in (out / "checkpoints").iterdir()) == checkpoints
-    changed = _recipe(1, stage1_mixture, f"output_dir={out}", "training.max_steps=5", "training.save_steps=2",
-                      "training.eval_steps=2")
+    changed = _recipe(1, "training.max_steps=5", "training.save_steps=2", "training.eval_steps=2")
     with pytest.raises(TrainError, match=r"other settings or inputs \(differs in: training\).*overwrite=True"):
-        train_or_resume(changed, say=said.append)
+        train_or_resume(changed, out, stage1_mixture, say=said.append)
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == checkpoints  # still nothing deleted
 
-    train_or_resume(changed, overwrite=True, say=said.append)
+    train_or_resume(changed, out, stage1_mixture, overwrite=True, say=said.append)
     assert "deleting the run" in said[-1]
     meta = json.loads((out / "run_metadata.json").read_text())
     assert meta["global_step"] == 5 and meta["resumed_from"] is None
@@ -449,7 +458,8 @@ def test_notebook_reruns_resume_keep_refuse_and_overwrite_as_they_say(tmp_path, 
 def test_precision_follows_the_gpus_real_capability(monkeypatch, capability, name, expected):
     import torch
 
-    from medlib import models, train
+    from medlib import models
+    from medlib.training import arguments
 
     monkeypatch.setattr(models, "cuda_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: capability)
@@ -457,15 +467,15 @@ def test_precision_follows_the_gpus_real_capability(monkeypatch, capability, nam
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)  # what a T4 reports (emulated)
     mode, why = models.training_precision("auto")
     assert mode == expected and name in why and f"{capability[0]}.{capability[1]}" in why
-    recipe = _recipe(1, Path("unused"))
-    settings = train._training_settings(recipe, "hf", [])
+    monkeypatch.setattr(arguments, "cuda_available", lambda: True)
+    settings, precision = arguments.trainer_settings(_recipe(1), "hf", [])
     assert (settings["fp16"], settings["bf16"]) == (expected == "fp16", expected == "bf16")
-    assert settings["precision"] == expected
+    assert precision["mode"] == expected
     assert models.training_precision("fp16")[0] == "fp16"  # forcing fp16 works anywhere (the H100 check)
     if capability < (8, 0):
         with pytest.raises(ValueError, match="bf16 needs compute capability 8.0"):
             models.training_precision("bf16")
-    from medlib.evaluate.common import resolve_dtype
+    from medlib.models import resolve_dtype
 
     assert resolve_dtype("auto") == {"fp16": "float16", "bf16": "bfloat16"}[expected]
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from medlib.chat.session import ChatSession
+
 PROMPT = "you> "
 ASSISTANT = "assistant> "
 
@@ -31,8 +33,6 @@ def run(args: argparse.Namespace) -> int:
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
-    from medlib.chat.session import ChatSession
-
     interactive = sys.stdin.isatty()
     session = ChatSession.from_profile(args.profile, adapter=args.adapter, overrides=args.overrides)
     out = sys.stdout

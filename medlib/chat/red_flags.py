@@ -26,6 +26,7 @@ from typing import Any, Iterable, Sequence
 
 from medlib.chat import guardrails
 from medlib.chat.router import CHAT_DATA_DIR, LABELLED_FILE, REFERENCE_FILE, labelled_rows, normalise, read_examples
+from medlib.models import MINILM, name_adapter_base, resolve_model_path
 
 RED_FLAG_FILE = CHAT_DATA_DIR / "red_flags.jsonl"
 MODEL_DIR = CHAT_DATA_DIR / "red_flag_model"
@@ -107,8 +108,6 @@ class RedFlagClassifier:
         from peft import LoraConfig, get_peft_model
         from transformers import AutoModel, AutoTokenizer
 
-        from medlib.models import MINILM, resolve_model_path
-
         torch.manual_seed(seed)
         base = str(resolve_model_path(MINILM))
         encoder = get_peft_model(AutoModel.from_pretrained(base, dtype=torch.float32),
@@ -123,8 +122,6 @@ class RedFlagClassifier:
         from peft import PeftModel
         from safetensors.torch import load_file
         from transformers import AutoModel, AutoTokenizer
-
-        from medlib.models import MINILM, resolve_model_path
 
         model_dir = Path(model_dir)
         head_file = model_dir / "head.safetensors"
@@ -147,8 +144,6 @@ class RedFlagClassifier:
         model_dir = Path(model_dir)
         model_dir.mkdir(parents=True, exist_ok=True)
         self.encoder.save_pretrained(str(model_dir), safe_serialization=True)
-        from medlib.models import MINILM, name_adapter_base
-
         name_adapter_base(model_dir, MINILM)
         save_file({k: v.contiguous() for k, v in self.head.state_dict().items()}, str(model_dir / "head.safetensors"))
         (model_dir / "labels.json").write_text(json.dumps(list(LABELS)) + "\n")

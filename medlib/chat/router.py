@@ -20,7 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-from medlib.paths import PACKAGE_DIR
+from medlib.models import MINILM, resolve_model_path
+from medlib.paths import PACKAGE_DIR, default_data_dir
 
 CHAT_DATA_DIR = PACKAGE_DIR / "chat_data"
 REFERENCE_FILE = CHAT_DATA_DIR / "reference.jsonl"
@@ -100,8 +101,6 @@ class Embedder:
     def __init__(self, model_dir: str | Path | None = None, batch_size: int = 64, max_length: int = 128):
         import torch
         from transformers import AutoModel, AutoTokenizer
-
-        from medlib.models import MINILM, resolve_model_path
 
         self.model_dir = str(model_dir or resolve_model_path(MINILM))
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
@@ -215,8 +214,6 @@ def labelled_splits(data_dir: str | Path | None = None, labelled_file: str | Pat
     The GenMedGPT sample is split in half (first half calibration); nothing here overlaps the
     router's reference examples (checked, since a shared text would inflate the held-out score).
     """
-    from medlib.paths import default_data_dir
-
     rows = read_examples(labelled_file or LABELLED_FILE, need_split=True)
     gen = genmedgpt_messages(data_dir or default_data_dir(), n_genmedgpt)
     half = len(gen) // 2
@@ -281,8 +278,6 @@ def evaluate_router(router: Router, rows: list[dict[str, str]]) -> dict[str, Any
 def calibrate_router(data_dir: str | Path | None = None, out: str | Path | None = CALIBRATION_FILE,
                      top_k: int = 3, embedder: Embedder | None = None) -> dict[str, Any]:
     """Calibrate thresholds on the calibration split, measure the held-out split, write the JSON."""
-    from medlib.paths import default_data_dir
-
     data_dir = Path(data_dir) if data_dir else default_data_dir()
     splits = labelled_splits(data_dir)
     embedder = embedder or Embedder()

@@ -32,6 +32,8 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from medlib.chat import guardrails
+from medlib.chat.session import ChatSession
+from medlib.config import ChatRecipe
 
 log = logging.getLogger(__name__)
 API_KEY_ENV = "MEDLIB_API_KEY"
@@ -62,13 +64,13 @@ class ServeSettings:
     api_key: str | None
 
     @classmethod
-    def from_recipe(cls, recipe: dict[str, Any], host: str | None = None, port: int | None = None,
+    def from_recipe(cls, recipe: ChatRecipe, host: str | None = None, port: int | None = None,
                     transcript: str | None = None) -> "ServeSettings":
-        s = recipe["serve"]
-        path = transcript or s.get("transcript")
-        return cls(host=host or str(s["host"]), port=int(port if port is not None else s["port"]),
-                   max_request_bytes=int(s["max_request_bytes"]),
-                   rate_limit_per_minute=int(s["rate_limit_per_minute"]), max_queue=int(s["max_queue"]),
+        s = recipe.serve
+        path = transcript or s.transcript
+        return cls(host=host or s.host, port=port if port is not None else s.port,
+                   max_request_bytes=s.max_request_bytes,
+                   rate_limit_per_minute=s.rate_limit_per_minute, max_queue=s.max_queue,
                    transcript=Path(path) if path else None,
                    api_key=os.environ.get(API_KEY_ENV) or None)
 
@@ -163,7 +165,7 @@ class ChatServer:
         self._waiting = 0
         self._waiting_lock = threading.Lock()
         self._transcript_lock = threading.Lock()
-        self.model_id = served_model_id(session.recipe["profile"], session.recipe["_meta"].get("adapter_used"))
+        self.model_id = served_model_id(session.recipe.profile, session.adapter_used)
 
     # ------------------------------------------------------------------ one reply, streamed
     def reply_stream(self, history: list[tuple[str, str]], text: str, interface: str,
@@ -454,8 +456,6 @@ def run(args: argparse.Namespace) -> int:
 
     import uvicorn
     from transformers.utils import logging as hf_logging
-
-    from medlib.chat.session import ChatSession
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()

@@ -25,6 +25,11 @@ from typing import Any, Callable, Iterable, Sequence
 from medlib.chat import guardrails
 from medlib.chat.red_flags import RedFlagDetector
 from medlib.chat.router import RouteDecision, Router
+from medlib.config import ChatRecipe, load_chat
+from medlib.models import ModelNotFoundError, load_for_inference
+from medlib.paths import resolve
+from medlib.prompts import effective_system_prompt, render_chat
+from medlib.training.metadata import METADATA_FILE, RunRecord
 
 log = logging.getLogger(__name__)
 StreamFn = Callable[[str], None]
@@ -49,8 +54,6 @@ def fit_history(tokenizer: Any, system_prompt: str, history: Sequence[tuple[str,
     """Messages whose rendered prompt fits `budget` tokens: the system prompt always, then as many
     of the most recent (user, assistant) turns as fit, then the new user message (cut from the
     end, as a last resort, when it alone does not fit). Returns (messages, dropped_turns, cut)."""
-    from medlib.prompts import render_chat
-
     def build(turns: Sequence[tuple[str, str]], text: str) -> list[dict[str, str]]:
         msgs = [{"role": "system", "content": system_prompt}]
         for u, a in turns:
@@ -88,52 +91,33 @@ def find_adapter(path: str | Path) -> Path | None:
     return None
 
 
-def trained_with(adapter_dir: Path) -> dict[str, Any]:
-    """What a medlib run recorded about itself (run_metadata.json next to or above the adapter):
-    base_model and system_prompt, when present. {} for an adapter from elsewhere."""
-    import json
-
+def trained_with(adapter_dir: Path) -> RunRecord | None:
+    """What a medlib run recorded about itself (run_metadata.json next to or above the adapter), or
+    None for an adapter from elsewhere."""
     for folder in (adapter_dir, adapter_dir.parent):
-        meta = folder / "run_metadata.json"
-        if meta.exists():
-            found = json.loads(meta.read_text())
-            return {k: found[k] for k in ("base_model", "system_prompt", "run_name") if found.get(k)}
-    return {}
+        if (folder / METADATA_FILE).exists():
+            return RunRecord.read(folder)
+    return None
 
 
-def model_and_prompt(recipe: dict[str, Any], adapter_dir: Path | None) -> tuple[str, str, str | None]:
+def model_and_prompt(recipe: ChatRecipe, adapter_dir: Path | None) -> tuple[str, str, str | None]:
     """(base model, system prompt, notice) for a chat recipe and an adapter. The run folder says what
     the adapter was trained on and with which prompt (the seeds' single-stage chatbots use another
     base model or instruction than the profile's Med-Nirvana); the chat recipe's own prompt wins."""
-    run = trained_with(adapter_dir) if adapter_dir else {}
-    base_model, notice = recipe["model"]["name"], None
-    if run.get("base_model") and run["base_model"] != base_model:
-        notice = (f"The adapter was trained on {run['base_model']}: loading that base model "
+    run = trained_with(adapter_dir) if adapter_dir else None
+    base_model, notice = recipe.model.name, None
+    if run and run.base_model != base_model:
+        notice = (f"The adapter was trained on {run.base_model}: loading that base model "
                   f"instead of the chat recipe's {base_model}.")
-        base_model = run["base_model"]
-    prompt = (recipe.get("prompt") or {}).get("system_prompt") or run.get("system_prompt") or resolve_system_prompt(recipe)
-    return base_model, prompt, notice
-
-
-def resolve_system_prompt(recipe: dict[str, Any]) -> str:
-    """The chat recipe's prompt.system_prompt, else the same profile's stage-2 training recipe's,
-    else medlib.prompts.SYSTEM_PROMPT: the model is asked what it was trained on."""
-    from medlib.config import RecipeError, load_recipe
-    from medlib.prompts import SYSTEM_PROMPT
-
-    prompt = (recipe.get("prompt") or {}).get("system_prompt")
-    if prompt:
-        return prompt
-    try:
-        prompt = (load_recipe(recipe["profile"], "stage2").get("prompt") or {}).get("system_prompt")
-    except (RecipeError, KeyError):
-        prompt = None
-    return prompt or SYSTEM_PROMPT
+        base_model = run.base_model
+    prompt = recipe.prompt.system_prompt or (run.system_prompt if run else None)
+    return base_model, effective_system_prompt(prompt), notice
 
 
 class ChatSession:
-    def __init__(self, model: Any, tokenizer: Any, router: Router, recipe: dict[str, Any],
-                 red_flags: RedFlagDetector, system_prompt: str | None = None, notices: Iterable[str] = ()):
+    def __init__(self, model: Any, tokenizer: Any, router: Router, recipe: ChatRecipe,
+                 red_flags: RedFlagDetector, system_prompt: str | None = None, notices: Iterable[str] = (),
+                 model_name: str | None = None, adapter_used: Path | None = None):
         if red_flags is None:  # fail safe: no chat without the red-flag detector
             raise ValueError("ChatSession needs a RedFlagDetector; it never runs without red-flag detection")
         self.model = model
@@ -141,37 +125,37 @@ class ChatSession:
         self.router = router
         self.red_flags = red_flags
         self.recipe = recipe
-        self.system_prompt = system_prompt or resolve_system_prompt(recipe)
+        self.system_prompt = effective_system_prompt(system_prompt or recipe.prompt.system_prompt)
+        self.model_name = model_name or recipe.model.name
+        self.adapter_used = adapter_used
         self.startup_notices = list(notices)
         self.history: list[tuple[str, str]] = []
         self.answers_given = 0
-        gen = recipe["generation"]
-        self.temperature = float(gen["temperature"])
-        self.max_new_tokens = int(gen["max_new_tokens"])
-        self.context_tokens = int(recipe["history"]["max_context_tokens"])
+        self.temperature = recipe.generation.temperature
+        self.max_new_tokens = recipe.generation.max_new_tokens
+        self.context_tokens = recipe.history.max_context_tokens
         self._special_tokens = list(getattr(tokenizer, "all_special_tokens", []) or [])
 
     # ------------------------------------------------------------------ construction
     @classmethod
     def from_profile(cls, profile: str = "local", adapter: str | Path | None = None,
                      overrides: Iterable[str] = (), router: Router | None = None,
-                     red_flags: RedFlagDetector | None = None) -> "ChatSession":
+                     red_flags: RedFlagDetector | None = None, preset: str | None = None,
+                     runs_root: str | Path | None = None, recipe: ChatRecipe | None = None) -> "ChatSession":
         """Load the profile's chat recipe, the red-flag detector, the base model, the adapter and the router.
 
         The red-flag detector loads first: if it cannot load, this raises (red_flags.RedFlagError)
         and no chat starts.
 
-        adapter=None uses the recipe's default (the profile's Med-Nirvana run); when that does
-        not exist yet a notice says so and the base model runs. An explicit adapter that does not
-        exist is an error.
+        adapter=None uses the recipe's run (the profile's Med-Nirvana) under runs_root (default
+        outputs/<profile>); when that does not exist yet a notice says so and the base model runs.
+        An explicit adapter that does not exist is an error. `recipe`: an already loaded chat recipe.
         """
-        from medlib.config import load_recipe
-        from medlib.models import ModelNotFoundError, load_for_inference
-        from medlib.paths import resolve
+        from medlib.pipeline import layout
 
-        recipe = load_recipe(profile, "chat", list(overrides))
+        recipe = recipe or load_chat(profile, overrides, preset)
         if red_flags is None:
-            model_dir = (recipe.get("guardrails") or {}).get("red_flag_model")
+            model_dir = recipe.guardrails.red_flag_model
             red_flags = RedFlagDetector.load(resolve(model_dir)) if model_dir else RedFlagDetector.load()
         notices = []
         adapter_dir = None
@@ -179,29 +163,26 @@ class ChatSession:
             adapter_dir = find_adapter(adapter)
             if adapter_dir is None:
                 raise ModelNotFoundError(f"adapter {adapter} has no adapter_config.json (nor adapter/ inside it)")
-        elif recipe.get("adapter"):
-            default = resolve(recipe["adapter"])
+        elif recipe.run:
+            default = layout(profile, runs_root).run(recipe.run)
             adapter_dir = find_adapter(default)
             if adapter_dir is None:
                 notices.append(f"No trained adapter at {default} yet: running the base model "
-                               f"{recipe['model']['name']} without fine-tuning.")
+                               f"{recipe.model.name} without fine-tuning.")
         base_model, system_prompt, notice = model_and_prompt(recipe, adapter_dir)
         if notice:
             notices.append(notice)
-        recipe["model"]["name"] = base_model
-        model, tokenizer = load_for_inference(recipe["model"]["name"], adapter_dir,
-                                              load_in_4bit=bool(recipe["model"]["load_in_4bit"]))
-        recipe["_meta"]["adapter_used"] = str(adapter_dir) if adapter_dir else None
+        model, tokenizer = load_for_inference(base_model, adapter_dir, load_in_4bit=recipe.model.load_in_4bit)
         if router is None:
-            r = recipe.get("router") or {}
-            router = Router.from_files(r.get("calibration_file") and resolve(r["calibration_file"]),
-                                       r.get("reference_file") and resolve(r["reference_file"]))
-        return cls(model, tokenizer, router, recipe, red_flags, system_prompt=system_prompt, notices=notices)
+            files = recipe.router
+            router = Router.from_files(files.calibration_file and resolve(files.calibration_file),
+                                       files.reference_file and resolve(files.reference_file))
+        return cls(model, tokenizer, router, recipe, red_flags, system_prompt=system_prompt, notices=notices,
+                   model_name=base_model, adapter_used=adapter_dir)
 
     def describe(self) -> str:
-        adapter = self.recipe["_meta"].get("adapter_used")
-        return (f"profile {self.recipe['profile']}, model {self.recipe['model']['name']}, "
-                f"adapter {adapter or 'none (base model)'}, temperature {self.temperature}")
+        return (f"profile {self.recipe.profile}, model {self.model_name}, "
+                f"adapter {self.adapter_used or 'none (base model)'}, temperature {self.temperature}")
 
     def fork(self, history: Sequence[tuple[str, str]] = (), answers_given: int = 0,
              temperature: float | None = None, max_new_tokens: int | None = None) -> "ChatSession":
@@ -232,8 +213,8 @@ class ChatSession:
             if stream:
                 stream(piece)
 
-        g = self.recipe["guardrails"]
-        clean = guardrails.clean_input(text, int(g["max_input_chars"]), self._special_tokens)
+        g = self.recipe.guardrails
+        clean = guardrails.clean_input(text, g.max_input_chars, self._special_tokens)
         for notice in clean.notices:
             emit(f"[{notice}]\n")
         if clean.empty:
@@ -247,7 +228,7 @@ class ChatSession:
         route = self.router.route(clean.text)
         if flags:
             emit(guardrails.urgent_message(flags))
-            if not (g["answer_after_red_flag"] and route.label == "medical"):
+            if not (g.answer_after_red_flag and route.label == "medical"):
                 return Reply("urgent", "".join(parts), red_flags=assessment.categories,
                              notices=clean.notices, route=route)
             emit("\n\n")
@@ -269,7 +250,7 @@ class ChatSession:
         if cut:
             notices.append("Your message was too long for the model's context; its end was left out.")
             emit(f"[{notices[-1]}]\n")
-        disclaimer = bool(g["disclaimer"]) and self.answers_given == 0
+        disclaimer = g.disclaimer and self.answers_given == 0
         if disclaimer:
             emit(guardrails.DISCLAIMER + "\n\n")
         answer = self.generate(messages, emit)
@@ -285,8 +266,6 @@ class ChatSession:
 
     def build_prompt(self, text: str) -> tuple[str, int]:
         """The exact prompt the model would get for `text` now, and how many turns were dropped."""
-        from medlib.prompts import render_chat
-
         messages, dropped, _ = fit_history(self.tokenizer, self.system_prompt, self.history, text,
                                            self.context_tokens - self.max_new_tokens)
         return render_chat(self.tokenizer, messages, add_generation_prompt=True), dropped
@@ -295,18 +274,16 @@ class ChatSession:
         import torch
         from transformers import TextIteratorStreamer
 
-        from medlib.prompts import render_chat
-
         prompt = render_chat(self.tokenizer, messages, add_generation_prompt=True)
         inputs = self.tokenizer(prompt, return_tensors="pt", add_special_tokens=False).to(self.model.device)
-        gen = self.recipe["generation"]
+        gen = self.recipe.generation
         kwargs: dict[str, Any] = dict(max_new_tokens=self.max_new_tokens,
-                                      repetition_penalty=float(gen["repetition_penalty"]),
+                                      repetition_penalty=gen.repetition_penalty,
                                       pad_token_id=self.tokenizer.pad_token_id,
                                       eos_token_id=self.tokenizer.eos_token_id)
         if self.temperature > 0:
-            torch.manual_seed(int(gen["seed"]) + self.answers_given)
-            kwargs.update(do_sample=True, temperature=self.temperature, top_p=float(gen["top_p"]))
+            torch.manual_seed(gen.seed + self.answers_given)
+            kwargs.update(do_sample=True, temperature=self.temperature, top_p=gen.top_p)
         else:
             kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
         streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)

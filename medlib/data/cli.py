@@ -6,15 +6,22 @@ import argparse
 import json
 from collections import Counter
 
+from medlib import config
+from medlib.cli_common import add_common_args
+from medlib.data.loaders import load_source
+from medlib.data.mixtures import build_mixture, summary_lines
+from medlib.pipeline import ensure_mixture, layout, stage1_of, with_data_dir
+from medlib.prompts import record_to_messages
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    from medlib.cli import add_common_args
-
     parser = subparsers.add_parser("data", help="build training mixtures, inspect sources")
     sub = parser.add_subparsers(dest="data_command", required=True)
-    build = sub.add_parser("build", help="build a stage's mixture and manifest.json")
+    build = sub.add_parser("build", help="build a stage's mixture and manifest.json (outputs/<profile>/data/<mixture>/)")
     add_common_args(build)
-    build.add_argument("--stage", type=int, choices=[1, 2], required=True)
+    which = build.add_mutually_exclusive_group(required=True)
+    which.add_argument("--stage", type=int, choices=[1, 2])
+    which.add_argument("--recipe", default=None, metavar="NAME", help="another training recipe, e.g. chatdoctor")
     build.set_defaults(func=cmd_build)
     inspect = sub.add_parser("inspect", help="counts and one formatted prompt of a source")
     inspect.add_argument("source", help="medqa, medmcqa, pubmedqa, mmlu_med, notechat, genmedgpt, healthcaremagic, icliniq")
@@ -25,11 +32,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def cmd_build(args: argparse.Namespace) -> int:
-    from medlib.config import load_recipe
-    from medlib.data.mixtures import build_mixture, summary_lines
-
-    recipe = load_recipe(args.profile, f"stage{args.stage}", args.overrides)
-    out = build_mixture(recipe, data_dir=args.data_dir, out=args.out)
+    """Build (or rebuild) the recipe's mixture; a replaying recipe's stage-1 mixture is built first when missing."""
+    recipe = with_data_dir(config.load_train(args.profile, args.recipe or args.stage, args.overrides), args.data_dir)
+    lay = layout(args.profile)
+    stage1_mixture = ensure_mixture(stage1_of(recipe, args.profile), lay) if recipe.data.replay else None
+    out = build_mixture(recipe, args.out or lay.mixture(recipe.mixture), config.load_eval(args.profile), stage1_mixture)
     print("\n".join(summary_lines(out)))
     return 0
 
@@ -39,9 +46,6 @@ DEFAULT_SPLITS = {"medqa": "test", "medmcqa": "validation", "pubmedqa": "pqa_lab
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from medlib.data.loaders import load_source
-    from medlib.prompts import record_to_messages
-
     split = args.split or DEFAULT_SPLITS.get(args.source, "train")
     result = load_source(args.source, split, args.data_dir, strict=False, hub=args.hub)
     print(json.dumps(result.summary(), indent=1))

@@ -25,7 +25,7 @@ from typing import Any, Callable, Iterator
 
 from medlib.data.io import iter_jsonl, read_json, stable_fraction
 from medlib.data.validate import DataError, ValidationReport, validated
-from medlib.paths import PACKAGE_DIR, default_data_dir
+from medlib.paths import PACKAGE_DIR, default_data_dir, resolve
 from medlib.prompts import LETTERS, PUBMEDQA_OPTIONS, index_to_letter, pubmedqa_label_to_letter
 
 log = logging.getLogger(__name__)
@@ -201,8 +201,6 @@ def resolve_data_dir(data_dir: str | Path | None) -> Path:
         return default_data_dir()
     if str(data_dir) == "samples":
         return SAMPLES_DIR
-    from medlib.paths import resolve
-
     return resolve(data_dir)
 
 

@@ -17,20 +17,18 @@ from pathlib import Path
 from typing import Any
 
 from medlib import config
+from medlib.config import DataSettings, EvalRecipe, SourceSpec, TrainRecipe
 from medlib.data.decontam import EvalIndex, decontaminate
+from medlib.data.eval_sets import load_eval_set
 from medlib.data.io import file_sha256, read_jsonl, write_jsonl
-from medlib.data.loaders import CHAT_EVAL_HOLDOUT, LOCAL_FILES, DERIVED_SPLITS, load_source, resolve_data_dir
-from medlib.data.validate import DataError, ValidationReport
-from medlib.paths import default_data_dir, resolve
+from medlib.data.loaders import load_source
+from medlib.data.validate import DataError, ValidationReport, record_problem
+from medlib.paths import default_data_dir
+
+DECONTAMINATION_SETS = ("medqa", "medmcqa", "pubmedqa", "mmlu_med")
+MIXTURE_FILES = ("train.jsonl", "validation.jsonl", "manifest.json")
 
 log = logging.getLogger(__name__)
-
-STANDIN_NOTE = (
-    "LOCAL STAND-IN DATA: built only from the published evaluation files in the data folder, because "
-    "the paper's training sets (MedQA/MedMCQA train, PubMedQA PQA-A, NoteChat) are Hub-only. Training "
-    "and evaluation parts are disjoint. Results from this mixture are not the paper's."
-)
-
 
 def resolve_count(k: Any, total: int, what: str) -> int:
     """A size given as a count (int >= 0), a ratio (0 < float < 1) of `total`, or None (= all)."""
@@ -45,47 +43,21 @@ def resolve_count(k: Any, total: int, what: str) -> int:
     return int(k)
 
 
-def _locate_eval_dir(source: str, split: str, candidates: list[Path]) -> Path | None:
-    base_split = DERIVED_SPLITS.get((source, split), (split,))[0]
-    for folder in candidates:
-        if any((folder / f).exists() for f in LOCAL_FILES.get((source, base_split), [])):
-            return folder
-    return None
-
-
-def eval_index(recipe: dict[str, Any], with_chat: bool) -> EvalIndex:
-    """Every evaluation set of the recipe's profile, read from data.eval_data_dir or the training data
-    folder when it has the file, else the shared data folder, else (paper profile) the Hub."""
-    from medlib.data.eval_sets import DECONTAMINATION_SETS, eval_set_spec
-
-    profile = recipe["profile"]
-    data = recipe["data"]
-    candidates = [resolve_data_dir(data[k]) for k in ("eval_data_dir", "data_dir") if data.get(k)]
-    candidates.append(default_data_dir())
+def eval_index(recipe: TrainRecipe, eval_recipe: EvalRecipe, with_chat: bool) -> EvalIndex:
+    """Every evaluation set of the eval recipe, read from data.eval_data_dir or the training data folder
+    when it has the file, else the shared data folder, else (a recipe with data.hub) the Hub."""
+    data = recipe.data
+    folders = [folder for folder in (data.eval_data_dir, data.data_dir) if folder] + [default_data_dir()]
     index = EvalIndex()
     for name in DECONTAMINATION_SETS:
-        source, split = eval_set_spec(name, profile)
-        folder = _locate_eval_dir(source, split, candidates)
-        if folder is None and profile == "local":
-            raise FileNotFoundError(f"evaluation set {name} ({source}/{split}) not found in {[str(c) for c in candidates]}")
-        index.add(name, load_source(source, split, folder, strict=True, hub=folder is None).records)
+        index.add(name, load_eval_set(eval_recipe.sets[name], folders, data.hub, name))
     if with_chat:
-        source, split = ("genmedgpt", "eval_holdout") if profile == "local" else ("icliniq", "train")
-        folder = _locate_eval_dir(source, split, candidates)
-        records = load_source(source, "train" if profile == "paper" else split, folder, strict=False,
-                              hub=folder is None).records
-        if profile == "paper":
-            from medlib.data.loaders import chat_holdout_ids
-
-            held = chat_holdout_ids(records, CHAT_EVAL_HOLDOUT)
-            records = [r for r in records if r["id"] in held]
-        index.add("chat_eval", records)
+        index.add("chat_eval", load_eval_set(eval_recipe.chat_set, folders, data.hub, "chat_set", strict=False))
     return index
 
 
-def _load_training_source(spec: dict[str, Any], data: dict[str, Any], profile: str, report: ValidationReport):
-    hub = data.get("data_dir") is None and profile == "paper"
-    result = load_source(spec["source"], spec["split"], data.get("data_dir"), strict=data.get("strict", True), hub=hub)
+def _load_training_source(spec: SourceSpec, data: DataSettings, report: ValidationReport):
+    result = load_source(spec.source, spec.split, data.data_dir, strict=data.strict, hub=data.data_dir is None and data.hub)
     report.extend(result.report)
     return result
 
@@ -107,17 +79,20 @@ class _Build:
     """What one mixture build accumulates: the seeded RNG, skipped rows, notes, per-source summaries
     and decontamination totals."""
 
-    def __init__(self, recipe: dict[str, Any], with_chat: bool):
-        self.recipe, self.data = recipe, recipe["data"]
-        self.rng = random.Random(self.data["seed"])
-        self.strict = self.data.get("strict", True)
+    def __init__(self, recipe: TrainRecipe, eval_recipe: EvalRecipe | None, with_chat: bool):
+        self.data = recipe.data
+        self.rng = random.Random(self.data.seed)
+        self.strict = self.data.strict
         self.report, self.notes, self.sources = ValidationReport(), [], []
-        self.index = eval_index(recipe, with_chat) if self.data.get("decontaminate", True) else None
+        if self.data.decontaminate and eval_recipe is None:
+            raise config.RecipeError(f"{recipe.meta.recipe_file}: data.decontaminate needs the evaluation sets "
+                                     "(the profile's eval recipe)")
+        self.index = eval_index(recipe, eval_recipe, with_chat) if self.data.decontaminate else None
         self.decon: dict[str, Any] = {"checked": 0, "exact": 0, "normalised": 0, "dropped": 0, "by_eval_set": {}}
 
-    def load(self, spec: dict[str, Any]):
+    def load(self, spec: SourceSpec):
         """A source's validated records, decontaminated; returns (load result, records, source summary)."""
-        result = _load_training_source(spec, self.data, self.recipe["profile"], self.report)
+        result = _load_training_source(spec, self.data, self.report)
         records, decon = result.records, None
         if self.index is not None:
             records, decon = decontaminate(records, self.index)
@@ -128,33 +103,36 @@ class _Build:
         return {"sources": self.sources, "decontamination": self.decon, "validation": self.report, "notes": self.notes}
 
 
-def build_stage1(recipe: dict[str, Any]) -> tuple[list[dict], list[dict], dict[str, Any]]:
-    b = _Build(recipe, with_chat=False)
+def build_stage1(recipe: TrainRecipe, eval_recipe: EvalRecipe | None) -> tuple[list[dict], list[dict], dict[str, Any]]:
+    b = _Build(recipe, eval_recipe, with_chat=False)
     pool: list[dict] = []
-    for spec in b.data["sources"]:
+    for spec in b.data.sources:
         _, records, summary = b.load(spec)
-        taken = _take(records, spec.get("n"), f"{spec['source']}/{spec['split']}", b.strict, b.rng, b.notes)
+        taken = _take(records, spec.n, f"{spec.source}/{spec.split}", b.strict, b.rng, b.notes)
         b.sources.append({**summary, "taken": len(taken)})
         pool.extend(taken)
     if not pool:
         raise DataError("stage 1 mixture", "sources", "no rows left: the mixture would be empty")
     b.rng.shuffle(pool)
-    n_val = round(len(pool) * float(b.data["validation_fraction"]))
+    if b.data.validation_fraction is None:
+        raise config.RecipeError(f"{recipe.meta.recipe_file}: a stage-1 recipe needs data.validation_fraction")
+    n_val = round(len(pool) * b.data.validation_fraction)
     return pool[n_val:], pool[:n_val], b.info()
 
 
-def build_stage2(recipe: dict[str, Any]) -> tuple[list[dict], list[dict], dict[str, Any]]:
-    b = _Build(recipe, with_chat=True)
+def build_stage2(recipe: TrainRecipe, eval_recipe: EvalRecipe | None,
+                 stage1_mixture: Path | None = None) -> tuple[list[dict], list[dict], dict[str, Any]]:
+    b = _Build(recipe, eval_recipe, with_chat=True)
     data, rng, strict, notes, sources = b.data, b.rng, b.strict, b.notes, b.sources
     train: list[dict] = []
     validation: list[dict] = []
-    for spec in data["sources"]:
+    for spec in data.sources:
         result, records, summary = b.load(spec)
         records = records[:]
         rng.shuffle(records)
-        what = f"{spec['source']}/{spec['split']}"
-        n_val = resolve_count(spec.get("n_validation"), len(records), what + " n_validation")
-        n_train = resolve_count(spec.get("n_train"), len(records) - n_val, what + " n_train")
+        what = f"{spec.source}/{spec.split}"
+        n_val = resolve_count(spec.n_validation, len(records), what + " n_validation")
+        n_train = resolve_count(spec.n_train, len(records) - n_val, what + " n_train")
         if n_train + n_val > len(records):
             message = f"{what}: asked for {n_train} + {n_val} rows but only {len(records)} are available"
             if strict:
@@ -163,24 +141,24 @@ def build_stage2(recipe: dict[str, Any]) -> tuple[list[dict], list[dict], dict[s
         validation.extend(records[:n_val])
         train.extend(records[n_val:n_val + n_train])
         sources.append({**summary, "taken": {"train": len(records[n_val:n_val + n_train]), "validation": len(records[:n_val])}})
-    replay = data.get("replay")
+    replay = data.replay
     if replay:
-        stage1_dir = resolve(replay["mixture_dir"])
+        if stage1_mixture is None:
+            raise config.RecipeError(f"{recipe.meta.recipe_file}: data.replay needs the stage-1 mixture to replay from")
+        stage1_dir = Path(stage1_mixture)
         if not (stage1_dir / "manifest.json").exists():
-            log.info("stage-1 mixture %s not built yet: building it first", stage1_dir)
-            stage1 = config.load_recipe(recipe["profile"], "stage1")
-            stage1["data"].update({k: data[k] for k in ("data_dir", "strict") if k in data})
-            stage1["data"]["mixture_dir"] = replay["mixture_dir"]
-            build_mixture(stage1)
+            raise DataError(stage1_dir / "manifest.json", "replay",
+                            f"the stage-1 mixture {stage1_dir} is not built; build stage 1 first "
+                            "(medlib data build --stage 1)")
         manifest1 = json.loads((stage1_dir / "manifest.json").read_text())
-        wanted = data.get("data_dir") or "hub"
+        wanted = data.data_dir or "hub"
         if str(manifest1.get("data_dir")) != str(wanted):
             raise DataError(stage1_dir / "manifest.json", "data_dir",
                             f"the stage-1 mixture was built from {manifest1.get('data_dir')!r} but stage 2 reads {wanted!r}; "
-                            "rebuild stage 1 with the same --data-dir or point data.replay.mixture_dir elsewhere")
+                            "rebuild stage 1 with the same --data-dir")
         for split, rows in (("train", train), ("validation", validation)):
             pool = read_jsonl(stage1_dir / f"{split}.jsonl")
-            k = resolve_count(replay.get(f"n_{split}"), len(pool), f"replay n_{split}")
+            k = resolve_count(getattr(replay, f"n_{split}"), len(pool), f"replay n_{split}")
             rows.extend(_take(pool, k, f"replay from stage-1 {split}", strict, rng, notes))
         sources.append({"source": "stage1_replay", "origin": str(stage1_dir),
                         "stage1_content_hash": manifest1.get("content_hash"),
@@ -209,18 +187,18 @@ def _merge_decon(total: dict[str, Any], part: dict[str, Any]) -> None:
     total.setdefault("matches", []).extend(part["matches"])
 
 
-def build_mixture(recipe: dict[str, Any], data_dir: str | Path | None = None, out: str | Path | None = None,
-                  force: bool = True) -> Path:
-    """Build the recipe's stage-1 or stage-2 mixture; return its folder."""
-    recipe = json.loads(json.dumps(recipe))  # never mutate the caller's recipe
-    if data_dir is not None:
-        recipe["data"]["data_dir"] = str(data_dir)
-    out_dir = resolve(out or recipe["data"]["mixture_dir"])
+def build_mixture(recipe: TrainRecipe, out_dir: str | Path, eval_recipe: EvalRecipe | None = None,
+                  stage1_mixture: str | Path | None = None, force: bool = True) -> Path:
+    """Build the recipe's mixture in out_dir and return it. eval_recipe: the evaluation sets it is
+    decontaminated against; stage1_mixture: the stage-1 mixture a stage-2 recipe replays (built first)."""
+    out_dir = Path(out_dir)
     if not force and (out_dir / "manifest.json").exists():
         return out_dir
     started = time.time()
-    builder = build_stage1 if int(recipe["stage"]) == 1 else build_stage2
-    train, validation, info = builder(recipe)
+    if recipe.stage == 1:
+        train, validation, info = build_stage1(recipe, eval_recipe)
+    else:
+        train, validation, info = build_stage2(recipe, eval_recipe, Path(stage1_mixture) if stage1_mixture else None)
     out_dir.mkdir(parents=True, exist_ok=True)
     write_jsonl(out_dir / "train.jsonl", train)
     write_jsonl(out_dir / "validation.jsonl", validation)
@@ -228,13 +206,13 @@ def build_mixture(recipe: dict[str, Any], data_dir: str | Path | None = None, ou
               for split, rows in (("train", train), ("validation", validation))}
     skipped = info["validation"]
     manifest = {
-        "profile": recipe["profile"],
-        "stage": int(recipe["stage"]),
-        "recipe": recipe.get("_meta", {}).get("recipe_file"),
-        "standin": recipe["profile"] == "local",
-        "note": STANDIN_NOTE if recipe["profile"] == "local" else "paper mixture (Tables 1 and 2)",
-        "data_dir": recipe["data"].get("data_dir") or "hub",
-        "seed": recipe["data"]["seed"],
+        "profile": recipe.profile,
+        "stage": recipe.stage,
+        "recipe": recipe.meta.recipe_file,
+        "standin": recipe.data.standin_note is not None,
+        "note": recipe.data.standin_note or f"{recipe.profile} profile mixture ({recipe.meta.recipe_file})",
+        "data_dir": recipe.data.data_dir or "hub",
+        "seed": recipe.data.seed,
         "sizes": {"train": len(train), "validation": len(validation), "total": len(train) + len(validation)},
         "counts": counts,
         "sources": info["sources"],
@@ -262,3 +240,40 @@ def summary_lines(mixture_dir: str | Path) -> list[str]:
     lines.append(f"  skipped rows: {manifest['skipped_rows']['total']} {manifest['skipped_rows']['by_reason'] or ''}")
     lines.append(f"  content hash: {manifest['content_hash']}")
     return lines
+
+
+def read_mixture(mixture_dir: str | Path) -> tuple[list[dict], list[dict], dict[str, Any]]:
+    """(train records, validation records, what the run records about the mixture); every record is
+    validated, and a bad one is an error naming the file, line and id."""
+    mixture_dir = Path(mixture_dir)
+    missing = [n for n in MIXTURE_FILES if not (mixture_dir / n).exists()]
+    if missing:
+        raise DataError(mixture_dir, "files", f"mixture {mixture_dir} lacks {', '.join(missing)} "
+                        "(build it with medlib data build)")
+    splits = {}
+    for split in ("train", "validation"):
+        path = mixture_dir / f"{split}.jsonl"
+        records = read_jsonl(path)
+        for row, record in enumerate(records, start=1):
+            problem = record_problem(record)
+            if problem:
+                raise DataError(path, f"line {row} (id {record.get('id')!r})", problem)
+        splits[split] = records
+    if not splits["train"]:
+        raise DataError(mixture_dir / "train.jsonl", "records", f"mixture {mixture_dir} is empty")
+    manifest = {"mixture_dir": str(mixture_dir), "manifest_sha256": file_sha256(mixture_dir / "manifest.json")}
+    try:
+        content = json.loads((mixture_dir / "manifest.json").read_text())
+        manifest["sources"] = content.get("counts") or content.get("sources")
+        manifest["content_hash"] = content.get("content_hash")
+    except (ValueError, AttributeError):
+        pass
+    return splits["train"], splits["validation"], manifest
+
+
+def seeded_subset(records: list[dict], n: int | None, seed: int) -> list[dict]:
+    """A fixed, seeded subset of n records in their order (None or n >= len: all)."""
+    if n is None or n < 0 or n >= len(records):
+        return records
+    rng = random.Random(seed)
+    return [records[i] for i in sorted(rng.sample(range(len(records)), n))]

@@ -8,6 +8,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping
 
+from medlib.prompts import LETTERS
+
 ROLES = ("user", "assistant")
 
 
@@ -33,6 +35,9 @@ def mcq_problem(record: Mapping[str, Any]) -> str | None:
         return f"options must be a mapping letter->text, got {type(options).__name__}"
     if len(options) < 2:
         return f"fewer than 2 options ({len(options)})"
+    bad_keys = [k for k in options if k not in LETTERS]
+    if bad_keys:
+        return f"option keys {bad_keys} are not letters {'/'.join(LETTERS)}"
     for letter, text in options.items():
         if not isinstance(text, str) or not text.strip():
             return f"option {letter} is empty or not a string"

@@ -2,10 +2,12 @@
 
 Python API for notebooks (heavy imports happen inside the functions):
 
+    from medlib import config
     from medlib.evaluate import run_mcq, run_bertscore, run_all, write_table3
-    base = run_mcq("local")                                  # the profile's base model
-    mix = run_mcq("local", "outputs/local/med-mix")          # + an adapter folder
-    write_table3(out_dir="outputs/local/eval")               # every result in that folder
+    recipe = config.load_eval("local")                                     # typed EvalRecipe
+    base = run_mcq(recipe, "outputs/local/eval")                           # the recipe's base model
+    mix = run_mcq(recipe, "outputs/local/eval", "outputs/local/med-mix")   # + a run folder's adapter
+    write_table3(out_dir="outputs/local/eval")                             # every result in that folder
 """
 
 from __future__ import annotations

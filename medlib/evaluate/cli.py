@@ -1,52 +1,76 @@
-"""`medlib eval mcq|bertscore|all|tables`."""
+"""`medlib eval mcq|bertscore|all|tables`, and run_all: the base model and every run of the eval recipe."""
 
 from __future__ import annotations
 
 import argparse
 import logging
-from typing import Any, Iterable
+from pathlib import Path
+from typing import Any
+
+from medlib import config
+from medlib.cli_common import add_common_args
+from medlib.config import EvalRecipe
+from medlib.evaluate.bertscore import run_bertscore
+from medlib.evaluate.mcq import run_mcq
+from medlib.evaluate.tables import collect_results, write_samples, write_table3, write_table4
+from medlib.models import load_for_inference
+from medlib.pipeline import layout, with_data_dir
 
 log = logging.getLogger(__name__)
 
 
-def run_all(profile: str = "local", *, include_missing: bool = False, mcq: bool = True, bertscore: bool = True,
-            overrides: Iterable[str] = (), **kwargs: Any) -> dict[str, Any]:
-    """Base model plus every adapter in the eval recipe's model.adapters that exists: MCQ and BERTScore.
+def run_all(recipe: EvalRecipe, out_dir: str | Path, runs_root: str | Path, *, include_missing: bool = False,
+            mcq: bool = True, bertscore: bool = True) -> dict[str, Any]:
+    """The base model plus every run the recipe names (folders under runs_root): MCQ and BERTScore.
 
-    Each model is loaded once for both evaluations. Adapters whose folder has no adapter_config.json
-    are skipped with a logged reason (an error with include_missing=True).
+    Each model is loaded once for both evaluations. A run whose folder has no adapter_config.json is
+    skipped with a logged reason (an error with include_missing=True).
     """
-    from medlib.config import get
-    from medlib.evaluate import common
-    from medlib.evaluate.bertscore import run_bertscore
-    from medlib.evaluate.mcq import run_mcq
-    from medlib.paths import resolve
-
-    overrides = list(overrides)
-    recipe = common.eval_recipe(profile, overrides, model=kwargs.get("model"), out=kwargs.get("out"))
-    runs: list[tuple[str, Any]] = [("base", None)]
+    models: list[tuple[str, Any]] = [("base", None)]
     skipped = {}
-    for label, folder in (get(recipe, "model.adapters", None) or {}).items():
-        if (resolve(folder) / "adapter_config.json").exists() or include_missing:
-            runs.append((label, folder))
+    for name in recipe.runs:
+        folder = Path(runs_root) / name
+        if (folder / "adapter_config.json").exists() or include_missing:
+            models.append((name, folder))
         else:
-            skipped[label] = f"{resolve(folder)} has no adapter_config.json (not trained yet?)"
-            log.warning("skipping %s: %s", label, skipped[label])
-    four_bit = kwargs.pop("load_in_4bit", None)
-    four_bit = bool(get(recipe, "model.load_in_4bit")) if four_bit is None else four_bit
-    dtype = common.resolve_dtype(kwargs.pop("dtype", None) or get(recipe, "model.dtype", "float32"))
+            skipped[name] = f"{folder} has no adapter_config.json (not trained yet?)"
+            log.warning("skipping %s: %s", name, skipped[name])
     out: dict[str, Any] = {"mcq": {}, "bertscore": {}, "skipped": skipped}
-    for label, adapter in runs:
-        loaded_model, tokenizer, _ = common.load_model(get(recipe, "model.name"), adapter, load_in_4bit=four_bit, dtype=dtype)
-        shared = dict(kwargs, label=label, overrides=overrides, load_in_4bit=four_bit, dtype=dtype,
-                      loaded=(loaded_model, tokenizer))
+    for name, adapter in models:
+        loaded = load_for_inference(recipe.model.name, adapter, recipe.model.load_in_4bit, recipe.model.dtype)
         if mcq:
-            out["mcq"][label] = run_mcq(profile, adapter, **{k: v for k, v in shared.items() if k != "n"})
+            out["mcq"][name] = run_mcq(recipe, out_dir, adapter, loaded=loaded)
         if bertscore:
-            out["bertscore"][label] = run_bertscore(profile, adapter, **{k: v for k, v in shared.items()
-                                                                         if k not in ("sets", "method", "limit")})
-        del loaded_model
+            out["bertscore"][name] = run_bertscore(recipe, out_dir, adapter, loaded=loaded)
+        del loaded
     return out
+
+
+def recipe_from_args(args: argparse.Namespace) -> EvalRecipe:
+    """The eval recipe with --set, then the command's own flags, applied."""
+    recipe = with_data_dir(config.load_eval(args.profile, args.overrides), args.data_dir)
+    model = recipe.model
+    if getattr(args, "model", None):
+        model = model.replace(name=args.model)
+    if getattr(args, "load_in_4bit", None) is not None:
+        model = model.replace(load_in_4bit=args.load_in_4bit)
+    if getattr(args, "dtype", None):
+        model = model.replace(dtype=args.dtype)
+    mcq = recipe.mcq
+    if getattr(args, "sets", None):
+        mcq = mcq.replace(sets=tuple(s.strip() for s in args.sets.split(",") if s.strip()))
+    if getattr(args, "method", None):
+        mcq = mcq.replace(method=args.method)
+    if getattr(args, "limit", None) is not None:
+        mcq = mcq.replace(limit=args.limit or None)
+    bs = recipe.bertscore
+    if getattr(args, "n", None):
+        bs = bs.replace(n_queries=args.n)
+    return recipe.replace(model=model, mcq=mcq, bertscore=bs)
+
+
+def _out_dir(args: argparse.Namespace) -> Path:
+    return layout(args.profile, args.out).eval if not args.out else Path(args.out)
 
 
 def _summary_mcq(results: dict[str, Any]) -> str:
@@ -63,21 +87,14 @@ def _summary_mcq(results: dict[str, Any]) -> str:
 
 
 def cmd_mcq(args: argparse.Namespace) -> int:
-    from medlib.evaluate.mcq import run_mcq
-
-    results = run_mcq(args.profile, args.adapter, model=args.model, sets=args.sets, method=args.method,
-                      limit=args.limit, data_dir=args.data_dir, out=args.out, label=args.label,
-                      overrides=args.overrides, load_in_4bit=args.load_in_4bit, dtype=args.dtype)
+    results = run_mcq(recipe_from_args(args), _out_dir(args), args.adapter, label=args.label)
     print(_summary_mcq(results))
     print("tables:", ", ".join(results.get("table3", [])))
     return 0
 
 
 def cmd_bertscore(args: argparse.Namespace) -> int:
-    from medlib.evaluate.bertscore import run_bertscore
-
-    results = run_bertscore(args.profile, args.adapter, model=args.model, n=args.n, data_dir=args.data_dir, out=args.out,
-                            label=args.label, overrides=args.overrides, load_in_4bit=args.load_in_4bit, dtype=args.dtype)
+    results = run_bertscore(recipe_from_args(args), _out_dir(args), args.adapter, label=args.label)
     s = results["scores"]
     print(f"{results['display_name']}: BERTScore P {s['precision']:.4f} R {s['recall']:.4f} F1 {s['f1']:.4f} "
           f"over {results['n']} ({results['decoding']}); hash {results['bertscore']['hash']}")
@@ -86,8 +103,7 @@ def cmd_bertscore(args: argparse.Namespace) -> int:
 
 
 def cmd_all(args: argparse.Namespace) -> int:
-    out = run_all(args.profile, model=args.model, data_dir=args.data_dir, out=args.out, overrides=args.overrides,
-                  load_in_4bit=args.load_in_4bit, dtype=args.dtype, limit=args.limit)
+    out = run_all(recipe_from_args(args), _out_dir(args), layout(args.profile, args.runs_root).root)
     for results in out["mcq"].values():
         print(_summary_mcq(results))
     for results in out["bertscore"].values():
@@ -98,24 +114,17 @@ def cmd_all(args: argparse.Namespace) -> int:
 
 
 def cmd_tables(args: argparse.Namespace) -> int:
-    from medlib.config import get
-    from medlib.evaluate.common import eval_recipe
-    from medlib.evaluate.tables import collect_results, write_samples, write_table3, write_table4
-    from medlib.paths import resolve
-
-    recipe = eval_recipe(args.profile, args.overrides, out=args.out)
-    out_dir = resolve(get(recipe, "output_dir"))
+    recipe = config.load_eval(args.profile, args.overrides)
+    out_dir = _out_dir(args)
     written = [*write_table3(out_dir=out_dir, reference_file=args.reference)]
     if collect_results(out_dir, "bertscore"):
         written += [*write_table4(out_dir=out_dir, reference_file=args.reference),
-                    write_samples(out_dir=out_dir, k=int(get(recipe, "bertscore.samples_k")))]
+                    write_samples(out_dir=out_dir, k=recipe.bertscore.samples_k)]
     print("\n".join(str(p) for p in written))
     return 0
 
 
 def _model_args(parser: argparse.ArgumentParser, adapter: bool = True) -> None:
-    from medlib.cli import add_common_args
-
     add_common_args(parser)
     parser.add_argument("--model", default=None, help="base model (Hub id, folder, pypi:...); default: the profile's eval recipe")
     if adapter:
@@ -147,11 +156,10 @@ def register(subparsers: Any) -> None:
     every = sub.add_parser("all", help="base + the recipe's adapters that exist: MCQ and BERTScore, all tables")
     _model_args(every, adapter=False)
     every.add_argument("--limit", type=int, default=None, help="questions per set (0 = all)")
+    every.add_argument("--runs-root", default=None, help="folder holding the recipe's runs (default outputs/<profile>)")
     every.set_defaults(func=cmd_all)
 
     tables = sub.add_parser("tables", help="rebuild table3/table4/samples.md from the results in the output folder")
-    from medlib.cli import add_common_args
-
     add_common_args(tables)
     tables.add_argument("--reference", default=None, help="reference YAML (default: medlib/reference/paper.yaml)")
     tables.set_defaults(func=cmd_tables)

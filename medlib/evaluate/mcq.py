@@ -24,8 +24,13 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
+from medlib.config import EvalRecipe, RecipeError
+from medlib.data.eval_sets import load_eval_set
+from medlib.data.validate import mcq_problem
+from medlib.evaluate import common
 from medlib.evaluate.stats import letter_diagnostics
-from medlib.prompts import LETTERS, SYSTEM_PROMPT, fit_mcq_record, record_to_messages, render_chat
+from medlib.evaluate.tables import write_table3
+from medlib.prompts import LETTERS, fit_mcq_record, record_to_messages, render_chat
 
 log = logging.getLogger(__name__)
 
@@ -52,24 +57,6 @@ class MCQSettings:
 
 
 # ---------------------------------------------------------------- items and prompts
-
-def item_problem(record: Mapping[str, Any]) -> str | None:
-    """Why an MCQ record cannot be scored, or None. Such items are counted, never crash a run."""
-    options = record.get("options")
-    if not isinstance(options, Mapping) or not options:
-        return "no options"
-    bad_keys = [k for k in options if k not in LETTERS]
-    if bad_keys:
-        return f"option keys {bad_keys} are not letters {'/'.join(LETTERS)}"
-    if any(not isinstance(v, str) or not v.strip() for v in options.values()):
-        return "empty option text"
-    if not isinstance(record.get("question"), str) or not record["question"].strip():
-        return "empty question"
-    answer = record.get("answer")
-    if answer not in options:
-        return f"answer {answer!r} is not one of the options {'/'.join(options)}"
-    return None
-
 
 def _render(tokenizer: Any, record: Mapping[str, Any], system_prompt: str | None) -> str:
     return render_chat(tokenizer, record_to_messages(record, system_prompt, with_answer=False), add_generation_prompt=True)
@@ -292,7 +279,7 @@ def evaluate_records(model: Any, tokenizer: Any, records: Sequence[Mapping[str, 
     n_truncated = 0
     for n, record in enumerate(records):
         rid = str(record.get("id", f"{set_name}-row{n}"))
-        problem = item_problem(record)
+        problem = mcq_problem(record)
         row: dict[str, Any] = {"id": rid, "set": set_name, "answer": record.get("answer"), "prediction": None,
                                "correct": False, "status": "ok"}
         if problem is None:
@@ -356,61 +343,40 @@ def evaluate_records(model: Any, tokenizer: Any, records: Sequence[Mapping[str, 
 
 # ---------------------------------------------------------------- a whole run
 
-def settings_from_recipe(recipe: Mapping[str, Any], method: str | None = None) -> MCQSettings:
-    from medlib.config import get
-    from medlib.evaluate.common import system_prompt_of
-
-    return MCQSettings(
-        method=method or get(recipe, "mcq.method"),
-        batch_size=int(get(recipe, "mcq.batch_size")),
-        max_length=int(get(recipe, "mcq.max_length")),
-        bootstrap_samples=int(get(recipe, "mcq.bootstrap_samples")),
-        seed=int(get(recipe, "mcq.seed")),
-        max_new_tokens=int(get(recipe, "mcq.generation.max_new_tokens")),
-        system_prompt=system_prompt_of(recipe),
-        prefix_cache=bool(get(recipe, "mcq.prefix_cache")),
-    )
+def settings_from_recipe(recipe: EvalRecipe, system_prompt: str) -> MCQSettings:
+    m = recipe.mcq
+    return MCQSettings(method=m.method, batch_size=m.batch_size, max_length=m.max_length,
+                       bootstrap_samples=m.bootstrap_samples, seed=m.seed, max_new_tokens=m.generation.max_new_tokens,
+                       system_prompt=system_prompt, prefix_cache=m.prefix_cache)
 
 
-def run_mcq(profile: str = "local", adapter: Any = None, *, model: str | None = None, sets: Sequence[str] | str | None = None,
-            method: str | None = None, limit: int | None = None, data_dir: str | None = None, out: str | None = None,
-            label: str | None = None, overrides: Iterable[str] = (), load_in_4bit: bool | None = None,
-            dtype: str | None = None, write_tables: bool = True, loaded: tuple[Any, Any] | None = None) -> dict[str, Any]:
-    """Evaluate a base model (+ optional adapter) on MCQ sets; write predictions, results.json and table3.
-
-    `profile` picks medlib/recipes/<profile>/eval.yaml; keyword arguments override it. Returns the
-    results dict (also written to <out>/mcq/<label>/results.json). `loaded=(model, tokenizer)` reuses
-    an already loaded model (the caller names it with `label` and `model`).
-    """
-    from medlib.config import get
-    from medlib.data.eval_sets import load_eval_set
-    from medlib.evaluate import common
-
-    recipe = common.eval_recipe(profile, overrides, model=model, data_dir=data_dir, out=out)
-    settings = settings_from_recipe(recipe, method)
-    if isinstance(sets, str):
-        sets = [s.strip() for s in sets.split(",") if s.strip()]
-    sets = list(sets or get(recipe, "mcq.sets"))
-    limit = get(recipe, "mcq.limit", None) if limit is None else (limit or None)
-    sample_seed = int(get(recipe, "mcq.sample_seed", settings.seed))
-    run = common.eval_run(recipe, "mcq", adapter, label, load_in_4bit, dtype)
-    label, run_dir, folder = run.label, run.run_dir, run.data_dir
-
-    records_by_set = {name: common.sample_limit(load_eval_set(name, folder, profile=profile), limit, sample_seed)
-                      for name in sets}  # load every set first: a bad set name fails before the model loads
+def run_mcq(recipe: EvalRecipe, out_dir: str | Path, adapter: Any = None, *, label: str | None = None,
+            write_tables: bool = True, loaded: tuple[Any, Any] | None = None) -> dict[str, Any]:
+    """Evaluate the recipe's base model (+ an optional adapter or run folder) on its MCQ sets; write
+    predictions and results.json in <out_dir>/mcq/<label>/, then table3. Returns the results dict.
+    `loaded=(model, tokenizer)` reuses an already loaded model."""
+    evaluated = common.EvaluatedModel.of(recipe, adapter, label)
+    settings = settings_from_recipe(recipe, evaluated.system_prompt)
+    m = recipe.mcq
+    unknown = [name for name in m.sets if name not in recipe.sets]
+    if unknown:
+        raise RecipeError(f"{recipe.meta.recipe_file}: mcq.sets names {', '.join(unknown)}, which sets: does not "
+                          f"define (known: {', '.join(recipe.sets)})")
+    run_dir = evaluated.folder(out_dir, "mcq")
+    folders = common.eval_folders(recipe)
+    records_by_set = {name: common.sample_limit(load_eval_set(recipe.sets[name], folders, recipe.data.hub, name),
+                                                m.limit, m.sample_seed)
+                      for name in m.sets}  # load every set first: a bad set fails before the model loads
     started = time.perf_counter()
-    lm, tokenizer, chain = run.model(adapter, loaded)
+    lm, tokenizer, chain = evaluated.load(loaded)
     load_seconds = time.perf_counter() - started
 
     results: dict[str, Any] = {
-        "kind": "mcq", "label": label, "display_name": common.display_name(label), "profile": profile,
-        "model": run.model_name, "adapters": [str(p) for p in chain], "load_in_4bit": run.load_in_4bit,
-        "dtype": common.model_dtype(lm), "settings": asdict(settings) | {"system_prompt_is_default": settings.system_prompt == SYSTEM_PROMPT},
-        "limit_per_set": limit, "sample_seed": sample_seed,
-        "data_dir": str(folder) if folder else None, "recipe": recipe.get("_meta", {}),
+        "kind": "mcq", **evaluated.identity(lm, chain), "settings": asdict(settings),
+        "limit_per_set": m.limit, "sample_seed": m.sample_seed,
+        "sets_source": {name: recipe.sets[name].to_dict() for name in m.sets},
+        "data_dir": str(folders[0]) if folders[0] else None,
         "environment": common.environment(), "load_seconds": round(load_seconds, 2), "sets": {},
-        "note": ("local profile: SmolLM2-135M and CPU-sized limits; not the paper's numbers" if profile == "local" else
-                 "paper profile"),
     }
     correct_by_set: dict[str, list[bool]] = {}
     for name, records in records_by_set.items():
@@ -421,15 +387,13 @@ def run_mcq(profile: str = "local", adapter: Any = None, *, model: str | None = 
         correct_by_set[name] = [row["correct"] for row in predictions if not row["status"].startswith("bad item")]
         log.info("%s: accuracy %.3f [%.3f, %.3f] over %d (bad %d, truncated %d)", name, summary["accuracy"],
                  *summary["ci95"], summary["n_scored"], summary["n_bad"], summary["n_truncated"])
-    results["average"] = average_of(correct_by_set, sets, settings)
+    results["average"] = average_of(correct_by_set, m.sets, settings)
     results["average_paper_sets"] = average_of(correct_by_set, PAPER_SETS, settings) \
-        if all(s in sets for s in PAPER_SETS) else None
+        if all(s in m.sets for s in PAPER_SETS) else None
     results["seconds"] = round(time.perf_counter() - started, 2)
     common.write_json(run_dir / "results.json", results)
     if write_tables:
-        from medlib.evaluate.tables import write_table3
-
-        results["table3"] = [str(p) for p in write_table3(out_dir=run.output_dir)]
+        results["table3"] = [str(p) for p in write_table3(out_dir=Path(out_dir))]
     return results
 
 

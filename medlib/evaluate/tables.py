@@ -52,11 +52,9 @@ def load_reference(path: str | Path | None = None) -> dict[str, Any]:
 
 
 def collect_results(out_dir: str | Path, kind: str) -> list[dict[str, Any]]:
-    """Every <out_dir>/<kind>/<label>/results.json, base first, then Med-Mix, Med-Nirvana, others."""
-    from medlib.evaluate.common import row_sort_key
-
+    """Every <out_dir>/<kind>/<label>/results.json: the base model, then stage-1 runs, then stage-2 runs."""
     results = [json.loads(p.read_text()) for p in sorted(Path(out_dir, kind).glob("*/results.json"))]
-    return sorted(results, key=lambda r: row_sort_key(r["label"]))
+    return sorted(results, key=lambda r: (int(r.get("stage", 2)), "" if r["label"] == "base" else r["label"]))
 
 
 def _pct(value: float | None) -> str:
@@ -108,6 +106,13 @@ def _reference_note(reference: Mapping[str, Any], table: str) -> str:
         note += (" The paper's text could not be checked offline, so its figures have not been transcribed and"
                  " none are invented; fill in medlib/reference/paper.yaml to show them.")
     return note
+
+
+def _queries_text(result: Mapping[str, Any]) -> str:
+    source = result.get("queries_source")
+    if isinstance(source, Mapping):
+        return f"{source.get('source')}/{source.get('split')}" + (f" hold-out of {source['holdout']}" if source.get("holdout") else "")
+    return str(source)
 
 
 def _write(out_dir: Path, stem: str, header: Sequence[str], md_rows: list[list[str]], csv_header: Sequence[str],
@@ -208,9 +213,9 @@ def write_table4(results: Sequence[Mapping[str, Any]] | None = None, out_dir: st
     notes += [f"{r.get('display_name', r['label'])}: bert-score hash `{r['bertscore']['hash']}`; generation {json.dumps(r['generation'])}"
               for r in results]
     notes.append(_reference_note(reference, "table4"))
-    if any(r["profile"] == "local" for r in results):
-        notes.append("Local-profile rows: SmolLM2-135M, the GenMedGPT-5k hold-out as queries and all-MiniLM-L6-v2 as "
-                     "the BERTScore model (offline stand-in for roberta-large): not comparable with the paper's figures.")
+    for note in dict.fromkeys(f"{r['profile']} profile rows: {r['note']}; queries {_queries_text(r)}, BERTScore model "
+                              f"{r['bertscore']['model_type']}" for r in results if r.get("note")):
+        notes.append(note + ".")
     return _write(out_dir, "table4", header, md_rows, csv_header, csv_rows, "Table 4 — BERTScore", notes,
                   _paired_bertscore_md(results, out_dir))
 

@@ -1,4 +1,8 @@
-"""Internals of `medlib train`: tokenisation with assistant-only masks, backends, model card.
+"""Training: one package. `run.train` is the run, read top to bottom; beside it:
+arguments (SFTConfig from the typed recipe), backends (unsloth | hf), tokenize (assistant-only
+labels), adapters (stage 1 + stage 2 folded into one adapter), metadata (what a run folder
+records), checkpoints (resume), card (model card, push to the Hub), cli (`medlib train`)."""
 
-The public entry points are in `medlib.train` (train, load_recipe_for, load_trained_model).
-"""
+from medlib.training.run import TrainError, plan_run, train, train_or_resume
+
+__all__ = ["TrainError", "plan_run", "train", "train_or_resume"]

@@ -1,4 +1,4 @@
-"""Load a base model + LoRA adapter for training, on the `unsloth` or the `hf` backend.
+"""The training backends: pick one at run time, then load a base model + LoRA adapter on it.
 
 Both backends get the same recipe settings (LoRA r/alpha/targets/rsLoRA, 4-bit NF4, sequence length)
 and the same pre-tokenised data; they differ only in how the model is built and saved:
@@ -15,21 +15,40 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from medlib.config import get
-from medlib.models import load_hf_model, load_tokenizer, torch_dtype_for
+from medlib.config import LoraSettings, TrainRecipe
+from medlib.models import cuda_available, load_hf_model, load_tokenizer, torch_dtype_for
 
 log = logging.getLogger(__name__)
 
 
-def lora_kwargs(recipe: dict[str, Any]) -> dict[str, Any]:
-    lora = get(recipe, "lora")
-    return {
-        "r": int(lora["r"]), "lora_alpha": lora["alpha"], "lora_dropout": float(lora["dropout"]),
-        "bias": lora["bias"], "use_rslora": bool(lora["use_rslora"]), "target_modules": list(lora["target_modules"]),
-    }
+def select_backend(requested: str = "auto") -> tuple[str, list[str]]:
+    """Return (backend, notes). 'auto' -> unsloth if CUDA and unsloth import, else hf."""
+    notes: list[str] = []
+    if requested not in ("auto", "unsloth", "hf"):
+        raise ValueError(f"unknown backend {requested!r}; choose auto, unsloth or hf")
+    if requested == "hf":
+        return "hf", notes
+    if not cuda_available():
+        if requested == "unsloth":
+            raise RuntimeError("backend 'unsloth' needs a CUDA GPU; none is visible (use --set model.backend=hf)")
+        notes.append("no CUDA device: using the hf backend (transformers + bitsandbytes NF4 + peft)")
+        return "hf", notes
+    try:
+        import unsloth  # noqa: F401  (must come before transformers/trl to patch them)
+    except Exception as exc:  # ImportError, or unsloth's own "You need a GPU" / version checks
+        if requested == "unsloth":
+            raise RuntimeError(f"backend 'unsloth' requested but unsloth failed to import: {exc}") from exc
+        notes.append(f"unsloth unavailable ({type(exc).__name__}: {exc}); using the hf backend")
+        return "hf", notes
+    return "unsloth", notes
 
 
-def load_for_training(recipe: dict[str, Any], backend: str, model_path: str, continue_adapter: Path | None,
+def lora_kwargs(lora: LoraSettings) -> dict[str, Any]:
+    return {"r": lora.r, "lora_alpha": lora.alpha, "lora_dropout": lora.dropout, "bias": lora.bias,
+            "use_rslora": lora.use_rslora, "target_modules": list(lora.target_modules)}
+
+
+def load_for_training(recipe: TrainRecipe, backend: str, model_path: str, continue_adapter: Path | None,
                       gradient_checkpointing: bool, precision: str = "fp32") -> tuple[Any, Any]:
     """(peft model with trainable LoRA, tokenizer). continue_adapter: keep training that adapter.
     precision (medlib.models.training_precision) sets the compute dtype, so the model and the trainer agree."""
@@ -59,7 +78,7 @@ def _load_hf(recipe, model_path, continue_adapter, gradient_checkpointing, dtype
     from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
 
     tokenizer = load_tokenizer(model_path)
-    load_in_4bit = bool(get(recipe, "model.load_in_4bit"))
+    load_in_4bit = recipe.model.load_in_4bit
     model = load_hf_model(model_path, load_in_4bit=load_in_4bit, dtype=dtype)
     if keep_4bit_cpu_numerics(model):
         log.info("bitsandbytes CPU bf16 repacking of NF4 weights disabled: float32 numerics throughout the run")
@@ -73,27 +92,27 @@ def _load_hf(recipe, model_path, continue_adapter, gradient_checkpointing, dtype
     if continue_adapter is not None:
         model = PeftModel.from_pretrained(model, str(continue_adapter), is_trainable=True)
     else:
-        model = get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", **lora_kwargs(recipe)))
+        model = get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", **lora_kwargs(recipe.lora)))
     return model, tokenizer
 
 
 def _load_unsloth(recipe, model_path, continue_adapter, dtype):
     from unsloth import FastLanguageModel  # noqa: only here; needs CUDA
 
-    max_seq_length = int(get(recipe, "model.max_seq_length"))
+    max_seq_length = recipe.model.max_seq_length
     source = str(continue_adapter) if continue_adapter is not None else model_path
     model, tokenizer = FastLanguageModel.from_pretrained(
         model_name=source, max_seq_length=max_seq_length, dtype=dtype,  # not None: Unsloth's guess trusts emulated bf16
-        load_in_4bit=bool(get(recipe, "model.load_in_4bit")),
+        load_in_4bit=recipe.model.load_in_4bit,
     )
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     if continue_adapter is None:
-        kw = lora_kwargs(recipe)
+        kw = lora_kwargs(recipe.lora)
         model = FastLanguageModel.get_peft_model(
             model, r=kw["r"], lora_alpha=kw["lora_alpha"], lora_dropout=kw["lora_dropout"], bias=kw["bias"],
             target_modules=kw["target_modules"], use_rslora=kw["use_rslora"],
-            use_gradient_checkpointing="unsloth", random_state=int(get(recipe, "seed")),
+            use_gradient_checkpointing="unsloth", random_state=recipe.seed,
             max_seq_length=max_seq_length,
         )
     else:

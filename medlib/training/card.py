@@ -9,6 +9,9 @@ from typing import Any
 
 import yaml
 
+from medlib.config import load_resolved
+from medlib.training.metadata import RunRecord
+
 DISCLAIMER = (
     "**Medical disclaimer.** This model is a research artefact. It is not a medical device, has not "
     "been clinically validated, can produce confident but wrong or harmful answers, and must not be "
@@ -31,40 +34,41 @@ def eval_results(run_dir: Path) -> dict[str, Any] | None:
 
 def model_card(run_dir: Path) -> str:
     run_dir = Path(run_dir)
-    meta = _read_json(run_dir / "run_metadata.json") or {}
-    recipe = yaml.safe_load((run_dir / "recipe.resolved.yaml").read_text()) if (run_dir / "recipe.resolved.yaml").exists() else {}
-    stage = meta.get("stage", recipe.get("stage"))
-    single_stage = recipe.get("init") == "base"
-    name = (recipe.get("run_name", "medlib model") if single_stage
-            else {1: "Med-Mix", 2: "Med-Nirvana"}.get(stage, recipe.get("run_name", "medlib model")))
-    profile = meta.get("profile", recipe.get("profile", "?"))
+    run = RunRecord.read(run_dir)
+    meta = run.metadata
+    recipe = load_resolved(run_dir / "recipe.resolved.yaml")
+    single_stage = not recipe.uses_stage1
     data = meta.get("data", {})
-    hyper = {k: recipe.get("training", {}).get(k) for k in (
-        "learning_rate", "weight_decay", "per_device_train_batch_size", "gradient_accumulation_steps",
-        "warmup_steps", "num_train_epochs", "max_steps", "optim", "lr_scheduler_type")}
-    hyper.update({f"lora_{k}": v for k, v in recipe.get("lora", {}).items()})
-    hyper["max_seq_length"] = recipe.get("model", {}).get("max_seq_length")
+    t = recipe.training
+    hyper = {"learning_rate": t.learning_rate, "weight_decay": t.weight_decay,
+             "per_device_train_batch_size": t.per_device_train_batch_size,
+             "gradient_accumulation_steps": t.gradient_accumulation_steps, "warmup_steps": t.warmup_steps,
+             "num_train_epochs": t.num_train_epochs, "max_steps": t.max_steps, "optim": t.optim,
+             "lr_scheduler_type": t.lr_scheduler_type}
+    hyper.update({f"lora_{k}": v for k, v in recipe.lora.to_dict().items()})
+    hyper["max_seq_length"] = recipe.model.max_seq_length
+    adapter = run.adapter or {}
     lines = [
         "---",
-        yaml.safe_dump({"base_model": meta.get("base_model"), "library_name": "peft",
+        yaml.safe_dump({"base_model": run.base_model, "library_name": "peft",
                         "tags": ["medical", "qlora", "lora", "medlib"], "license": "other"}, sort_keys=False).strip(),
         "---",
-        f"# {name} ({'single stage' if single_stage else 'stage ' + str(stage)}, profile `{profile}`)",
+        f"# {run.display_name} ({'single stage' if single_stage else 'stage ' + str(recipe.stage)}, profile `{recipe.profile}`)",
         "",
         (f"LoRA adapter trained with medlib (single-stage QLoRA on dialogues, from the base model) on the "
-         f"**{profile}** profile. {recipe.get('about', '')}".strip() if single_stage else
+         f"**{recipe.profile}** profile. {recipe.about}".strip() if single_stage else
          f"LoRA adapter trained with medlib (two-stage QLoRA after Athukoralage & Atapattu, 2024) on the "
-         f"**{profile}** profile."),
-    ]
-    if profile != "paper":
-        lines.append("These are NOT the paper's settings or numbers: the local profile is a small CPU-sized stand-in.")
-    lines += [
+         f"**{recipe.profile}** profile."),
+        "",
+        f"Profile: {recipe.note}.",
         "",
         "## Base model",
-        f"- `{meta.get('base_model')}` (backend: {meta.get('backend')})",
+        f"- `{run.base_model}` (backend: {meta.get('backend')})",
     ]
-    if stage == 2 and not single_stage:
-        lines.append(f"- starts from the stage-1 adapter `{meta.get('from_stage1')}` (init: {meta.get('init')})")
+    if adapter:
+        lines.append(f"- what ships: {adapter['description']}")
+    if recipe.uses_stage1:
+        lines.append(f"- starts from the stage-1 adapter `{meta.get('from_stage1')}` (init: {recipe.init})")
     lines += ["", "## Training data"]
     lines.append(f"- mixture: `{data.get('mixture_dir')}` (manifest sha256 {data.get('manifest_sha256')})")
     for split in ("train", "validation"):

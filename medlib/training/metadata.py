@@ -1,0 +1,147 @@
+"""What a run folder records about itself: run_metadata.json, recipe.resolved.yaml, log_history.*.
+
+Evaluation, chat, serving and export read a run through `RunRecord`, never through the recipe that
+made it: the run folder is the contract.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import platform
+import resource
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from medlib.config import TrainRecipe, save_resolved
+from medlib.data.io import file_sha256
+from medlib.models import cuda_available
+
+LOG_COLUMNS = ("step", "epoch", "loss", "eval_loss", "learning_rate")
+METADATA_FILE = "run_metadata.json"
+
+
+def library_versions() -> dict[str, str]:
+    from importlib import metadata
+
+    out = {"python": platform.python_version()}
+    for pkg in ("torch", "transformers", "trl", "peft", "bitsandbytes", "accelerate", "datasets", "unsloth",
+                "unsloth_zoo", "xformers"):
+        try:
+            out[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+def peak_memory() -> dict[str, float]:
+    out = {"peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
+    if cuda_available():
+        import torch
+
+        out["peak_cuda_allocated_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+        out["peak_cuda_reserved_mb"] = round(torch.cuda.max_memory_reserved() / 2**20, 1)
+    return out
+
+
+def device_name() -> str:
+    if cuda_available():
+        import torch
+
+        return torch.cuda.get_device_name(0)
+    return f"cpu ({os.cpu_count()} cores, {platform.processor() or platform.machine()})"
+
+
+def write_log_history(history: list[dict[str, Any]], run_dir: Path) -> None:
+    """log_history.json (Trainer's list, as is) and log_history.csv (one row per train/eval log)."""
+    (run_dir / "log_history.json").write_text(json.dumps(history, indent=1))
+    with open(run_dir / "log_history.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=LOG_COLUMNS)
+        writer.writeheader()
+        for entry in history:
+            if "loss" in entry or "eval_loss" in entry:
+                writer.writerow({k: entry.get(k, "") for k in LOG_COLUMNS})
+
+
+def run_metadata(recipe: TrainRecipe, base_path: str, backend: str, fallbacks: list[str], stage1: Path | None,
+                 manifest: dict[str, Any], train_report: Any, eval_report: Any, precision: dict[str, str],
+                 system_prompt: str, tokenizer: Any, settings: dict[str, Any]) -> dict[str, Any]:
+    """run_metadata.json as written when training starts (status "running")."""
+    return {
+        "profile": recipe.profile, "profile_note": recipe.note,
+        "stage": recipe.stage, "run_name": recipe.run_name, "display_name": recipe.display_name or recipe.run_name,
+        "base_model": recipe.model.name, "base_model_path": base_path,
+        "backend": backend, "fallbacks": fallbacks, "init": recipe.init if recipe.stage == 2 else None,
+        "from_stage1": str(stage1) if stage1 else None,
+        "from_stage1_adapter_sha256": file_sha256(stage1 / "adapter_model.safetensors") if stage1 else None,
+        "seed": recipe.seed,
+        "data": {**manifest, "train": train_report.as_dict(), "validation": eval_report.as_dict()},
+        "precision": precision,
+        # What a chat, evaluation or export of this run must use: the prompt and template it was trained with.
+        "system_prompt": system_prompt, "chat_template": getattr(tokenizer, "chat_template", None),
+        "target_style": recipe.prompt.target_style,
+        "training_args": {k: settings[k] for k in ("optim", "bf16", "fp16", "gradient_checkpointing", "packing",
+                                                        "padding_free", "max_steps", "max_length")},
+        "libraries": library_versions(), "device": device_name(),
+        "recipe_file": recipe.meta.recipe_file, "status": "running",
+    }
+
+
+def write_run_files(recipe: TrainRecipe, run_dir: Path, meta: dict[str, Any]) -> None:
+    save_resolved(recipe, run_dir / "recipe.resolved.yaml")
+    write_metadata(run_dir, meta)
+
+
+def write_metadata(run_dir: Path, meta: dict[str, Any]) -> None:
+    (run_dir / METADATA_FILE).write_text(json.dumps(meta, indent=2, default=str))
+
+
+def shipped_adapter(run_dir: Path, recipe: TrainRecipe) -> dict[str, Any]:
+    """The adapter the run folder ships: its LoRA rank, and whether it combines stage 1 and stage 2."""
+    cfg = json.loads((run_dir / "adapter_config.json").read_text())
+    combined = recipe.uses_stage1 and recipe.init == "merge"
+    return {"r": cfg["r"], "lora_alpha": cfg["lora_alpha"], "use_rslora": bool(cfg.get("use_rslora")),
+            "combined_stages": combined, "trained_r": recipe.lora.r,
+            "description": (f"combined adapter, r = {cfg['r']} (stage 1 r = {cfg['r'] - recipe.lora.r} + stage 2 "
+                            f"r = {recipe.lora.r}, folded into one LoRA on the original base)" if combined
+                            else f"LoRA adapter, r = {cfg['r']}")}
+
+
+def run_base_model(run_dir: str | Path) -> str:
+    """The base model a run (or any adapter folder) was trained on, as medlib names it."""
+    return RunRecord.read(run_dir).base_model
+
+
+@dataclass(frozen=True)
+class RunRecord:
+    """What a finished run folder says it is; every field comes from the folder itself."""
+
+    folder: Path
+    base_model: str
+    name: str
+    display_name: str
+    system_prompt: str | None
+    chat_template: str | None
+    target_style: str | None
+    adapter: dict[str, Any] | None
+    profile: str | None
+    metadata: dict[str, Any]
+
+    @classmethod
+    def read(cls, folder: str | Path) -> "RunRecord":
+        folder = Path(folder)
+        meta_file = folder / METADATA_FILE
+        meta = json.loads(meta_file.read_text()) if meta_file.exists() else {}
+        base = meta.get("base_model")
+        if base is None:
+            config = folder / "adapter_config.json"
+            if not config.exists():
+                raise FileNotFoundError(f"{folder} is not a run folder: it has neither {METADATA_FILE} nor adapter_config.json")
+            base = json.loads(config.read_text())["base_model_name_or_path"]
+        return cls(folder=folder, base_model=base, name=meta.get("run_name") or folder.name,
+                   display_name=meta.get("display_name") or meta.get("run_name") or folder.name,
+                   system_prompt=meta.get("system_prompt"), chat_template=meta.get("chat_template"),
+                   target_style=meta.get("target_style"), adapter=meta.get("adapter"), profile=meta.get("profile"),
+                   metadata=meta)

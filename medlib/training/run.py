@@ -1,0 +1,309 @@
+"""One training run, read top to bottom: data -> model -> trainer -> train -> save -> exports -> record.
+
+    run_dir = train(recipe, run_dir, mixture_dir, stage1_run=None)
+
+`recipe` is a typed `medlib.config.TrainRecipe`; the folders come from `medlib.pipeline.Layout`
+(or the CLI's --out / --from). The mixture must be built (medlib.data.mixtures.build_mixture).
+
+Stage 2 `init: merge` (the default) folds the stage-1 adapter into the base and trains a fresh
+adapter, so stage 2 gets the full rank for dialogue while the MCQ knowledge sits in the frozen
+weights; the run then ships ONE adapter on the original base that combines both stages, of rank
+r1 + r2 (medlib/training/adapters.py; run_metadata.json and the model card say so). `init: continue`
+keeps training the stage-1 adapter. `init: base` trains one dialogue stage from the base model (the
+seeds' single-stage chatbots, recipes `chatdoctor` and `llama3_chatbot`).
+
+A run folder is the contract for everything downstream: adapter_model.safetensors + adapter_config.json
++ tokenizer, recipe.resolved.yaml, run_metadata.json (system prompt, chat template, target format,
+LoRA rank actually shipped, backend, precision, data), log_history.json/.csv, checkpoints/ for resume.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+from medlib.config import TrainRecipe, load_resolved
+from medlib.data.io import file_sha256
+from medlib.data.mixtures import read_mixture, seeded_subset
+from medlib.models import name_adapter_base, resolve_available_model
+from medlib.prompts import effective_system_prompt
+from medlib.training import metadata
+from medlib.training.adapters import combine_adapters
+from medlib.training.arguments import sft_config, trainer_settings
+from medlib.training.backends import export_gguf, export_merged, load_for_training, merge_adapter_into_base, select_backend
+from medlib.training.checkpoints import find_last_checkpoint, step_of
+from medlib.training.tokenize import tokenize_records
+
+log = logging.getLogger(__name__)
+
+
+class TrainError(RuntimeError):
+    """A run cannot start or go on; the message names the file or setting."""
+
+
+def train(recipe: TrainRecipe, run_dir: str | Path, mixture_dir: str | Path, stage1_run: str | Path | None = None,
+          resume: bool = False, overwrite: bool = False, callbacks: Sequence[Any] = ()) -> Path:
+    """Train one run as the recipe says; returns the run folder (see the module docstring)."""
+    started = time.time()
+    run_dir, mixture_dir = Path(run_dir), Path(mixture_dir)
+    stage1 = _check_inputs(recipe, run_dir, stage1_run, resume, overwrite)
+    base_path = resolve_available_model(recipe.model.name)
+    # Backend before any transformers import: unsloth must be imported first to patch transformers/TRL.
+    backend, fallbacks = select_backend(recipe.model.backend)
+
+    # data
+    train_records, eval_records, manifest = read_mixture(mixture_dir)
+    _check_resume_data(run_dir, manifest, resume)
+    _prepare_run_dir(run_dir, stage1, resume, overwrite)
+
+    # model
+    settings, precision = trainer_settings(recipe, backend, fallbacks)
+    from transformers import set_seed
+
+    set_seed(recipe.seed)
+    train_from, continue_adapter = base_path, None
+    if recipe.uses_stage1 and recipe.init == "merge":
+        train_from = str(run_dir / "init_stage1_merged")
+        if not (Path(train_from) / "config.json").exists():
+            log.info("merging the stage-1 adapter %s into %s", stage1, recipe.model.name)
+            merge_adapter_into_base(base_path, stage1, Path(train_from), backend)
+    elif recipe.uses_stage1:
+        continue_adapter = stage1
+    model, tokenizer = load_for_training(recipe, backend, train_from, continue_adapter,
+                                         settings["gradient_checkpointing"], precision["mode"])
+
+    # trainer
+    system_prompt = effective_system_prompt(recipe.prompt.system_prompt)
+    train_rows, train_report = _tokenized(tokenizer, train_records, recipe, recipe.training.max_train_samples,
+                                          system_prompt, "train")
+    eval_rows, eval_report = _tokenized(tokenizer, eval_records, recipe, recipe.training.max_eval_samples,
+                                        system_prompt, "validation")
+    if not train_rows:
+        raise TrainError(f"no training record of {mixture_dir} fits in {recipe.model.max_seq_length} tokens with its answer")
+    if not eval_rows:
+        fallbacks.append("validation split is empty (or max_eval_samples=0): no periodic validation loss")
+    args = sft_config(settings, run_dir / "checkpoints", has_validation=bool(eval_rows))
+    trainer = _trainer(model, tokenizer, args, train_rows, eval_rows, callbacks)
+    if not args.bf16:
+        _keep_lora_float32(trainer, precision["mode"], fallbacks)
+
+    # record what is about to run, before it runs (a crash leaves status "running")
+    meta = metadata.run_metadata(recipe, base_path, backend, fallbacks, stage1, manifest, train_report, eval_report,
+                                 precision, system_prompt, tokenizer, settings)
+    metadata.write_run_files(recipe, run_dir, meta)
+
+    # train
+    resume_from = find_last_checkpoint(run_dir / "checkpoints") if resume else None
+    meta["resumed_from"] = resume_from
+    train_started = time.time()
+    try:
+        result = trainer.train(resume_from_checkpoint=resume_from)
+    finally:
+        metadata.write_log_history(trainer.state.log_history, run_dir)
+    train_seconds = time.time() - train_started
+
+    # save
+    meta["adapter"] = _save_adapter(recipe, trainer, tokenizer, run_dir, stage1)
+
+    # exports
+    exports = _exports(recipe, trainer, tokenizer, backend, run_dir, base_path)
+    if recipe.uses_stage1 and recipe.init == "merge":
+        shutil.rmtree(run_dir / "init_stage1_merged", ignore_errors=True)  # large; rebuilt if ever needed
+
+    # record how it went
+    steps_run = max(1, trainer.state.global_step - step_of(resume_from))
+    meta.update({
+        "status": "finished", "global_step": trainer.state.global_step,
+        "train_loss": getattr(result, "training_loss", None),
+        "tokens_seen": int(trainer.state.num_input_tokens_seen or 0),
+        "wall_time_s": round(time.time() - started, 1), "train_time_s": round(train_seconds, 1),
+        "seconds_per_step": round(train_seconds / steps_run, 3),
+        "memory": metadata.peak_memory(), "exports": exports,
+    })
+    metadata.write_metadata(run_dir, meta)
+    log.info("finished: %s (%d steps, %.0f s)", run_dir, trainer.state.global_step, meta["wall_time_s"])
+    return run_dir
+
+
+# ------------------------------------------------------------------------------------------- phases
+
+
+def _check_inputs(recipe: TrainRecipe, run_dir: Path, stage1_run: str | Path | None, resume: bool,
+                  overwrite: bool) -> Path | None:
+    """Cheap checks first: nothing heavy is loaded before every input is known to exist. Returns the stage-1 run."""
+    if recipe.training.max_steps == 0:
+        raise TrainError(f"{recipe.meta.recipe_file}: training.max_steps is 0: nothing to train (-1 means one full epoch)")
+    if recipe.stage == 2 and recipe.init is None:
+        raise TrainError(f"{recipe.meta.recipe_file}: a stage-2 recipe needs init: merge, continue or base")
+    last_checkpoint = find_last_checkpoint(run_dir / "checkpoints")
+    if resume and last_checkpoint is None:
+        log.warning("--resume: no checkpoint in %s; starting from step 0", run_dir / "checkpoints")
+    if not resume and not overwrite and (last_checkpoint or (run_dir / "adapter_config.json").exists()):
+        raise TrainError(f"{run_dir} already holds a run; use --resume to continue it, --overwrite to replace it, "
+                         "or --out for a new folder")
+    if not recipe.uses_stage1:
+        return None
+    if stage1_run is None:
+        raise TrainError(f"{recipe.meta.recipe_file}: stage 2 (init: {recipe.init}) needs the stage-1 run folder")
+    stage1 = Path(stage1_run)
+    if not (stage1 / "adapter_config.json").exists():
+        raise TrainError(f"stage 2 needs a finished stage-1 run: {stage1} has no adapter_config.json "
+                         "(run `medlib train --stage 1` first, or pass --from DIR)")
+    trained_on = metadata.run_base_model(stage1)
+    if trained_on != recipe.model.name:
+        raise TrainError(f"stage-1 run {stage1} was trained on {trained_on!r}, "
+                         f"but this recipe's model.name is {recipe.model.name!r}")
+    return stage1
+
+
+def _check_resume_data(run_dir: Path, manifest: dict[str, Any], resume: bool) -> None:
+    meta_file = run_dir / "run_metadata.json"
+    if resume and find_last_checkpoint(run_dir / "checkpoints") and meta_file.exists():
+        previous = json.loads(meta_file.read_text())
+        if previous.get("data", {}).get("manifest_sha256") not in (None, manifest["manifest_sha256"]):
+            raise TrainError(f"cannot resume {run_dir}: the mixture {manifest['mixture_dir']} changed since the run "
+                             "started (manifest hash differs)")
+
+
+def _prepare_run_dir(run_dir: Path, stage1: Path | None, resume: bool, overwrite: bool) -> None:
+    if overwrite and not resume and run_dir.exists():
+        if any(run_dir.iterdir()) and not ((run_dir / "run_metadata.json").exists() or (run_dir / "checkpoints").exists()):
+            raise TrainError(f"--overwrite: {run_dir} is not a medlib run folder; refusing to delete it")
+        if stage1 is not None and stage1.resolve() == run_dir.resolve():
+            raise TrainError(f"--overwrite: {run_dir} is the stage-1 run this stage starts from")
+        shutil.rmtree(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+
+
+def _tokenized(tokenizer: Any, records: list[dict], recipe: TrainRecipe, limit: int | None, system_prompt: str,
+               split: str) -> tuple[list[dict], Any]:
+    records = seeded_subset(records, limit, recipe.seed)
+    max_len = recipe.model.max_seq_length
+    rows, report = tokenize_records(tokenizer, records, max_len, system_prompt, recipe.prompt.target_style)
+    if report.cut_to_fit:
+        log.info("%s: cut to fit %d tokens, answer kept: %s", split, max_len,
+                 ", ".join(f"{n} by the start of their {what}" for what, n in report.cut_to_fit.items()))
+    if report.truncated or report.dropped_no_target:
+        log.warning("%s: %d records longer than %d tokens were truncated; %d lost their whole answer and were "
+                    "dropped (ids in run_metadata.json)", split, report.truncated, max_len, len(report.dropped_no_target))
+    return rows, report
+
+
+def _trainer(model: Any, tokenizer: Any, args: Any, train_rows: list[dict], eval_rows: list[dict],
+             callbacks: Sequence[Any]) -> Any:
+    from datasets import Dataset
+    from trl import SFTTrainer
+
+    return SFTTrainer(model=model, args=args, processing_class=tokenizer, train_dataset=Dataset.from_list(train_rows),
+                      eval_dataset=Dataset.from_list(eval_rows) if eval_rows else None, callbacks=list(callbacks))
+
+
+def _keep_lora_float32(trainer: Any, precision: str, fallbacks: list[str]) -> None:
+    """TRL casts a quantised model's LoRA weights to bf16 (the QLoRA paper's choice on GPU). Without bf16
+    (CPU: slow and lossy; fp16 on a T4: the grad scaler needs float32 weights) they stay in float32."""
+    import torch
+
+    cast = [p for p in trainer.model.parameters() if p.requires_grad and p.dtype == torch.bfloat16]
+    for param in cast:
+        param.data = param.data.float()
+    if cast:
+        fallbacks.append(f"LoRA weights kept in float32 (precision {precision}, no bf16)")
+
+
+def _save_adapter(recipe: TrainRecipe, trainer: Any, tokenizer: Any, run_dir: Path, stage1: Path | None) -> dict[str, Any]:
+    """Final adapter + tokenizer at the top of the run folder; returns what shipped (rank, combined or not).
+    After `init: merge` the stage-2 adapter is relative to base + stage 1, so it is kept aside and the
+    shipped adapter combines both stages."""
+    if recipe.uses_stage1 and recipe.init == "merge":
+        stage2_only = run_dir / "stage2_adapter"
+        trainer.model.save_pretrained(str(stage2_only), safe_serialization=True)
+        combine_adapters(stage1, stage2_only, run_dir, recipe.model.name)
+    else:
+        trainer.model.save_pretrained(str(run_dir), safe_serialization=True)
+    name_adapter_base(run_dir, recipe.model.name)
+    tokenizer.save_pretrained(str(run_dir))
+    return metadata.shipped_adapter(run_dir, recipe)
+
+
+def _exports(recipe: TrainRecipe, trainer: Any, tokenizer: Any, backend: str, run_dir: Path, base_path: str) -> dict[str, str]:
+    exports = {}
+    if recipe.training.export_merged_16bit:
+        exports["merged_16bit"] = str(export_merged(trainer.model, tokenizer, backend, run_dir / "merged_16bit",
+                                                    base_path, run_dir))
+    if recipe.training.export_gguf:
+        exports["gguf"] = str(export_gguf(trainer.model, tokenizer, backend, run_dir / "gguf", recipe.training.export_gguf))
+    return exports
+
+
+# ----------------------------------------------------------------------------------- (re)run planning
+
+
+def plan_run(recipe: TrainRecipe, run_dir: str | Path, mixture_dir: str | Path, stage1_run: str | Path | None = None,
+             resume: bool | None = None, overwrite: bool = False) -> tuple[str, str]:
+    """What a notebook's (re)run of this stage does, as (action, sentence); nothing is deleted unless overwrite.
+
+    action is one of:
+      "train"     no run here yet;
+      "resume"    a checkpoint exists and resume is None (the default) or True: continue from it;
+      "keep"      a finished run with exactly these settings exists: keep it, train nothing;
+      "overwrite" overwrite=True: replace whatever is there (checkpoints included).
+    A checkpoint with resume=False, or a finished run with other settings, is a TrainError that
+    names the choice to make; a Colab disconnect therefore never costs the checkpoints.
+    """
+    run_dir = Path(run_dir)
+    checkpoint = find_last_checkpoint(run_dir / "checkpoints")
+    meta_file = run_dir / "run_metadata.json"
+    finished = meta_file.exists() and json.loads(meta_file.read_text()).get("status") == "finished"
+    if overwrite:
+        if checkpoint or finished or (run_dir / "adapter_config.json").exists():
+            return "overwrite", f"overwrite=True: deleting the run in {run_dir} (checkpoints included) and training anew"
+        return "train", f"overwrite=True, but {run_dir} holds no run yet: training from step 0"
+    if finished:
+        changed = _changed_since(recipe, run_dir, Path(mixture_dir), stage1_run, json.loads(meta_file.read_text()))
+        if not changed:
+            return "keep", (f"{run_dir} already holds a finished run with these settings and inputs: kept, nothing "
+                            "trained (overwrite=True retrains it)")
+        raise TrainError(f"{run_dir} holds a finished run with other settings or inputs (differs in: "
+                         f"{', '.join(changed)}); pass overwrite=True to replace it, or choose another out_dir")
+    if checkpoint:
+        if resume is False:
+            raise TrainError(f"{run_dir} holds checkpoint {Path(checkpoint).name}; pass resume=True (or None) to "
+                             "continue it, or overwrite=True to delete it and start again")
+        return "resume", f"resuming from {checkpoint}"
+    return "train", f"no run in {run_dir} yet: training from step 0"
+
+
+def _changed_since(recipe: TrainRecipe, run_dir: Path, mixture_dir: Path, stage1_run: str | Path | None,
+                   meta: dict[str, Any]) -> list[str]:
+    """What differs between a finished run and this recipe: top-level recipe sections, the mixture's
+    content, and (stage 2) the stage-1 adapter it started from."""
+    saved = run_dir / "recipe.resolved.yaml"
+    try:
+        previous = load_resolved(saved).to_dict() if saved.exists() else {}
+    except ValueError:  # written by an older medlib, or edited by hand: not comparable
+        previous = {}
+    now = recipe.to_dict()
+    changed = sorted(k for k in set(previous) | set(now) if previous.get(k) != now.get(k))
+    manifest = mixture_dir / "manifest.json"
+    if manifest.exists() and json.loads(manifest.read_text()).get("content_hash") != meta.get("data", {}).get("content_hash"):
+        changed.append("the mixture's content")
+    if recipe.uses_stage1 and stage1_run is not None:
+        adapter = Path(stage1_run) / "adapter_model.safetensors"
+        if adapter.exists() and file_sha256(adapter) != meta.get("from_stage1_adapter_sha256"):
+            changed.append("the stage-1 run")
+    return changed
+
+
+def train_or_resume(recipe: TrainRecipe, run_dir: str | Path, mixture_dir: str | Path,
+                    stage1_run: str | Path | None = None, resume: bool | None = None, overwrite: bool = False,
+                    say=print) -> Path:
+    """Train, resume, keep or overwrite as plan_run decides, and say which (the notebooks' entry point)."""
+    action, sentence = plan_run(recipe, run_dir, mixture_dir, stage1_run, resume, overwrite)
+    say(f"[{recipe.run_name}] {sentence}")
+    if action == "keep":
+        return Path(run_dir)
+    return train(recipe, run_dir, mixture_dir, stage1_run, resume=action == "resume", overwrite=action == "overwrite")
