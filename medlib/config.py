@@ -199,7 +199,8 @@ class DataSettings(Section):
     hub: bool = False                  # true: a source missing from the folders is read from the Hub; false: an error
     standin_note: str | None = None    # said in every manifest when the data stands in for the paper's
     strict: bool = True                # a bad row is an error (false: skipped and reported)
-    decontaminate: bool = True
+    decontaminate: Literal["drop", "report", "off"] = "drop"   # training rows that repeat an evaluation item:
+                                       # drop them (and say how many), only report them, or do not look
     validation_fraction: float | None = None   # stage 1: share of the pool held out for validation loss
     replay: ReplaySettings | None = None
 
@@ -477,7 +478,12 @@ def load_recipe(profile: str, name: str, overrides: Iterable[str] = (), preset: 
         raise RecipeError(f"{source} is a {found} recipe, not a {kind} recipe")
     if mapping.get("profile") != profile:
         raise RecipeError(f"{source}: profile must be {profile!r} (the folder it is in), got {mapping.get('profile')!r}")
-    recipe = _from_mapping(RECIPE_CLASSES[found], mapping, "", source)
+    try:
+        recipe = _from_mapping(RECIPE_CLASSES[found], mapping, "", source)
+    except RecipeError as exc:
+        keys = [item.split("=", 1)[0] for item in overrides]
+        said = [item for item, key in zip(overrides, keys) if key and key in str(exc)]
+        raise RecipeError(f"{exc} (set by {', '.join(said)})" if said else str(exc)) from None
     return dataclasses.replace(recipe, meta=RecipeMeta(source, tuple(overrides)))
 
 

@@ -24,7 +24,7 @@ def test_every_shipped_recipe_parses_into_its_typed_class(profile, name):
 
 
 def test_wrong_types_and_keys_name_the_file_key_expected_type_and_value():
-    with pytest.raises(RecipeError, match=r"^local/stage1.yaml: training.max_steps must be an integer, got 'ten'$"):
+    with pytest.raises(RecipeError, match=r"^local/stage1.yaml: training.max_steps must be an integer, got 'ten' \(set by training.max_steps=ten\)$"):
         config.load_train("local", 1, ["training.max_steps=ten"])
     with pytest.raises(RecipeError, match=r"local/stage2.yaml: data.replay.n_train must be an integer or a number or null, got 'many'"):
         config.load_train("local", 2, ["data.replay.n_train=many"])

@@ -253,3 +253,43 @@ def test_cli_build_prints_a_summary(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "medlib", "data", "build", "--profile", "local", "--stage", "1",
                           "--set", "data.nope=1"], capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "unknown recipe key 'data.nope'" in bad.stderr
+
+
+def test_notechat_turns_follow_the_authors_speaker_rule():
+    from medlib.data.loaders import split_notechat_conversation
+
+    text = ("[The patient is in the ward.]\nDoctor: Good morning. How are you feeling?\n"
+            "Patient: Not great, my chest hurts.\nPatient’s Family: He has had it since yesterday.\n\n"
+            "Nurse: His blood pressure is 150/95.\nyes, since yesterday\nDoctor: We will run an ECG.")
+    assert split_notechat_conversation(text) == [
+        {"role": "assistant", "content": "Good morning. How are you feeling?"},
+        {"role": "user", "content": "Not great, my chest hurts."},
+        {"role": "user", "content": "He has had it since yesterday."},   # a family member speaks as the user
+        {"role": "user", "content": "His blood pressure is 150/95."},    # any other speaker: a user turn
+        {"role": "user", "content": "yes, since yesterday"},             # no "Speaker: ": a user turn as it is
+        {"role": "assistant", "content": "We will run an ECG."},
+    ]
+
+
+def test_decontamination_never_aborts_a_strict_build_and_can_only_report(tmp_path, data_dir):
+    """A strict paper-profile build asking for every row of a source whose rows repeat a test question:
+    `drop` takes what is left and says why; `report` drops nothing and lists the overlaps."""
+    folder = tmp_path / "planted"
+    write_paper_scale_folder(folder, sizes={"medqa": 40, "medmcqa": 40, "pubmedqa_artificial": 20}, notechat_rows=0)
+    test_rows = [json.loads(line) for line in (data_dir / "medqa" / "test.jsonl").read_text().splitlines()[:2]]
+    with open(folder / "medqa" / "train.jsonl", "a") as f:
+        for row in test_rows:
+            f.write(json.dumps(row) + "\n")
+    sources = ('data.sources=[{"source": "medqa", "split": "train", "n": 42}, '
+               '{"source": "medmcqa", "split": "train", "n": 40}, {"source": "pubmedqa", "split": "pqa_artificial", "n": 20}]')
+    dropped = json.loads((build("paper", "stage1", tmp_path / "drop", [f"data.data_dir={folder}", sources])
+                          / "manifest.json").read_text())
+    assert dropped["sizes"]["total"] == 100 and dropped["decontamination"]["dropped"] == 2
+    assert any("asked for 42 rows but only 40" in note and "2 dropped" in note for note in dropped["notes"])
+    reported = json.loads((build("paper", "stage1", tmp_path / "report", [f"data.data_dir={folder}", sources,
+                                                                          "data.decontaminate=report"])
+                           / "manifest.json").read_text())
+    assert reported["sizes"]["total"] == 102 and reported["decontamination"]["dropped"] == 0
+    assert reported["decontamination"]["exact"] == 2 and reported["decontamination"]["by_eval_set"] == {"medqa": 2}
+    with pytest.raises(DataError, match="asked for 43 rows"):  # more than even decontamination explains: an error
+        build("paper", "stage1", tmp_path / "bad", [f"data.data_dir={folder}", sources.replace('"n": 42', '"n": 43')])

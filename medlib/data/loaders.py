@@ -18,7 +18,6 @@ Local folder layout (the published file names; ../shared/data follows it):
 from __future__ import annotations
 
 import logging
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -149,31 +148,28 @@ def normalise_pubmedqa(raw: Any, row: Any) -> dict:
             "options": dict(PUBMEDQA_OPTIONS), "answer": pubmedqa_label_to_letter(value["final_decision"])}
 
 
-_SPEAKER = re.compile(r"^\s*(doctor|physician|patient|patient's \w+)\s*:\s*", re.IGNORECASE)
 
 
 def split_notechat_conversation(text: str) -> list[dict[str, str]]:
-    """'Doctor: ...\\nPatient: ...' -> user/assistant turns (patient = user, doctor = assistant).
-    Lines without a speaker continue the previous turn; consecutive lines of one speaker merge."""
+    """NoteChat's dialogue text as turns, by the authors' rule (../shared/reference/authors_notebooks.md):
+    empty lines and lines starting with "[" are skipped; a line starting with "Doctor:" is an assistant
+    turn; any other "Speaker: text" line (Patient, Patient’s Family, Nurse, ...) is a user turn with the
+    speaker dropped; a line with no ": " is a user turn as it is. Every line is its own turn: consecutive
+    turns of one role are not merged."""
     if not isinstance(text, str):
         raise TypeError(f"conversation must be a string, got {type(text).__name__}")
     turns: list[dict[str, str]] = []
     for line in text.splitlines():
-        if not line.strip():
+        line = line.strip()
+        if not line or line.startswith("["):
             continue
-        match = _SPEAKER.match(line)
-        if match:
-            role = "assistant" if match.group(1).lower() in ("doctor", "physician") else "user"
-            content = line[match.end():].strip()
-            if turns and turns[-1]["role"] == role:
-                turns[-1]["content"] += "\n" + content
-            else:
-                turns.append({"role": role, "content": content})
-        elif turns:
-            turns[-1]["content"] += "\n" + line.strip()
+        if line.startswith("Doctor:"):
+            turns.append({"role": "assistant", "content": line[len("Doctor:"):].strip()})
+        elif ": " in line:
+            turns.append({"role": "user", "content": line.split(": ", 1)[1].strip()})
         else:
-            raise ValueError(f"conversation does not start with a speaker label: {line[:60]!r}")
-    return turns
+            turns.append({"role": "user", "content": line})
+    return [turn for turn in turns if turn["content"]]
 
 
 def normalise_notechat(raw: dict, row: Any) -> dict:

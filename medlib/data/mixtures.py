@@ -62,12 +62,18 @@ def _load_training_source(spec: SourceSpec, data: DataSettings, report: Validati
     return result
 
 
-def _take(records: list[dict], n: Any, what: str, strict: bool, rng: random.Random, notes: list[str]) -> list[dict]:
+def _take(records: list[dict], n: Any, what: str, strict: bool, rng: random.Random, notes: list[str],
+          decontaminated: int = 0) -> list[dict]:
+    """n rows (a count, a ratio or all) drawn with the build's RNG. Asking for more than there are is an
+    error in a strict build, unless the rows missing are ones decontamination dropped: a build never
+    aborts for decontamination (the shortfall is noted in the manifest)."""
     want = resolve_count(n, len(records), what)
     if want > len(records):
         message = f"{what}: asked for {want} rows but only {len(records)} are available after validation and decontamination"
-        if strict:
+        if strict and want > len(records) + decontaminated:
             raise DataError(what, "size", message)
+        if decontaminated:
+            message += f" ({decontaminated} dropped as duplicates of evaluation questions)"
         notes.append(message + "; took all")
         return records
     if want == len(records):
@@ -84,20 +90,22 @@ class _Build:
         self.rng = random.Random(self.data.seed)
         self.strict = self.data.strict
         self.report, self.notes, self.sources = ValidationReport(), [], []
-        if self.data.decontaminate and eval_recipe is None:
+        if self.data.decontaminate != "off" and eval_recipe is None:
             raise config.RecipeError(f"{recipe.meta.recipe_file}: data.decontaminate needs the evaluation sets "
                                      "(the profile's eval recipe)")
-        self.index = eval_index(recipe, eval_recipe, with_chat) if self.data.decontaminate else None
+        self.index = eval_index(recipe, eval_recipe, with_chat) if self.data.decontaminate != "off" else None
         self.decon: dict[str, Any] = {"checked": 0, "exact": 0, "normalised": 0, "dropped": 0, "by_eval_set": {}}
 
     def load(self, spec: SourceSpec):
-        """A source's validated records, decontaminated; returns (load result, records, source summary)."""
+        """A source's validated records, checked against the evaluation sets: overlaps dropped (decontaminate:
+        drop) or only reported (report). Returns (load result, records, source summary, rows dropped)."""
         result = _load_training_source(spec, self.data, self.report)
         records, decon = result.records, None
         if self.index is not None:
-            records, decon = decontaminate(records, self.index)
+            records, decon = decontaminate(records, self.index, drop=self.data.decontaminate == "drop")
             _merge_decon(self.decon, decon)
-        return result, records, {**result.summary(), "decontamination": _brief(decon)}
+        dropped = decon["dropped"] if decon else 0
+        return result, records, {**result.summary(), "decontamination": _brief(decon)}, dropped
 
     def info(self) -> dict[str, Any]:
         return {"sources": self.sources, "decontamination": self.decon, "validation": self.report, "notes": self.notes}
@@ -107,8 +115,8 @@ def build_stage1(recipe: TrainRecipe, eval_recipe: EvalRecipe | None) -> tuple[l
     b = _Build(recipe, eval_recipe, with_chat=False)
     pool: list[dict] = []
     for spec in b.data.sources:
-        _, records, summary = b.load(spec)
-        taken = _take(records, spec.n, f"{spec.source}/{spec.split}", b.strict, b.rng, b.notes)
+        _, records, summary, dropped = b.load(spec)
+        taken = _take(records, spec.n, f"{spec.source}/{spec.split}", b.strict, b.rng, b.notes, dropped)
         b.sources.append({**summary, "taken": len(taken)})
         pool.extend(taken)
     if not pool:
@@ -127,7 +135,7 @@ def build_stage2(recipe: TrainRecipe, eval_recipe: EvalRecipe | None,
     train: list[dict] = []
     validation: list[dict] = []
     for spec in data.sources:
-        result, records, summary = b.load(spec)
+        result, records, summary, dropped = b.load(spec)
         records = records[:]
         rng.shuffle(records)
         what = f"{spec.source}/{spec.split}"
@@ -135,8 +143,10 @@ def build_stage2(recipe: TrainRecipe, eval_recipe: EvalRecipe | None,
         n_train = resolve_count(spec.n_train, len(records) - n_val, what + " n_train")
         if n_train + n_val > len(records):
             message = f"{what}: asked for {n_train} + {n_val} rows but only {len(records)} are available"
-            if strict:
+            if strict and n_train + n_val > len(records) + dropped:
                 raise DataError(what, "size", message)
+            if dropped:
+                message += f" ({dropped} dropped as duplicates of evaluation items)"
             notes.append(message + "; took what there was")
         validation.extend(records[:n_val])
         train.extend(records[n_val:n_val + n_train])

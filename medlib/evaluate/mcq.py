@@ -360,8 +360,8 @@ def run_mcq(recipe: EvalRecipe, out_dir: str | Path, adapter: Any = None, *, lab
     m = recipe.mcq
     unknown = [name for name in m.sets if name not in recipe.sets]
     if unknown:
-        raise RecipeError(f"{recipe.meta.recipe_file}: mcq.sets names {', '.join(unknown)}, which sets: does not "
-                          f"define (known: {', '.join(recipe.sets)})")
+        raise RecipeError(f"{recipe.meta.recipe_file}: mcq.sets names {', '.join(unknown)}, which the recipe's sets: "
+                          f"section does not define (known: {', '.join(recipe.sets)})")
     run_dir = evaluated.folder(out_dir, "mcq")
     folders = common.eval_folders(recipe)
     records_by_set = {name: common.sample_limit(load_eval_set(recipe.sets[name], folders, recipe.data.hub, name),
