@@ -16,10 +16,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-from medlib import config
+from medlib import config, plots
 from medlib.config import EvalRecipe, TrainRecipe
 from medlib.data.mixtures import MIXTURE_FILES, build_mixture
 from medlib.paths import outputs_dir, resolve
+from medlib.training import train, train_or_resume
 
 
 @dataclass(frozen=True)
@@ -77,9 +78,9 @@ def stage_recipes(profile: str, data_dir: str | None = None, preset: str | None 
     return {stage: with_data_dir(config.load_train(profile, stage, overrides, preset), data_dir) for stage in (1, 2)}
 
 
-def stage1_of(recipe: TrainRecipe, profile: str) -> TrainRecipe:
+def stage1_of(recipe: TrainRecipe) -> TrainRecipe:
     """The stage-1 recipe a stage-2 recipe starts from and replays (its from_run), same data folder."""
-    stage1 = config.load_train(profile, 1)
+    stage1 = config.load_train(recipe.profile, 1)
     if recipe.from_run != stage1.run_name:
         raise config.RecipeError(f"{recipe.meta.recipe_file}: from_run {recipe.from_run!r} is not the profile's stage-1 "
                                  f"run {stage1.run_name!r}; pass the stage-1 run folder (--from) instead")
@@ -95,7 +96,7 @@ def ensure_mixture(recipe: TrainRecipe, lay: Layout, eval_recipe: EvalRecipe | N
     eval_recipe = eval_recipe or config.load_eval(recipe.profile)
     stage1_mixture = None
     if recipe.data.replay is not None:
-        stage1 = stage1_of(recipe, recipe.profile)
+        stage1 = stage1_of(recipe)
         stage1_mixture = ensure_mixture(stage1, lay, eval_recipe)
     return build_mixture(recipe, target, eval_recipe, stage1_mixture)
 
@@ -119,8 +120,6 @@ def train_run(recipe: TrainRecipe, lay: Layout, resume: bool | None = None, over
     and for stage 2 the stage-1 run it names (from_run), unless stage1_run / run_dir say otherwise.
     plan=True (notebooks): resume, keep or refuse as medlib.training.plan_run decides and says;
     plan=False (the CLI): train now, an existing run being an error unless resume or overwrite."""
-    from medlib.training import train, train_or_resume
-
     mixture = ensure_mixture(recipe, lay)
     if recipe.uses_stage1 and stage1_run is None:
         stage1_run = lay.run(recipe.from_run) if recipe.from_run else None
@@ -156,7 +155,7 @@ def evaluate_mcq(profile: str = "local", out_dir: str | Path | None = None, data
                  limit: int | None = None, sets: Sequence[str] | None = None, overrides: Iterable[str] = (),
                  preset: str | None = None) -> Path:
     """03: Table 3 for the base model and every run of the eval recipe. Returns table3.md."""
-    from medlib.evaluate import run_all, write_table3
+    from medlib.evaluate import run_all, write_table3  # lazy: medlib.evaluate.cli imports this module
 
     lay = layout(profile, out_dir)
     recipe = eval_recipe_for(profile, data_dir, preset, overrides)
@@ -173,7 +172,7 @@ def evaluate_bertscore(profile: str = "local", out_dir: str | Path | None = None
                        n_queries: int | None = None, max_new_tokens: int | None = None,
                        overrides: Iterable[str] = (), preset: str | None = None) -> Path:
     """04: Table 4 and side-by-side samples. Returns table4.md."""
-    from medlib.evaluate import run_all, write_table4
+    from medlib.evaluate import run_all, write_table4  # lazy: medlib.evaluate.cli imports this module
 
     lay = layout(profile, out_dir)
     recipe = eval_recipe_for(profile, data_dir, preset, overrides)
@@ -188,8 +187,6 @@ def evaluate_bertscore(profile: str = "local", out_dir: str | Path | None = None
 
 def figures(profile: str = "local", out_dir: str | Path | None = None) -> dict[str, Path]:
     """05 (and the report): loss curves per stage, MCQ and BERTScore bars, from what the steps wrote."""
-    from medlib import plots
-
     lay = layout(profile, out_dir)
     made: dict[str, Path] = {}
     for stage, recipe in stage_recipes(profile).items():
@@ -211,7 +208,7 @@ def loss_figure_name(recipe: TrainRecipe) -> str:
 def chat_demo(profile: str = "local", out_dir: str | Path | None = None, script: Sequence[str] = (),
               max_new_tokens: int | None = None, adapter: str | Path | None = None, preset: str | None = None) -> Path:
     """06: a scripted conversation with the chatbot (the chat recipe's run in this layout, else the base model)."""
-    from medlib.chat.session import ChatSession, run_script
+    from medlib.chat.session import ChatSession, run_script  # lazy: the session imports this module
 
     lay = layout(profile, out_dir)
     recipe = config.load_chat(profile, preset=preset)
@@ -235,7 +232,7 @@ def chat_demo(profile: str = "local", out_dir: str | Path | None = None, script:
 
 
 def report(profile: str = "local", out_dir: str | Path | None = None) -> Path:
-    from medlib.report import write_report
+    from medlib.report import write_report  # lazy: the report imports this module
 
     lay = layout(profile, out_dir)
     figures(profile, out_dir)

@@ -8,6 +8,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from medlib.evaluate.tables import TABLE3_COLUMNS, TABLE4_METRICS
+
 
 def _pyplot():
     import matplotlib
@@ -100,8 +102,6 @@ def _grouped_bars(ax, groups: list[str], series: list[tuple[str, list[float | No
 
 
 def plot_mcq_bars(table3_csv: str | Path, path: str | Path) -> Path:
-    from medlib.evaluate.tables import TABLE3_COLUMNS
-
     with open(table3_csv) as f:
         rows = list(csv.DictReader(f))
     keys = [k for k, _ in TABLE3_COLUMNS]
@@ -129,8 +129,6 @@ def plot_mcq_bars(table3_csv: str | Path, path: str | Path) -> Path:
 
 
 def plot_bertscore_bars(table4_csv: str | Path, path: str | Path) -> Path:
-    from medlib.evaluate.tables import TABLE4_METRICS
-
     with open(table4_csv) as f:
         rows = list(csv.DictReader(f))
     series = []

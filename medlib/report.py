@@ -10,6 +10,7 @@ from typing import Any
 
 from medlib import config
 from medlib.evaluate.tables import collect_results
+from medlib.pipeline import stage_recipes
 from medlib.plots import read_log_history
 
 
@@ -66,8 +67,6 @@ def findings(lay, caveat: str | None = None) -> list[str]:
 
 
 def write_report(lay) -> Path:
-    from medlib.pipeline import stage_recipes
-
     root = lay.root
     evaluation = config.load_eval(lay.profile)
     stages = stage_recipes(lay.profile)

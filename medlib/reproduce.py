@@ -17,6 +17,7 @@ from typing import Any, Sequence
 from medlib.cli_common import CLIError
 from medlib.config import parse_value
 from medlib.paths import REPO_ROOT
+from medlib.pipeline import layout, report
 
 log = logging.getLogger(__name__)
 
@@ -44,8 +45,6 @@ def _parse_params(items: Sequence[str]) -> dict[str, Any]:
 def reproduce(profile: str = "local", out_dir: str | Path | None = None, force: bool = False,
               params: dict[str, Any] | None = None, notebooks: Sequence[str] = NOTEBOOKS) -> Path:
     import papermill as pm
-
-    from medlib.pipeline import layout, report
 
     lay = layout(profile, out_dir)
     lay.notebooks.mkdir(parents=True, exist_ok=True)

@@ -135,7 +135,7 @@ def run_dmt_study(profile: str = "local", out_dir: str | Path | None = None, dat
         f"writing {study_dir}")
     med_mix = train_stage(1, profile, lay.root, data_dir, max_steps=stage1_max_steps)
     stage2 = with_data_dir(config.load_train(profile, 2), data_dir)
-    stage1_mixture = lay.mixture(stage1_of(stage2, profile).mixture)
+    stage1_mixture = lay.mixture(stage1_of(stage2).mixture)
 
     arms = [Arm(s) for s in study.shares] + ([Arm(0.0, from_base=True)] if study.from_base else [])
     runs: dict[str, Path] = {}

@@ -28,6 +28,7 @@ from medlib.chat.router import RouteDecision, Router
 from medlib.config import ChatRecipe, load_chat
 from medlib.models import ModelNotFoundError, load_for_inference
 from medlib.paths import resolve
+from medlib.pipeline import layout
 from medlib.prompts import effective_system_prompt, render_chat
 from medlib.training.metadata import METADATA_FILE, RunRecord
 
@@ -151,8 +152,6 @@ class ChatSession:
         outputs/<profile>); when that does not exist yet a notice says so and the base model runs.
         An explicit adapter that does not exist is an error. `recipe`: an already loaded chat recipe.
         """
-        from medlib.pipeline import layout
-
         recipe = recipe or load_chat(profile, overrides, preset)
         if red_flags is None:
             model_dir = recipe.guardrails.red_flag_model

@@ -35,7 +35,7 @@ def cmd_build(args: argparse.Namespace) -> int:
     """Build (or rebuild) the recipe's mixture; a replaying recipe's stage-1 mixture is built first when missing."""
     recipe = with_data_dir(config.load_train(args.profile, args.recipe or args.stage, args.overrides), args.data_dir)
     lay = layout(args.profile)
-    stage1_mixture = ensure_mixture(stage1_of(recipe, args.profile), lay) if recipe.data.replay else None
+    stage1_mixture = ensure_mixture(stage1_of(recipe), lay) if recipe.data.replay else None
     out = build_mixture(recipe, args.out or lay.mixture(recipe.mixture), config.load_eval(args.profile), stage1_mixture)
     print("\n".join(summary_lines(out)))
     return 0

@@ -7,6 +7,8 @@ import json
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
+from medlib.data.validate import DataError
+
 
 def read_json(path: str | Path) -> Any:
     path = Path(path)
@@ -14,8 +16,6 @@ def read_json(path: str | Path) -> Any:
         with open(path, encoding="utf-8") as f:
             return json.load(f)
     except json.JSONDecodeError as exc:
-        from medlib.data.validate import DataError
-
         raise DataError(path, f"line {exc.lineno}", f"not valid JSON: {exc.msg}") from exc
 
 
@@ -29,8 +29,6 @@ def iter_jsonl(path: str | Path) -> Iterator[tuple[int, Any]]:
             try:
                 yield lineno, json.loads(line)
             except json.JSONDecodeError as exc:
-                from medlib.data.validate import DataError
-
                 raise DataError(path, f"line {lineno}", f"not valid JSON: {exc.msg}") from exc
 
 
