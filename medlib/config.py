@@ -309,6 +309,8 @@ class McqSettings(Section):
     prefix_cache: bool = True
     bootstrap_samples: int = 1000
     seed: int = 3407
+    answer_cue: str = ""               # appended to every question's user turn (the authors': "\nAnswer:")
+    parse: Literal["medlib", "authors"] = "medlib"   # generate: medlib's reading, or the authors' "Answer: X" rule
     generation: McqGeneration = McqGeneration()
 
 

@@ -87,6 +87,21 @@ def tokenizer(smollm2_dir):
     return common.prepare_tokenizer(__import__("medlib.models", fromlist=["load_tokenizer"]).load_tokenizer(SMOLLM2))
 
 
+def test_the_authors_parse_rule_and_answer_cue(tokenizer):
+    from medlib.evaluate.mcq import parse_answer_authors
+
+    assert parse_answer_authors("Answer: B) Ceftriaxone") == "B"
+    assert parse_answer_authors("Answer: A) yes. On reflection, Answer: C") == "AC"   # two matches: wrong
+    assert parse_answer_authors("B") is None and parse_answer_authors("The answer is B") is None
+    record = {"id": "q1", "question": "Which drug?", "context": "", "options": dict(FOUR), "answer": "B"}
+    ids, _ = encode_prompt(tokenizer, record, SYSTEM_PROMPT, 256, answer_cue="\nAnswer:")
+    text = tokenizer.decode(ids)
+    assert "D. Diuretic" in text and "Answer:<|im_end|>" in text   # the cue ends the user turn
+    assert text.endswith("<|im_start|>assistant\n")
+    with pytest.raises(ValueError, match="unknown parse rule"):
+        MCQSettings(parse="vote")
+
+
 def test_long_context_is_cut_from_its_start(tokenizer):
     record = {"id": "p1", "question": "Does the drug lower blood pressure?",
               "context": " ".join(f"sentence{i} of the abstract." for i in range(600)) + " FINAL RESULT SENTENCE.",

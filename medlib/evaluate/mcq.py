@@ -35,6 +35,7 @@ from medlib.prompts import LETTERS, fit_mcq_record, record_to_messages, render_c
 log = logging.getLogger(__name__)
 
 METHODS = ("loglik", "generate")
+PARSE_RULES = ("medlib", "authors")
 PAPER_SETS = ("medqa", "medmcqa", "pubmedqa")  # the paper's Table 3 columns; mmlu_med is our extra
 SET_TITLES = {"medqa": "MedQA", "medmcqa": "MedMCQA", "pubmedqa": "PubMedQA", "pubmedqa_test": "PubMedQA (test 500)",
               "mmlu_med": "MMLU-med"}
@@ -50,23 +51,30 @@ class MCQSettings:
     max_new_tokens: int = 16
     system_prompt: str | None = None
     prefix_cache: bool = True  # loglik: run the prompts' shared prefix once
+    answer_cue: str = ""       # appended to the question's user turn (the authors': "\nAnswer:")
+    parse: str = "medlib"      # generate: medlib's lenient reading, or the authors' "Answer: X" substring rule
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise ValueError(f"unknown MCQ method {self.method!r}; choose one of {', '.join(METHODS)}")
+        if self.parse not in PARSE_RULES:
+            raise ValueError(f"unknown parse rule {self.parse!r}; choose one of {', '.join(PARSE_RULES)}")
 
 
 # ---------------------------------------------------------------- items and prompts
 
-def _render(tokenizer: Any, record: Mapping[str, Any], system_prompt: str | None) -> str:
-    return render_chat(tokenizer, record_to_messages(record, system_prompt, with_answer=False), add_generation_prompt=True)
+def _render(tokenizer: Any, record: Mapping[str, Any], system_prompt: str | None, answer_cue: str = "") -> str:
+    messages = record_to_messages(record, system_prompt, with_answer=False)
+    if answer_cue:
+        messages[-1] = {**messages[-1], "content": messages[-1]["content"] + answer_cue}
+    return render_chat(tokenizer, messages, add_generation_prompt=True)
 
 
 def encode_prompt(tokenizer: Any, record: Mapping[str, Any], system_prompt: str | None,
-                  max_length: int) -> tuple[list[int], str | None]:
+                  max_length: int, answer_cue: str = "") -> tuple[list[int], str | None]:
     """Prompt token ids and what was cut to fit max_length (None, "context" or "question"), by the
     same rule as training (medlib.prompts.fit_mcq_record)."""
-    encode = lambda r: tokenizer(_render(tokenizer, r, system_prompt), add_special_tokens=False)["input_ids"]  # noqa: E731
+    encode = lambda r: tokenizer(_render(tokenizer, r, system_prompt, answer_cue), add_special_tokens=False)["input_ids"]  # noqa: E731
     try:
         fitted, cut = fit_mcq_record(tokenizer, record, lambda r: len(encode(r)), max_length)
     except ValueError as exc:
@@ -124,6 +132,17 @@ def parse_answer(text: str, options: Mapping[str, str]) -> str | None:
         return max(starts, key=lambda k: len(norm_opts[k]))
     inside = [k for k, v in norm_opts.items() if v and re.search(rf"\b{re.escape(v)}\b", norm_reply)]
     return inside[0] if len(inside) == 1 else None
+
+
+_AUTHORS_ANSWER = re.compile(r"Answer: ([A-E])")
+
+
+def parse_answer_authors(text: str) -> str | None:
+    """The authors' evaluation rule (../shared/reference/authors_notebooks.md): every "Answer: X" in the
+    reply, joined. One match is that letter; two or more give a several-letter prediction, which can
+    never equal the gold letter and so counts as wrong; none is None (wrong, and counted as unparseable)."""
+    found = "".join(_AUTHORS_ANSWER.findall(text))
+    return found or None
 
 
 # ---------------------------------------------------------------- statistics
@@ -284,7 +303,8 @@ def evaluate_records(model: Any, tokenizer: Any, records: Sequence[Mapping[str, 
                                "correct": False, "status": "ok"}
         if problem is None:
             try:
-                ids, truncated = encode_prompt(tokenizer, record, settings.system_prompt, settings.max_length)
+                ids, truncated = encode_prompt(tokenizer, record, settings.system_prompt, settings.max_length,
+                                               settings.answer_cue)
             except ValueError as exc:
                 problem = str(exc)
             else:
@@ -315,7 +335,8 @@ def evaluate_records(model: Any, tokenizer: Any, records: Sequence[Mapping[str, 
             for idx, reply in zip(scorable, replies):
                 row = predictions[idx]
                 row["reply"] = reply
-                row["prediction"] = parse_answer(reply, records[idx]["options"])
+                row["prediction"] = (parse_answer(reply, records[idx]["options"]) if settings.parse == "medlib"
+                                     else parse_answer_authors(reply))
                 if row["prediction"] is None:
                     row["status"] = "unparseable"
                     n_unparseable += 1
@@ -347,7 +368,8 @@ def settings_from_recipe(recipe: EvalRecipe, system_prompt: str) -> MCQSettings:
     m = recipe.mcq
     return MCQSettings(method=m.method, batch_size=m.batch_size, max_length=m.max_length,
                        bootstrap_samples=m.bootstrap_samples, seed=m.seed, max_new_tokens=m.generation.max_new_tokens,
-                       system_prompt=system_prompt, prefix_cache=m.prefix_cache)
+                       system_prompt=system_prompt, prefix_cache=m.prefix_cache, answer_cue=m.answer_cue,
+                       parse=m.parse)
 
 
 def run_mcq(recipe: EvalRecipe, out_dir: str | Path, adapter: Any = None, *, label: str | None = None,

@@ -108,6 +108,15 @@ def _reference_note(reference: Mapping[str, Any], table: str) -> str:
     return note
 
 
+def _method_text(settings: Mapping[str, Any]) -> str:
+    """loglik | generate, with the answer cue and the authors' parse rule when they were used."""
+    text = settings["method"]
+    extras = [f"cue {settings['answer_cue']!r}"] if settings.get("answer_cue") else []
+    if settings["method"] == "generate" and settings.get("parse") == "authors":
+        extras.append("authors' parse")
+    return f"{text} ({', '.join(extras)})" if extras else text
+
+
 def _queries_text(result: Mapping[str, Any]) -> str:
     source = result.get("queries_source")
     if isinstance(source, Mapping):
@@ -145,7 +154,7 @@ def write_table3(results: Sequence[Mapping[str, Any]] | None = None, out_dir: st
         entries = dict(r.get("sets", {}))
         entries["average"] = r.get("average_paper_sets")
         ident = ["ours", r.get("display_name", r["label"]), r["profile"], r["model"], _adapter_text(r),
-                 r["settings"]["method"], str(r.get("limit_per_set") or "all"),
+                 _method_text(r["settings"]), str(r.get("limit_per_set") or "all"),
                  "nf4" if r.get("load_in_4bit") else r.get("dtype", "")]
         md_rows.append(ident + [_ours_cell(entries.get(k)) for k in keys])
         row: list[Any] = list(ident)
