@@ -209,7 +209,7 @@ def test_cli_three_turn_conversation_through_stdin(tmp_path):
     script = "good morning!\nI have had a headache and a fever for three days, what should I do?\nWho won the football world cup in 2018?\n"
     proc = subprocess.run(
         [sys.executable, "-m", "medlib", "chat", "--profile", "local",
-         "--set", "generation.max_new_tokens=16", "--set", f"adapter={tmp_path / 'no-adapter-here'}"],
+         "--set", "generation.max_new_tokens=16", "--set", "run=no-adapter-here"],
         input=script, capture_output=True, text=True, cwd=REPO_ROOT, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     out = proc.stdout
