@@ -39,22 +39,26 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
+    from medlib.config import load_eval
     from medlib.data.eval_sets import load_eval_set
+    from medlib.data.validate import mcq_problem
     from medlib.evaluate import common
     from medlib.evaluate.crosscheck import lm_eval_letter_predictions
-    from medlib.evaluate.mcq import MCQSettings, encode_prompt, evaluate_records, item_problem
-    from medlib.models import SMOLLM2
+    from medlib.evaluate.mcq import MCQSettings, encode_prompt, evaluate_records
+    from medlib.models import SMOLLM2, load_for_inference, resolve_dtype
     from medlib.prompts import SYSTEM_PROMPT
 
     torch.manual_seed(0)
-    fast_dtype = common.resolve_dtype(args.dtype)
-    model, tokenizer, _ = common.load_model(SMOLLM2, None, load_in_4bit=False, dtype="float32")
+    fast_dtype = resolve_dtype(args.dtype)
+    model, tokenizer = load_for_inference(SMOLLM2, None, load_in_4bit=False, dtype="float32")
     common.prepare_tokenizer(tokenizer)
     models = {"float32": model}
     if fast_dtype != "float32":
-        models[fast_dtype] = common.load_model(SMOLLM2, None, load_in_4bit=False, dtype=fast_dtype)[0]
+        models[fast_dtype] = load_for_inference(SMOLLM2, None, load_in_4bit=False, dtype=fast_dtype)[0]
     sets = [s for s in args.sets.split(",") if s]
-    records = {s: [r for r in common.sample_limit(load_eval_set(s), args.per_set, 3407) if item_problem(r) is None] for s in sets}
+    eval_recipe = load_eval("local")
+    records = {s: [r for r in common.sample_limit(load_eval_set(eval_recipe.sets[s], [eval_recipe.data.data_dir], hub=False, name=s),
+                                                  args.per_set, 3407) if mcq_problem(r) is None] for s in sets}
     n_total = sum(len(v) for v in records.values())
     print(f"SmolLM2-135M-Instruct (medlib default dtype here: {fast_dtype}; lm-eval: float32), torch threads {torch.get_num_threads()}, {n_total} questions "
           f"({', '.join(f'{s} {len(v)}' for s, v in records.items())}), batch {args.batch_size}, max_length {args.max_length}")

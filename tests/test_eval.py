@@ -335,12 +335,11 @@ def test_bertscore_run_writes_table4_and_samples(tmp_path, data_dir, smollm2_dir
 def test_loglik_agrees_with_lm_eval(data_dir, smollm2_dir):
     """Same model, same prompts: medlib's letter scoring and lm-eval's loglikelihood pick the same letters."""
     pytest.importorskip("lm_eval")
-    from medlib.data.eval_sets import load_eval_set
     from medlib.evaluate.crosscheck import lm_eval_letter_predictions
 
     model, tokenizer = load_for_inference(SMOLLM2, None, dtype="float32")
     common.prepare_tokenizer(tokenizer)
-    records = [r for name in ("medqa", "pubmedqa") for r in common.sample_limit(load_eval_set(name, data_dir), 5, 1)]
+    records = [r for name in ("medqa", "pubmedqa") for r in common.sample_limit(local_eval_set(name, data_dir), 5, 1)]
     settings = MCQSettings(method="loglik", bootstrap_samples=100, system_prompt=SYSTEM_PROMPT)
     _, ours = evaluate_records(model, tokenizer, records, settings, "mixed")
     prompts = [encode_prompt(tokenizer, r, SYSTEM_PROMPT, settings.max_length)[0] for r in records]
