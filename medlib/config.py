@@ -171,7 +171,8 @@ class ModelSettings(Section):
 @dataclass(frozen=True)
 class PromptSettings(Section):
     system_prompt: str | None = None   # null: medlib.prompts.SYSTEM_PROMPT (the paper's Figure 2)
-    target_style: Literal["letter", "letter_text"] = "letter"
+    target_style: Literal["letter", "letter_text", "authors"] = "letter"   # authors: "Answer: B) option text"
+    mcq_format: Literal["medlib", "authors"] = "medlib"   # the question's user turn; authors: "Question:/Options:/A) …"
 
 
 @dataclass(frozen=True)

@@ -32,7 +32,8 @@ PUBMEDQA_LABEL_TO_LETTER = {"yes": "A", "no": "B", "maybe": "C"}
 PUBMEDQA_LETTER_TO_LABEL = {v: k for k, v in PUBMEDQA_LABEL_TO_LETTER.items()}
 PUBMEDQA_OPTIONS = {letter: label for label, letter in PUBMEDQA_LABEL_TO_LETTER.items()}
 
-TARGET_STYLES = ("letter", "letter_text")
+TARGET_STYLES = ("letter", "letter_text", "authors")
+MCQ_FORMATS = ("medlib", "authors")
 ANSWER_INSTRUCTION = "Answer with the letter of the correct option."
 
 
@@ -61,10 +62,19 @@ def is_mcq(record: Mapping[str, Any]) -> bool:
     return "options" in record
 
 
-def format_mcq_prompt(record: Mapping[str, Any]) -> str:
-    """User turn of an MCQ record: optional abstract context, the question, lettered options."""
-    parts = []
+def format_mcq_prompt(record: Mapping[str, Any], mcq_format: str = "medlib") -> str:
+    """User turn of an MCQ record. medlib: optional abstract context, the question, options "A. text" and
+    an instruction to answer with the letter. authors (their notebooks): "Context: …" (PubMedQA),
+    "Question: …", "Options:" and "A) text" lines, no instruction."""
     context = record.get("context") or ""
+    if mcq_format == "authors":
+        lines = [f"Context: {context}"] if context else []
+        lines += [f"Question: {record['question'].strip()}", "Options:"]
+        lines += [f"{letter}) {text}" for letter, text in record["options"].items()]
+        return "\n".join(lines)
+    if mcq_format != "medlib":
+        raise ValueError(f"unknown MCQ format {mcq_format!r}; choose one of {', '.join(MCQ_FORMATS)}")
+    parts = []
     if context:
         parts.append(f"Context:\n{context}")
     parts.append(f"Question: {record['question'].strip()}")
@@ -75,12 +85,15 @@ def format_mcq_prompt(record: Mapping[str, Any]) -> str:
 
 
 def mcq_target(record: Mapping[str, Any], style: str = "letter") -> str:
-    """Training target: the answer letter only (as in the paper), or letter + option text."""
+    """Training target: the answer letter only (the paper's "answer key"), letter + option text, or the
+    authors' "Answer: B) option text"."""
     letter = record["answer"]
     if style == "letter":
         return letter
     if style == "letter_text":
         return f"{letter}. {record['options'][letter]}"
+    if style == "authors":
+        return f"Answer: {letter}) {record['options'][letter]}"
     raise ValueError(f"unknown target style {style!r}; choose one of {', '.join(TARGET_STYLES)}")
 
 
@@ -89,6 +102,7 @@ def record_to_messages(
     system_prompt: str | None = SYSTEM_PROMPT,
     target_style: str = "letter",
     with_answer: bool = True,
+    mcq_format: str = "medlib",
 ) -> list[dict[str, str]]:
     """Chat messages for an MCQ or dialogue record, system prompt first.
 
@@ -99,7 +113,7 @@ def record_to_messages(
     if system_prompt:
         messages.append({"role": "system", "content": system_prompt})
     if is_mcq(record):
-        messages.append({"role": "user", "content": format_mcq_prompt(record)})
+        messages.append({"role": "user", "content": format_mcq_prompt(record, mcq_format)})
         if with_answer:
             messages.append({"role": "assistant", "content": mcq_target(record, target_style)})
         return messages

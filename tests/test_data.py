@@ -82,6 +82,14 @@ def test_mcq_prompt_and_targets():
     assert messages[-1] == {"role": "assistant", "content": "B"}
     assert prompts.record_to_messages(record, target_style="letter_text")[-1]["content"] == "B. b"
     assert prompts.record_to_messages(record, with_answer=False)[-1]["role"] == "user"
+    # the authors' notebooks: "Question:/Options:/A) …" user turn, "Answer: B) text" target, no letter instruction
+    authors = prompts.record_to_messages(record, target_style="authors", mcq_format="authors")
+    assert authors[1]["content"] == "Question: Q?\nOptions:\nA) a\nB) b"
+    assert authors[-1] == {"role": "assistant", "content": "Answer: B) b"}
+    pubmed = dict(record, context="An abstract.", options=dict(prompts.PUBMEDQA_OPTIONS), answer="A")
+    assert prompts.format_mcq_prompt(pubmed, "authors") == "Context: An abstract.\nQuestion: Q?\nOptions:\nA) yes\nB) no\nC) maybe"
+    with pytest.raises(ValueError, match="unknown MCQ format"):
+        prompts.format_mcq_prompt(record, "other")
 
 
 def test_local_standins_never_overlap_evaluation(data_dir):

@@ -285,6 +285,31 @@ def test_stage2_starts_from_stage1_and_ships_one_combined_adapter(tmp_path, stag
     torch.testing.assert_close(combined, chained, atol=2e-3, rtol=1e-3)
 
 
+@pytest.mark.slow
+def test_authors_prompt_and_target_train_and_are_what_evaluation_reads(tmp_path, stage1_mixture, tokenizer):
+    """prompt.mcq_format / target_style = authors: the model learns "Answer: B) text" after their user turn,
+    the run folder records both, and evaluation renders questions the way the run was trained."""
+    from medlib.config import load_eval
+    from medlib.evaluate.common import EvaluatedModel
+    from medlib.evaluate.mcq import encode_prompt
+    from medlib.training import train
+    from medlib.training.tokenize import tokenize_records
+
+    records = json.loads("[" + ",".join((stage1_mixture / "train.jsonl").read_text().split("\n")[:2]) + "]")
+    rows, _ = tokenize_records(tokenizer, records, 400, target_style="authors", mcq_format="authors")
+    trained = tokenizer.decode([t for t, m in zip(rows[0]["input_ids"], rows[0]["assistant_masks"]) if m])
+    record = records[0]
+    assert trained.startswith(f"Answer: {record['answer']}) {record['options'][record['answer']]}"), trained
+    run_dir = train(_recipe(1, "training.max_steps=2", "training.eval_steps=2", "training.save_steps=2",
+                            "prompt.target_style=authors", "prompt.mcq_format=authors"), tmp_path / "authors", stage1_mixture)
+    meta = json.loads((run_dir / "run_metadata.json").read_text())
+    assert meta["target_style"] == "authors" and meta["mcq_format"] == "authors" and meta["global_step"] == 2
+    evaluated = EvaluatedModel.of(load_eval("local"), run_dir)
+    assert evaluated.mcq_format == "authors"
+    text = tokenizer.decode(encode_prompt(tokenizer, record, evaluated.system_prompt, 512, "\nAnswer:", evaluated.mcq_format)[0])
+    assert "Options:\nA) " in text and "Answer with the letter" not in text and "Answer:<|im_end|>" in text
+
+
 # ------------------------------------------------------------------------------------------- resume
 
 

@@ -30,6 +30,7 @@ class EvaluatedModel:
     display_name: str
     stage: int                     # 0 base model, 1 or 2 a training stage (orders the table rows)
     system_prompt: str
+    mcq_format: str                # the question's user turn the run was trained with (medlib.prompts)
     load_in_4bit: bool
     dtype: str
 
@@ -42,7 +43,9 @@ class EvaluatedModel:
         prompt = recipe.prompt.system_prompt or (record.system_prompt if record else None)
         return cls(recipe=recipe, adapter=adapter, label=label, display_name=display_name,
                    stage=int(record.metadata.get("stage", 2)) if record else 0,
-                   system_prompt=effective_system_prompt(prompt), load_in_4bit=recipe.model.load_in_4bit,
+                   system_prompt=effective_system_prompt(prompt),
+                   mcq_format=(record.mcq_format if record and record.mcq_format else "medlib"),
+                   load_in_4bit=recipe.model.load_in_4bit,
                    dtype=resolve_dtype(recipe.model.dtype))
 
     def folder(self, out_dir: Path, kind: str) -> Path:

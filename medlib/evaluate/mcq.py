@@ -53,6 +53,7 @@ class MCQSettings:
     prefix_cache: bool = True  # loglik: run the prompts' shared prefix once
     answer_cue: str = ""       # appended to the question's user turn (the authors': "\nAnswer:")
     parse: str = "medlib"      # generate: medlib's lenient reading, or the authors' "Answer: X" substring rule
+    mcq_format: str = "medlib"  # the question's user turn, as the evaluated run was trained (medlib.prompts)
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -63,18 +64,20 @@ class MCQSettings:
 
 # ---------------------------------------------------------------- items and prompts
 
-def _render(tokenizer: Any, record: Mapping[str, Any], system_prompt: str | None, answer_cue: str = "") -> str:
-    messages = record_to_messages(record, system_prompt, with_answer=False)
+def _render(tokenizer: Any, record: Mapping[str, Any], system_prompt: str | None, answer_cue: str = "",
+            mcq_format: str = "medlib") -> str:
+    messages = record_to_messages(record, system_prompt, with_answer=False, mcq_format=mcq_format)
     if answer_cue:
         messages[-1] = {**messages[-1], "content": messages[-1]["content"] + answer_cue}
     return render_chat(tokenizer, messages, add_generation_prompt=True)
 
 
 def encode_prompt(tokenizer: Any, record: Mapping[str, Any], system_prompt: str | None,
-                  max_length: int, answer_cue: str = "") -> tuple[list[int], str | None]:
+                  max_length: int, answer_cue: str = "", mcq_format: str = "medlib") -> tuple[list[int], str | None]:
     """Prompt token ids and what was cut to fit max_length (None, "context" or "question"), by the
     same rule as training (medlib.prompts.fit_mcq_record)."""
-    encode = lambda r: tokenizer(_render(tokenizer, r, system_prompt, answer_cue), add_special_tokens=False)["input_ids"]  # noqa: E731
+    encode = lambda r: tokenizer(_render(tokenizer, r, system_prompt, answer_cue, mcq_format),  # noqa: E731
+                                 add_special_tokens=False)["input_ids"]
     try:
         fitted, cut = fit_mcq_record(tokenizer, record, lambda r: len(encode(r)), max_length)
     except ValueError as exc:
@@ -304,7 +307,7 @@ def evaluate_records(model: Any, tokenizer: Any, records: Sequence[Mapping[str, 
         if problem is None:
             try:
                 ids, truncated = encode_prompt(tokenizer, record, settings.system_prompt, settings.max_length,
-                                               settings.answer_cue)
+                                               settings.answer_cue, settings.mcq_format)
             except ValueError as exc:
                 problem = str(exc)
             else:
@@ -364,12 +367,12 @@ def evaluate_records(model: Any, tokenizer: Any, records: Sequence[Mapping[str, 
 
 # ---------------------------------------------------------------- a whole run
 
-def settings_from_recipe(recipe: EvalRecipe, system_prompt: str) -> MCQSettings:
+def settings_from_recipe(recipe: EvalRecipe, system_prompt: str, mcq_format: str = "medlib") -> MCQSettings:
     m = recipe.mcq
     return MCQSettings(method=m.method, batch_size=m.batch_size, max_length=m.max_length,
                        bootstrap_samples=m.bootstrap_samples, seed=m.seed, max_new_tokens=m.generation.max_new_tokens,
                        system_prompt=system_prompt, prefix_cache=m.prefix_cache, answer_cue=m.answer_cue,
-                       parse=m.parse)
+                       parse=m.parse, mcq_format=mcq_format)
 
 
 def run_mcq(recipe: EvalRecipe, out_dir: str | Path, adapter: Any = None, *, label: str | None = None,
@@ -378,7 +381,7 @@ def run_mcq(recipe: EvalRecipe, out_dir: str | Path, adapter: Any = None, *, lab
     predictions and results.json in <out_dir>/mcq/<label>/, then table3. Returns the results dict.
     `loaded=(model, tokenizer)` reuses an already loaded model."""
     evaluated = common.EvaluatedModel.of(recipe, adapter, label)
-    settings = settings_from_recipe(recipe, evaluated.system_prompt)
+    settings = settings_from_recipe(recipe, evaluated.system_prompt, evaluated.mcq_format)
     m = recipe.mcq
     unknown = [name for name in m.sets if name not in recipe.sets]
     if unknown:

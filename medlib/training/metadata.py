@@ -81,7 +81,7 @@ def run_metadata(recipe: TrainRecipe, base_path: str, backend: str, fallbacks: l
         "precision": precision,
         # What a chat, evaluation or export of this run must use: the prompt and template it was trained with.
         "system_prompt": system_prompt, "chat_template": getattr(tokenizer, "chat_template", None),
-        "target_style": recipe.prompt.target_style,
+        "target_style": recipe.prompt.target_style, "mcq_format": recipe.prompt.mcq_format,
         "training_args": {k: settings[k] for k in ("optim", "bf16", "fp16", "gradient_checkpointing", "packing",
                                                         "padding_free", "max_steps", "max_length")},
         "libraries": library_versions(), "device": device_name(),
@@ -125,6 +125,7 @@ class RunRecord:
     system_prompt: str | None
     chat_template: str | None
     target_style: str | None
+    mcq_format: str | None
     adapter: dict[str, Any] | None
     profile: str | None
     metadata: dict[str, Any]
@@ -143,5 +144,5 @@ class RunRecord:
         return cls(folder=folder, base_model=base, name=meta.get("run_name") or folder.name,
                    display_name=meta.get("display_name") or meta.get("run_name") or folder.name,
                    system_prompt=meta.get("system_prompt"), chat_template=meta.get("chat_template"),
-                   target_style=meta.get("target_style"), adapter=meta.get("adapter"), profile=meta.get("profile"),
+                   target_style=meta.get("target_style"), mcq_format=meta.get("mcq_format"), adapter=meta.get("adapter"), profile=meta.get("profile"),
                    metadata=meta)

@@ -183,7 +183,8 @@ def _tokenized(tokenizer: Any, records: list[dict], recipe: TrainRecipe, limit: 
                split: str) -> tuple[list[dict], Any]:
     records = seeded_subset(records, limit, recipe.seed)
     max_len = recipe.model.max_seq_length
-    rows, report = tokenize_records(tokenizer, records, max_len, system_prompt, recipe.prompt.target_style)
+    rows, report = tokenize_records(tokenizer, records, max_len, system_prompt, recipe.prompt.target_style,
+                                    recipe.prompt.mcq_format)
     if report.cut_to_fit:
         log.info("%s: cut to fit %d tokens, answer kept: %s", split, max_len,
                  ", ".join(f"{n} by the start of their {what}" for what, n in report.cut_to_fit.items()))

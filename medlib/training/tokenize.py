@@ -81,6 +81,7 @@ def tokenize_records(
     max_seq_length: int,
     system_prompt: str | None = SYSTEM_PROMPT,
     target_style: str = "letter",
+    mcq_format: str = "medlib",
 ) -> tuple[list[dict[str, list[int]]], TokenizeReport]:
     """Tokenise MCQ / dialogue records to at most max_seq_length tokens.
 
@@ -93,7 +94,7 @@ def tokenize_records(
     rows: list[dict[str, list[int]]] = []
     report = TokenizeReport()
     encode = lambda r: tokenize_messages(tokenizer, record_to_messages(  # noqa: E731
-        r, system_prompt=system_prompt, target_style=target_style))
+        r, system_prompt=system_prompt, target_style=target_style, mcq_format=mcq_format))
     for record in records:
         report.records += 1
         if is_mcq(record):
