@@ -41,6 +41,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from medlib.config import load_eval
     from medlib.data.eval_sets import load_eval_set
+    from medlib.data.mixtures import seeded_subset
     from medlib.data.validate import mcq_problem
     from medlib.evaluate import common
     from medlib.evaluate.crosscheck import lm_eval_letter_predictions
@@ -57,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
         models[fast_dtype] = load_for_inference(SMOLLM2, None, load_in_4bit=False, dtype=fast_dtype)[0]
     sets = [s for s in args.sets.split(",") if s]
     eval_recipe = load_eval("local")
-    records = {s: [r for r in common.sample_limit(load_eval_set(eval_recipe.sets[s], [eval_recipe.data.data_dir], hub=False, name=s),
+    records = {s: [r for r in seeded_subset(load_eval_set(eval_recipe.sets[s], [eval_recipe.data.data_dir], hub=False, name=s),
                                                   args.per_set, 3407) if mcq_problem(r) is None] for s in sets}
     n_total = sum(len(v) for v in records.values())
     print(f"SmolLM2-135M-Instruct (medlib default dtype here: {fast_dtype}; lm-eval: float32), torch threads {torch.get_num_threads()}, {n_total} questions "

@@ -14,6 +14,7 @@ import yaml
 
 from medlib.config import load_eval
 from medlib.data.eval_sets import load_eval_set
+from medlib.data.mixtures import seeded_subset
 from medlib.data.validate import mcq_problem
 from medlib.evaluate import common, tables
 from medlib.evaluate.bertscore import run_bertscore
@@ -302,7 +303,7 @@ def test_prefix_cache_gives_the_uncached_letter_scores(data_dir, smollm2_dir):
     """Reusing the shared prefix's key/value cache (with pads between prefix and suffix) changes no score."""
     model, tokenizer = load_for_inference(SMOLLM2, None, dtype="float32")
     common.prepare_tokenizer(tokenizer)
-    records = [r for name in ("medqa", "medmcqa", "pubmedqa") for r in common.sample_limit(local_eval_set(name, data_dir), 2, 5)]
+    records = [r for name in ("medqa", "medmcqa", "pubmedqa") for r in seeded_subset(local_eval_set(name, data_dir), 2, 5)]
     prompts = [encode_prompt(tokenizer, r, SYSTEM_PROMPT, 512)[0] for r in records]
     assert len({len(p) for p in prompts}) == len(prompts)  # unequal lengths: batches carry padding
     shared = cached_prefix_length(prompts)
@@ -339,7 +340,7 @@ def test_loglik_agrees_with_lm_eval(data_dir, smollm2_dir):
 
     model, tokenizer = load_for_inference(SMOLLM2, None, dtype="float32")
     common.prepare_tokenizer(tokenizer)
-    records = [r for name in ("medqa", "pubmedqa") for r in common.sample_limit(local_eval_set(name, data_dir), 5, 1)]
+    records = [r for name in ("medqa", "pubmedqa") for r in seeded_subset(local_eval_set(name, data_dir), 5, 1)]
     settings = MCQSettings(method="loglik", bootstrap_samples=100, system_prompt=SYSTEM_PROMPT)
     _, ours = evaluate_records(model, tokenizer, records, settings, "mixed")
     prompts = [encode_prompt(tokenizer, r, SYSTEM_PROMPT, settings.max_length)[0] for r in records]

@@ -282,7 +282,8 @@ def read_mixture(mixture_dir: str | Path) -> tuple[list[dict], list[dict], dict[
 
 
 def seeded_subset(records: list[dict], n: int | None, seed: int) -> list[dict]:
-    """A fixed, seeded subset of n records in their order (None or n >= len: all)."""
+    """A fixed, seeded subset of n records, kept in their order (None or n >= len: all). The same for
+    every caller with the same seed: training's max_*_samples, and evaluation's questions per set."""
     if n is None or n < 0 or n >= len(records):
         return records
     rng = random.Random(seed)

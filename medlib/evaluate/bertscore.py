@@ -18,6 +18,7 @@ from typing import Any, Mapping, Sequence
 
 from medlib.config import ChatGeneration, EvalRecipe
 from medlib.data.eval_sets import load_eval_set
+from medlib.data.io import write_jsonl
 from medlib.evaluate import common
 from medlib.evaluate.mcq import generate_replies
 from medlib.evaluate.tables import write_samples, write_table4
@@ -134,7 +135,8 @@ def run_bertscore(recipe: EvalRecipe, out_dir: str | Path, adapter: Any = None, 
         "generation_seconds": round(gen_seconds, 2), "seconds": round(time.perf_counter() - started, 2),
         "environment": common.environment(),
     }
-    results["generations_file"] = str(common.write_jsonl(run_dir / "generations.jsonl", rows))
+    write_jsonl(run_dir / "generations.jsonl", rows)
+    results["generations_file"] = str(run_dir / "generations.jsonl")
     common.write_json(run_dir / "results.json", results)
     log.info("%s BERTScore P %.4f R %.4f F1 %.4f over %d (%s)", evaluated.label, mean["precision"], mean["recall"], mean["f1"],
              len(rows), hash_code)

@@ -8,7 +8,7 @@ import platform
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 from medlib.config import EvalRecipe
 from medlib.models import adapter_chain, load_for_inference, resolve_dtype
@@ -102,21 +102,3 @@ def write_json(path: Path, data: Any) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(data, indent=2, default=str) + "\n")
     return path
-
-
-def write_jsonl(path: Path, rows: Iterable[dict[str, Any]]) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
-    return path
-
-
-def sample_limit(records: list[dict[str, Any]], limit: int | None, seed: int) -> list[dict[str, Any]]:
-    """A fixed random subset of `limit` records (same for every model), kept in file order."""
-    if not limit or limit >= len(records):
-        return records
-    import random
-
-    keep = sorted(random.Random(seed).sample(range(len(records)), limit))
-    return [records[i] for i in keep]

@@ -26,6 +26,8 @@ from typing import Any, Iterable, Mapping, Sequence
 
 from medlib.config import EvalRecipe, RecipeError
 from medlib.data.eval_sets import load_eval_set
+from medlib.data.io import write_jsonl
+from medlib.data.mixtures import seeded_subset
 from medlib.data.validate import mcq_problem
 from medlib.evaluate import common
 from medlib.evaluate.stats import letter_diagnostics
@@ -389,8 +391,8 @@ def run_mcq(recipe: EvalRecipe, out_dir: str | Path, adapter: Any = None, *, lab
                           f"section does not define (known: {', '.join(recipe.sets)})")
     run_dir = evaluated.folder(out_dir, "mcq")
     folders = common.eval_folders(recipe)
-    records_by_set = {name: common.sample_limit(load_eval_set(recipe.sets[name], folders, recipe.data.hub, name),
-                                                m.limit, m.sample_seed)
+    records_by_set = {name: seeded_subset(load_eval_set(recipe.sets[name], folders, recipe.data.hub, name),
+                                          m.limit or None, m.sample_seed)
                       for name in m.sets}  # load every set first: a bad set fails before the model loads
     started = time.perf_counter()
     lm, tokenizer, chain = evaluated.load(loaded)
@@ -407,7 +409,9 @@ def run_mcq(recipe: EvalRecipe, out_dir: str | Path, adapter: Any = None, *, lab
     for name, records in records_by_set.items():
         log.info("%s: %d questions (%s)", name, len(records), settings.method)
         summary, predictions = evaluate_records(lm, tokenizer, records, settings, set_name=name)
-        summary["predictions_file"] = str(common.write_jsonl(run_dir / f"predictions_{name}.jsonl", predictions))
+        predictions_file = run_dir / f"predictions_{name}.jsonl"
+        write_jsonl(predictions_file, predictions)
+        summary["predictions_file"] = str(predictions_file)
         results["sets"][name] = summary
         correct_by_set[name] = [row["correct"] for row in predictions if not row["status"].startswith("bad item")]
         log.info("%s: accuracy %.3f [%.3f, %.3f] over %d (bad %d, truncated %d)", name, summary["accuracy"],
