@@ -15,7 +15,7 @@ PRESET ?=
 # pip on these machines warns about every missing local index; keep the log readable.
 QUIET := grep -v "^WARNING: Location" || true
 
-.PHONY: install install-gpu check-gpu browser reproduce study test serve data bench clean-outputs
+.PHONY: install install-gpu check-gpu browser reproduce smoke study test serve data bench clean-outputs
 
 $(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -37,7 +37,8 @@ $(GPU_STAMP): requirements-gpu.txt pyproject.toml scripts/install_gpu.sh
 check-gpu:
 	@nvidia-smi -L >/dev/null 2>&1 || { \
 	  echo "make reproduce PROFILE=$(PROFILE) needs a CUDA GPU, and nvidia-smi finds none on this machine." >&2; \
-	  echo "  Without a GPU: 'make reproduce' runs the same pipeline on the local profile (CPU, ~30 min)." >&2; \
+	  echo "  Without a GPU: 'make reproduce' runs the same pipeline on the local profile (CPU, ~30 min)," >&2; \
+	  echo "  and 'make smoke' runs the paper profile's whole path on CPU at tiny size (~2 min)." >&2; \
 	  echo "  On Colab: open the notebooks there with preset=\"colab_t4\" (README, 'Colab and GPUs')." >&2; exit 1; }
 
 install-gpu: check-gpu $(GPU_STAMP)
@@ -50,6 +51,10 @@ else
 reproduce: install-gpu
 	$(GPU_VENV)/bin/medlib reproduce --profile $(PROFILE) $(if $(PRESET),-p preset=$(PRESET) --out outputs/$(PROFILE)-$(PRESET))
 endif
+
+# The paper profile's whole path on CPU: a tiny random Llama, Hub-shaped fixtures (preset smoke; ~2 min).
+smoke: install
+	$(BIN)/medlib reproduce --profile paper --smoke
 
 # The serve tests drive the chat page in Debian's headless Chromium (never a browser build of its own).
 browser:

@@ -173,6 +173,7 @@ class PromptSettings(Section):
     system_prompt: str | None = None   # null: medlib.prompts.SYSTEM_PROMPT (the paper's Figure 2)
     target_style: Literal["letter", "letter_text", "authors"] = "letter"   # authors: "Answer: B) option text"
     mcq_format: Literal["medlib", "authors"] = "medlib"   # the question's user turn; authors: "Question:/Options:/A) …"
+    chat_template: Literal["native", "chatml"] = "native"   # chatml: Unsloth's, <|im_end|> mapped to EOS (the authors')
 
 
 @dataclass(frozen=True)
@@ -198,6 +199,9 @@ class DataSettings(Section):
     data_dir: str | None = None        # folder of the published files; null: the Hub
     eval_data_dir: str | None = None   # decontamination reads evaluation sets here first
     hub: bool = False                  # true: a source missing from the folders is read from the Hub; false: an error
+    hub_mirror: str | None = None      # a folder laid out like the Hub (<owner>/<dataset>/), read by datasets.load_dataset
+    order: Literal["medlib", "authors"] = "medlib"   # medlib: seeded random draws; authors: their datasets
+                                       # shuffle(seed) + train_test_split(seed) order, so the rows match theirs
     standin_note: str | None = None    # said in every manifest when the data stands in for the paper's
     strict: bool = True                # a bad row is an error (false: skipped and reported)
     decontaminate: Literal["drop", "report", "off"] = "drop"   # training rows that repeat an evaluation item:
@@ -237,6 +241,9 @@ class TrainingSettings(Section):
     gradient_checkpointing: Literal["auto"] | bool = "auto"
     precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
     packing: bool = False
+    packing_strategy: Literal["bfd", "constant_length"] = "bfd"   # bfd: TRL's, padding-free, examples kept
+                                       # apart; constant_length: the authors' (trl<0.9 ConstantLengthDataset)
+    loss_on: Literal["assistant", "all"] = "assistant"   # all: the whole text, system and user turns too (the authors')
     padding_free: bool = False
     export_merged_16bit: bool = False
     export_gguf: str | None = None
@@ -292,11 +299,15 @@ class EvalSetSpec(Section):
 class EvalDataSettings(Section):
     data_dir: str | None = None
     hub: bool = False                  # true: a set missing from data_dir is read from the Hub
+    hub_mirror: str | None = None      # a folder laid out like the Hub; read first when set
 
 
 @dataclass(frozen=True)
 class McqGeneration(Section):
     max_new_tokens: int = 8
+    do_sample: bool = False            # the authors sampled (Llama 3.1's generation config: temperature 0.6, top_p 0.9)
+    temperature: float = 0.6           # used only when sampling
+    top_p: float = 0.9
 
 
 @dataclass(frozen=True)
@@ -336,6 +347,7 @@ class BertScoreSettings(Section):
     rescale_with_baseline: bool = False
     batch_size: int = 32
     samples_k: int = 5
+    paper_samples: bool = True         # also answer the paper's Figures 3-10 queries (figures_3_10.md)
     generation: ChatGeneration = ChatGeneration()
 
 
@@ -353,7 +365,8 @@ class EvalRecipe(Section):
     model: EvalModelSettings
     runs: tuple[str, ...]              # training runs (names under the output root) evaluated beside the base model
     sets: dict[str, EvalSetSpec]       # where each evaluation set lives; MCQ and decontamination both read this
-    chat_set: EvalSetSpec              # consumer questions with physicians' answers (BERTScore)
+    chat_sets: tuple[EvalSetSpec, ...]  # consumer questions with physicians' answers (BERTScore), drawn from each
+                                       # set in proportion to its hold-out
     mcq: McqSettings
     bertscore: BertScoreSettings
     report: ReportSettings

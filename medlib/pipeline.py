@@ -84,7 +84,8 @@ def stage1_of(recipe: TrainRecipe) -> TrainRecipe:
     if recipe.from_run != stage1.run_name:
         raise config.RecipeError(f"{recipe.meta.recipe_file}: from_run {recipe.from_run!r} is not the profile's stage-1 "
                                  f"run {stage1.run_name!r}; pass the stage-1 run folder (--from) instead")
-    return stage1.replace(data=stage1.data.replace(data_dir=recipe.data.data_dir, strict=recipe.data.strict))
+    return stage1.replace(data=stage1.data.replace(data_dir=recipe.data.data_dir, strict=recipe.data.strict,
+                                                   hub=recipe.data.hub, hub_mirror=recipe.data.hub_mirror))
 
 
 def ensure_mixture(recipe: TrainRecipe, lay: Layout, eval_recipe: EvalRecipe | None = None) -> Path:
@@ -185,11 +186,11 @@ def evaluate_bertscore(profile: str = "local", out_dir: str | Path | None = None
     return write_table4(out_dir=lay.eval)[0]
 
 
-def figures(profile: str = "local", out_dir: str | Path | None = None) -> dict[str, Path]:
+def figures(profile: str = "local", out_dir: str | Path | None = None, preset: str | None = None) -> dict[str, Path]:
     """05 (and the report): loss curves per stage, MCQ and BERTScore bars, from what the steps wrote."""
     lay = layout(profile, out_dir)
     made: dict[str, Path] = {}
-    for stage, recipe in stage_recipes(profile).items():
+    for stage, recipe in stage_recipes(profile, preset=preset).items():
         run = lay.run(recipe.run_name)
         if (run / "log_history.csv").exists():
             made[f"loss_stage{stage}"] = plots.plot_loss_curves(run, lay.figures / loss_figure_name(recipe))
@@ -231,12 +232,12 @@ def chat_demo(profile: str = "local", out_dir: str | Path | None = None, script:
     return path
 
 
-def report(profile: str = "local", out_dir: str | Path | None = None) -> Path:
+def report(profile: str = "local", out_dir: str | Path | None = None, preset: str | None = None) -> Path:
     from medlib.report import write_report  # lazy: the report imports this module
 
     lay = layout(profile, out_dir)
-    figures(profile, out_dir)
-    return write_report(lay)
+    figures(profile, out_dir, preset)
+    return write_report(lay, preset)
 
 
 def run_summary(run_dir: str | Path) -> str:

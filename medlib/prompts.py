@@ -68,6 +68,8 @@ def format_mcq_prompt(record: Mapping[str, Any], mcq_format: str = "medlib") -> 
     "Question: …", "Options:" and "A) text" lines, no instruction."""
     context = record.get("context") or ""
     if mcq_format == "authors":
+        if record.get("context_parts"):  # PubMedQA: the abstract's sections joined with spaces, as they did
+            context = " ".join(record["context_parts"])
         lines = [f"Context: {context}"] if context else []
         lines += [f"Question: {record['question'].strip()}", "Options:"]
         lines += [f"{letter}) {text}" for letter, text in record["options"].items()]
@@ -147,9 +149,59 @@ def fit_mcq_record(tokenizer: Any, record: Mapping[str, Any], n_tokens: Callable
         if keep <= 0:
             break
         cut = dict(record, **{field: TRUNCATION_MARK + tokenizer.decode(text_ids[len(text_ids) - keep:]).lstrip()})
+        cut.pop("context_parts", None)  # the cut context is what gets rendered
         if n_tokens(cut) <= max_length:
             return cut, field
     raise ValueError(f"does not fit max_length {max_length} tokens even with its {field} cut")
+
+
+# Unsloth's "chatml" template (unsloth/chat_templates.py, CHAT_TEMPLATES["chatml"]), the one the authors'
+# notebooks apply with get_chat_template(..., chat_template="chatml", map_eos_token=True). No BOS.
+CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if message['role'] == 'user' %}"
+    "{{'<|im_start|>user\n' + message['content'] + '<|im_end|>\n'}}"
+    "{% elif message['role'] == 'assistant' %}"
+    "{{'<|im_start|>assistant\n' + message['content'] + '<|im_end|>\n' }}"
+    "{% else %}"
+    "{{ '<|im_start|>system\n' + message['content'] + '<|im_end|>\n' }}"
+    "{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}"
+    "{{ '<|im_start|>assistant\n' }}"
+    "{% endif %}"
+)
+CHATML_STOP = "<|im_end|>"
+CHAT_TEMPLATES = ("native", "chatml")
+
+
+def apply_chat_template_choice(tokenizer: Any, choice: str) -> Any:
+    """The recipe's `prompt.chat_template` on a freshly loaded tokenizer (returns the tokenizer to use).
+
+    native: the model's own template, unchanged. chatml: Unsloth's chatml template with `map_eos_token=True`,
+    as the authors ran it: when "<|im_end|>" is not a token (Llama 3.1), the EOS token's text is renamed
+    to "<|im_end|>" in the vocabulary, so "<|im_end|>" encodes to the EOS id and ends every turn;
+    "<|im_start|>" stays plain text. A tokenizer that already has "<|im_end|>" (SmolLM2) only gets it as EOS.
+    """
+    if choice == "native":
+        return tokenizer
+    if choice != "chatml":
+        raise ValueError(f"unknown chat template {choice!r}; choose one of {', '.join(CHAT_TEMPLATES)}")
+    if CHATML_STOP not in tokenizer.get_vocab():
+        old_eos = tokenizer.eos_token
+        if not old_eos or not hasattr(tokenizer, "_tokenizer"):
+            raise ValueError(f"tokenizer {getattr(tokenizer, 'name_or_path', '?')!r} has no EOS token (or is not a fast "
+                             "tokenizer) to map <|im_end|> onto")
+        from tokenizers import Tokenizer
+
+        renamed = Tokenizer.from_str(tokenizer._tokenizer.to_str().replace(f'"{old_eos}"', f'"{CHATML_STOP}"'))
+        pad = CHATML_STOP if tokenizer.pad_token in (None, old_eos) else tokenizer.pad_token
+        tokenizer = type(tokenizer)(tokenizer_object=renamed, eos_token=CHATML_STOP, pad_token=pad,
+                                    bos_token=tokenizer.bos_token, name_or_path=tokenizer.name_or_path)
+    else:
+        tokenizer.eos_token = CHATML_STOP
+    tokenizer.chat_template = CHATML_TEMPLATE
+    return tokenizer
 
 
 def render_chat(tokenizer: Any, messages: Sequence[Mapping[str, str]], add_generation_prompt: bool = False) -> str:

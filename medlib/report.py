@@ -41,7 +41,9 @@ def findings(lay, caveat: str | None = None) -> list[str]:
             d = summary.get("diagnostics") or {}
             if d.get("constant"):
                 said += 1
-                lines.append(f"- **{r.get('display_name', r['label'])} answers {d['top_prediction']} to "
+                answers = ("gives no readable answer" if d["top_prediction"] == "none"
+                           else f"answers {d['top_prediction']}")
+                lines.append(f"- **{r.get('display_name', r['label'])} {answers} to "
                              f"{100 * d['top_prediction_share']:.0f}% of {name} questions** (gold {d['gold']}): its "
                              f"{100 * summary['accuracy']:.1f}% there measures a near-constant answer, not knowledge "
                              f"(the majority-class baseline scores {100 * d['majority_baseline']:.1f}%).")
@@ -66,10 +68,10 @@ def findings(lay, caveat: str | None = None) -> list[str]:
     return lines + [""]
 
 
-def write_report(lay) -> Path:
+def write_report(lay, preset: str | None = None) -> Path:
     root = lay.root
-    evaluation = config.load_eval(lay.profile)
-    stages = stage_recipes(lay.profile)
+    evaluation = config.load_eval(lay.profile, preset=preset)
+    stages = stage_recipes(lay.profile, preset=preset)
     lines = [f"# medlib reproduction report — `{lay.profile}` profile", "", f"> {evaluation.report.banner}", ""]
 
     lines += ["## Data", "", "| stage | mixture | train | validation | per source (train) | decontamination dropped | content hash |",

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from medlib.cli_common import CLIError
-from medlib.config import parse_value
+from medlib.config import RecipeError, parse_value, preset_overrides
 from medlib.paths import REPO_ROOT
 from medlib.pipeline import layout, report
 
@@ -26,6 +26,7 @@ NOTEBOOKS = ("00_data_prep", "01_stage1_med_mix", "02_stage2_med_nirvana", "03_e
              "05_loss_curves", "06_chat")
 # Beyond the paper, run on request (`make study`, or --only): not part of the 30-minute reproduction.
 STUDY_NOTEBOOKS = ("07_dmt_study",)
+SMOKE_PRESET = "smoke"  # medlib/recipes/presets/smoke.yaml
 
 
 class ReproduceError(RuntimeError):
@@ -86,7 +87,7 @@ def reproduce(profile: str = "local", out_dir: str | Path | None = None, force: 
         marker.parent.mkdir(exist_ok=True)
         marker.write_text(json.dumps(given))
         print(f"[reproduce] {name}: {seconds:.0f} s", flush=True)
-    path = report(profile, lay.root)
+    path = report(profile, lay.root, (params or {}).get("preset"))
     print(f"[reproduce] report: {path}", flush=True)
     return path
 
@@ -99,13 +100,24 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("-p", "--param", dest="params", action="append", default=[], metavar="NAME=VALUE",
                         help="notebook parameter, e.g. -p max_steps=10 -p mcq_limit=20 (repeatable)")
     parser.add_argument("--only", default=None, help="comma-separated notebook names (default: all, in order)")
+    parser.add_argument("--smoke", action="store_true",
+                        help="the paper profile's whole path on CPU in minutes: preset smoke (a tiny random Llama, the "
+                             "Hub-shaped fixtures; only sizes and what a CPU forces change), output outputs/paper-smoke")
     parser.set_defaults(func=main)
 
 
 def main(args: argparse.Namespace) -> int:
     notebooks = tuple(args.only.split(",")) if args.only else NOTEBOOKS
     try:
-        reproduce(args.profile, args.out, args.force, _parse_params(args.params), notebooks)
-    except ReproduceError as exc:
+        params = _parse_params(args.params)
+        out = args.out
+        if args.smoke:
+            if "preset" in params:
+                raise ReproduceError("--smoke is the smoke preset: give no -p preset with it")
+            preset_overrides(SMOKE_PRESET, args.profile, "stage1")  # a preset for another profile: a clear error
+            params["preset"] = SMOKE_PRESET
+            out = out or str(layout(args.profile).root.with_name(f"{args.profile}-smoke"))
+        reproduce(args.profile, out, args.force, params, notebooks)
+    except (ReproduceError, RecipeError) as exc:
         raise CLIError(str(exc)) from None
     return 0

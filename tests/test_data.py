@@ -25,7 +25,7 @@ def local_eval_set(name, data_dir):
 
 
 def local_chat_eval(data_dir):
-    return load_eval_set(LOCAL_EVAL.chat_set, [data_dir], hub=False, strict=False)
+    return load_eval_set(LOCAL_EVAL.chat_sets[0], [data_dir], hub=False, strict=False)
 
 
 def build(profile, name, out, overrides=(), stage1_mixture=None):
@@ -230,7 +230,7 @@ def test_decontamination_catches_planted_test_questions(tmp_path, data_dir):
         f.write(json.dumps({"id": "planted-mmlu", "question": value["question"], "opa": value["options"]["A"],
                             "opb": value["options"]["B"], "opc": value["options"]["C"], "opd": value["options"]["D"],
                             "cop": 0}) + "\n")
-    recipe = load_train("paper", "stage1", [f"data.data_dir={folder}"])
+    recipe = load_train("paper", "stage1", [f"data.data_dir={folder}", "data.decontaminate=drop"])  # the correction
     recipe = recipe.replace(data=recipe.data.replace(sources=tuple(s.replace(n=None) for s in recipe.data.sources)))
     out = build_mixture(recipe, tmp_path / "m", load_eval("paper"))
     decon = json.loads((out / "manifest.json").read_text())["decontamination"]
@@ -290,7 +290,8 @@ def test_decontamination_never_aborts_a_strict_build_and_can_only_report(tmp_pat
             f.write(json.dumps(row) + "\n")
     sources = ('data.sources=[{"source": "medqa", "split": "train", "n": 42}, '
                '{"source": "medmcqa", "split": "train", "n": 40}, {"source": "pubmedqa", "split": "pqa_artificial", "n": 20}]')
-    dropped = json.loads((build("paper", "stage1", tmp_path / "drop", [f"data.data_dir={folder}", sources])
+    corrected = ["data.decontaminate=drop", "data.order=medlib"]  # the paper profile's default is the authors' report
+    dropped = json.loads((build("paper", "stage1", tmp_path / "drop", [f"data.data_dir={folder}", sources, *corrected])
                           / "manifest.json").read_text())
     assert dropped["sizes"]["total"] == 100 and dropped["decontamination"]["dropped"] == 2
     assert any("asked for 42 rows but only 40" in note and "2 dropped" in note for note in dropped["notes"])
@@ -300,4 +301,4 @@ def test_decontamination_never_aborts_a_strict_build_and_can_only_report(tmp_pat
     assert reported["sizes"]["total"] == 102 and reported["decontamination"]["dropped"] == 0
     assert reported["decontamination"]["exact"] == 2 and reported["decontamination"]["by_eval_set"] == {"medqa": 2}
     with pytest.raises(DataError, match="asked for 43 rows"):  # more than even decontamination explains: an error
-        build("paper", "stage1", tmp_path / "bad", [f"data.data_dir={folder}", sources.replace('"n": 42', '"n": 43')])
+        build("paper", "stage1", tmp_path / "bad", [f"data.data_dir={folder}", sources.replace('"n": 42', '"n": 43'), *corrected])

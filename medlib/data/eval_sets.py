@@ -1,4 +1,4 @@
-"""Evaluation sets, located as the eval recipe says (`sets:` and `chat_set:` in
+"""Evaluation sets, located as the eval recipe says (`sets:` and `chat_sets:` in
 medlib/recipes/<profile>/eval.yaml). MCQ evaluation, BERTScore and the training mixtures'
 decontamination all read them through here, so a set lives in one place per profile."""
 
@@ -22,16 +22,17 @@ def locate(spec: EvalSetSpec, folders: Sequence[str | Path | None]) -> Path | No
 
 
 def load_eval_set(spec: EvalSetSpec, folders: Sequence[str | Path | None], hub: bool, name: str = "",
-                  strict: bool = True, n: int | None = None) -> list[dict[str, Any]]:
-    """The set's records from the first folder that has it, else from the Hub when `hub`, else an error
-    naming the folders searched. A set with `holdout` keeps its fixed hold-out of n (default: holdout)
-    conversations (medlib.data.loaders.chat_holdout_ids)."""
-    folder = locate(spec, folders)
-    if folder is None and not hub:
+                  strict: bool = True, n: int | None = None, hub_mirror: str | Path | None = None) -> list[dict[str, Any]]:
+    """The set's records from `hub_mirror` when given (a folder laid out like the Hub), else the first
+    folder that has it, else from the Hub when `hub`, else an error naming the folders searched. A set
+    with `holdout` keeps its fixed hold-out of n (default: holdout) conversations
+    (medlib.data.loaders.chat_holdout_ids)."""
+    folder = None if hub_mirror else locate(spec, folders)
+    if folder is None and not hub and not hub_mirror:
         raise FileNotFoundError(f"evaluation set {name or spec.source} ({spec.source}/{spec.split}) not found in "
                                 f"{[str(resolve_data_dir(f)) for f in folders]}, and this recipe does not read the Hub")
     n = n or spec.holdout
-    records = load_source(spec.source, spec.split, folder, strict=strict, hub=folder is None,
+    records = load_source(spec.source, spec.split, folder, strict=strict, hub=folder is None, hub_mirror=hub_mirror,
                           **({"chat_holdout": n} if n else {})).records
     if n and (spec.source, spec.split) not in DERIVED_SPLITS:
         held = chat_holdout_ids(records, n)

@@ -24,7 +24,7 @@ from typing import Any, Callable, Iterator
 
 from medlib.data.io import iter_jsonl, read_json, stable_fraction
 from medlib.data.validate import DataError, ValidationReport, validated
-from medlib.paths import PACKAGE_DIR, default_data_dir, resolve
+from medlib.paths import PACKAGE_DIR, cache_dir, default_data_dir, resolve
 from medlib.prompts import LETTERS, PUBMEDQA_OPTIONS, index_to_letter, pubmedqa_label_to_letter
 
 log = logging.getLogger(__name__)
@@ -33,7 +33,10 @@ SAMPLES_DIR = PACKAGE_DIR / "samples"
 
 # Hub ids and configs, with the split names each dataset publishes.
 HUB = {
-    "medqa": {"id": "GBaker/MedQA-USMLE-4-options", "splits": {"train": (None, "train"), "test": (None, "test")}},
+    # The authors' notebooks read the "-hf" variant (sent1, ending0..3, label); the other one
+    # (question, options, answer_idx) holds the same questions and normalises to the same records.
+    "medqa": {"id": "GBaker/MedQA-USMLE-4-options-hf",
+              "splits": {"train": (None, "train"), "validation": (None, "validation"), "test": (None, "test")}},
     "medmcqa": {"id": "openlifescienceai/medmcqa",
                 "splits": {"train": (None, "train"), "validation": (None, "validation"), "test": (None, "test")}},
     "pubmedqa": {"id": "qiaojin/PubMedQA",
@@ -103,6 +106,10 @@ def _options_from_list(choices: list[Any]) -> dict[str, str]:
 
 
 def normalise_medqa(raw: dict, row: Any, split: str) -> dict:
+    if "sent1" in raw:  # GBaker/MedQA-USMLE-4-options-hf (SWAG layout)
+        options = {letter: raw[f"ending{i}"] for i, letter in enumerate("ABCD")}
+        return {"id": str(raw.get("id") or f"medqa-{split}-{row}"), "source": "medqa", "question": raw["sent1"],
+                "context": "", "options": options, "answer": index_to_letter(raw["label"])}
     options = raw["options"]
     if isinstance(options, list):  # some mirrors store [{"key": "A", "value": ...}]
         options = {o["key"]: o["value"] for o in options}
@@ -144,7 +151,9 @@ def normalise_pubmedqa(raw: Any, row: Any) -> dict:
         raise TypeError(f"CONTEXTS must be a list, got {type(contexts).__name__}")
     labels = list(labels) + [""] * (len(contexts) - len(labels))
     context = "\n".join(f"{lab.title()}: {txt}" if lab else txt for lab, txt in zip(labels, contexts))
+    # context_parts: the abstract's sections as published; the authors' prompt joins them with spaces.
     return {"id": str(value.get("pubid", key)), "source": "pubmedqa", "question": question, "context": context,
+            "context_parts": list(contexts),
             "options": dict(PUBMEDQA_OPTIONS), "answer": pubmedqa_label_to_letter(value["final_decision"])}
 
 
@@ -192,11 +201,14 @@ def normalise_chatdoctor(source: str) -> Callable[[Any, Any], dict]:
 # ---------------------------------------------------------------- raw rows: local files and the Hub
 
 def resolve_data_dir(data_dir: str | Path | None) -> Path:
-    """None -> the default shared data folder; 'samples' -> the small sample files shipped in medlib."""
+    """None -> the default shared data folder; 'samples' (or 'samples/<sub>') -> the small sample files
+    shipped in medlib (samples/hub: the Hub-shaped fixtures)."""
     if data_dir is None:
         return default_data_dir()
     if str(data_dir) == "samples":
         return SAMPLES_DIR
+    if str(data_dir).startswith("samples/"):
+        return SAMPLES_DIR / str(data_dir)[len("samples/"):]
     return resolve(data_dir)
 
 
@@ -231,25 +243,43 @@ def _rows_from_file(path: Path, source: str) -> Iterator[tuple[Any, Any]]:
         raise DataError(path, "top level", f"expected a JSON object or list, got {type(data).__name__}")
 
 
-def _rows_from_hub(source: str, split: str) -> tuple[str, Iterator[tuple[Any, Any]]]:
+def _mirror_cache(folder: Path) -> Path:
+    """A datasets cache folder keyed by the mirror folder's files (path, size, modification time)."""
+    import hashlib
+
+    if not folder.is_dir():
+        raise FileNotFoundError(f"no dataset folder {folder} in the Hub mirror")
+    state = sorted((str(p.relative_to(folder)), p.stat().st_size, p.stat().st_mtime_ns)
+                   for p in folder.rglob("*") if p.is_file())
+    return cache_dir() / "hub-mirror" / hashlib.sha256(repr((str(folder.resolve()), state)).encode()).hexdigest()[:16]
+
+
+def _rows_from_hub(source: str, split: str, mirror: str | Path | None = None) -> tuple[str, Iterator[tuple[Any, Any]]]:
+    """Rows of a Hub dataset through `datasets.load_dataset`: from the Hub, or from `mirror`, a folder
+    laid out like the Hub (<mirror>/<owner>/<dataset>/ with its README's configs), on the same code path."""
     spec = HUB.get(source)
     if spec is None or split not in spec["splits"]:
         raise DataError(f"hub:{source}", split, "no verified Hub dataset for this source/split; pass --data-dir")
     config, hub_split = spec["splits"][split]
+    repo = str(resolve_data_dir(mirror) / spec["id"]) if mirror else spec["id"]
+    where = f"the Hub mirror {mirror}" if mirror else "the Hugging Face Hub"
     try:
         from datasets import concatenate_datasets, load_dataset
 
+        # A mirror's files are local and can change in place, and datasets' cache key for a local folder does
+        # not follow their content: each state of the folder gets its own cache.
+        fresh = {"cache_dir": str(_mirror_cache(Path(repo)))} if mirror else {}
         if source == "mmlu_med":
-            parts = [load_dataset(spec["id"], subject, split=hub_split) for subject in MMLU_MEDICAL_SUBJECTS]
+            parts = [load_dataset(repo, subject, split=hub_split, **fresh) for subject in MMLU_MEDICAL_SUBJECTS]
             dataset = concatenate_datasets(parts)
         else:
-            dataset = load_dataset(spec["id"], config, split=hub_split)
+            dataset = load_dataset(repo, config, split=hub_split, **fresh)
     except Exception as exc:  # offline, gated, renamed: say what failed and how to work around it
         raise FileNotFoundError(
-            f"could not load {spec['id']}{'/' + config if config else ''} split {hub_split} from the Hugging Face Hub "
+            f"could not load {spec['id']}{'/' + config if config else ''} split {hub_split} from {where} "
             f"({type(exc).__name__}: {exc}); offline, pass --data-dir with the published files"
         ) from exc
-    origin = f"hub:{spec['id']}{'/' + config if config else ''}:{hub_split}"
+    origin = f"{'mirror' if mirror else 'hub'}:{spec['id']}{'/' + config if config else ''}:{hub_split}"
 
     def rows() -> Iterator[tuple[Any, Any]]:
         for i, row in enumerate(dataset):
@@ -276,12 +306,13 @@ def _normaliser(source: str, split: str) -> Callable[[Any, Any], dict]:
 
 
 def load_published(source: str, split: str, data_dir: str | Path | None = None, strict: bool = True,
-                   hub: bool = False) -> LoadResult:
-    """Read one published source/split from a local folder (default) or the Hub (hub=True)."""
+                   hub: bool = False, hub_mirror: str | Path | None = None) -> LoadResult:
+    """Read one published source/split from a local folder (default) or the Hub (hub=True; from
+    hub_mirror, a folder laid out like the Hub, when given)."""
     if source not in SOURCES:
         raise DataError("<sources>", source, f"unknown source; known: {', '.join(SOURCES)}")
     if hub:
-        origin, rows = _rows_from_hub(source, split)
+        origin, rows = _rows_from_hub(source, split, hub_mirror)
     else:
         path = local_file(source, split, data_dir)
         origin, rows = str(path), _rows_from_file(path, source)
@@ -324,12 +355,12 @@ def medmcqa_in_train_part(record_id: str) -> bool:
 
 
 def load_source(source: str, split: str, data_dir: str | Path | None = None, strict: bool = True,
-                hub: bool = False, chat_holdout: int = CHAT_EVAL_HOLDOUT) -> LoadResult:
+                hub: bool = False, chat_holdout: int = CHAT_EVAL_HOLDOUT, hub_mirror: str | Path | None = None) -> LoadResult:
     """Any published or derived split, as validated records."""
     if (source, split) not in DERIVED_SPLITS:
-        return load_published(source, split, data_dir, strict, hub)
+        return load_published(source, split, data_dir, strict, hub, hub_mirror)
     base_split, rule = DERIVED_SPLITS[(source, split)]
-    base = load_published(source, base_split, data_dir, strict, hub)
+    base = load_published(source, base_split, data_dir, strict, hub, hub_mirror)
     if rule in ("in_test", "not_in_test"):
         truth = pubmedqa_test_ids(data_dir)
         records = [r for r in base.records if (r["id"] in truth) == (rule == "in_test")]

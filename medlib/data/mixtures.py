@@ -43,6 +43,26 @@ def resolve_count(k: Any, total: int, what: str) -> int:
     return int(k)
 
 
+def datasets_order(n: int, seed: int) -> list[int]:
+    """The row order `datasets.Dataset.shuffle(seed=seed)` gives any n-row dataset (it depends on n and
+    the seed only), from the library itself, so the authors' mixtures can be rebuilt row for row."""
+    from datasets import Dataset
+
+    return list(Dataset.from_dict({"i": list(range(n))}).shuffle(seed=seed)["i"])
+
+
+def datasets_split(n: int, test_size: float, seed: int) -> tuple[list[int], list[int]]:
+    """(train, test) row indices of `Dataset.train_test_split(test_size=test_size, seed=seed)` on n rows."""
+    from datasets import Dataset
+
+    parts = Dataset.from_dict({"i": list(range(n))}).train_test_split(test_size=test_size, seed=seed)
+    return list(parts["train"]["i"]), list(parts["test"]["i"])
+
+
+def _shuffled(rows: list[dict], seed: int) -> list[dict]:
+    return [rows[i] for i in datasets_order(len(rows), seed)]
+
+
 def eval_index(recipe: TrainRecipe, eval_recipe: EvalRecipe, with_chat: bool) -> EvalIndex:
     """Every evaluation set of the eval recipe, read from data.eval_data_dir or the training data folder
     when it has the file, else the shared data folder, else (a recipe with data.hub) the Hub."""
@@ -50,14 +70,17 @@ def eval_index(recipe: TrainRecipe, eval_recipe: EvalRecipe, with_chat: bool) ->
     folders = [folder for folder in (data.eval_data_dir, data.data_dir) if folder] + [default_data_dir()]
     index = EvalIndex()
     for name in DECONTAMINATION_SETS:
-        index.add(name, load_eval_set(eval_recipe.sets[name], folders, data.hub, name))
+        index.add(name, load_eval_set(eval_recipe.sets[name], folders, data.hub, name, hub_mirror=data.hub_mirror))
     if with_chat:
-        index.add("chat_eval", load_eval_set(eval_recipe.chat_set, folders, data.hub, "chat_set", strict=False))
+        for spec in eval_recipe.chat_sets:
+            index.add("chat_eval", load_eval_set(spec, folders, data.hub, "chat_sets", strict=False,
+                                                 hub_mirror=data.hub_mirror))
     return index
 
 
 def _load_training_source(spec: SourceSpec, data: DataSettings, report: ValidationReport):
-    result = load_source(spec.source, spec.split, data.data_dir, strict=data.strict, hub=data.data_dir is None and data.hub)
+    result = load_source(spec.source, spec.split, data.data_dir, strict=data.strict,
+                         hub=data.data_dir is None and (data.hub or data.hub_mirror is not None), hub_mirror=data.hub_mirror)
     report.extend(result.report)
     return result
 
@@ -112,33 +135,66 @@ class _Build:
 
 
 def build_stage1(recipe: TrainRecipe, eval_recipe: EvalRecipe | None) -> tuple[list[dict], list[dict], dict[str, Any]]:
+    """medlib order: seeded draws, one shuffle, the first fraction held out. authors order (their notebook):
+    the sources concatenated in recipe order, `shuffle(seed)`, then `train_test_split(fraction, seed)`."""
     b = _Build(recipe, eval_recipe, with_chat=False)
+    authors = b.data.order == "authors"
     pool: list[dict] = []
     for spec in b.data.sources:
         _, records, summary, dropped = b.load(spec)
-        taken = _take(records, spec.n, f"{spec.source}/{spec.split}", b.strict, b.rng, b.notes, dropped)
+        what = f"{spec.source}/{spec.split}"
+        if authors:  # the first n rows in the published order (the authors took every row: n = all)
+            want = resolve_count(spec.n, len(records), what)
+            taken = records[:want]
+            if want > len(records):
+                b.notes.append(f"{what}: asked for {want} rows, {len(records)} available; took all")
+        else:
+            taken = _take(records, spec.n, what, b.strict, b.rng, b.notes, dropped)
         b.sources.append({**summary, "taken": len(taken)})
         pool.extend(taken)
     if not pool:
         raise DataError("stage 1 mixture", "sources", "no rows left: the mixture would be empty")
-    b.rng.shuffle(pool)
     if b.data.validation_fraction is None:
         raise config.RecipeError(f"{recipe.meta.recipe_file}: a stage-1 recipe needs data.validation_fraction")
+    if authors:
+        pool = _shuffled(pool, b.data.seed)
+        train_idx, val_idx = datasets_split(len(pool), b.data.validation_fraction, b.data.seed)
+        return [pool[i] for i in train_idx], [pool[i] for i in val_idx], b.info()
+    b.rng.shuffle(pool)
     n_val = round(len(pool) * b.data.validation_fraction)
     return pool[n_val:], pool[:n_val], b.info()
 
 
 def build_stage2(recipe: TrainRecipe, eval_recipe: EvalRecipe | None,
                  stage1_mixture: Path | None = None) -> tuple[list[dict], list[dict], dict[str, Any]]:
+    """medlib order: each source shuffled with the build's RNG, validation rows first, replay drawn at random,
+    both splits shuffled. authors order (their notebook): each source `shuffle(seed)`, the first n_train rows
+    train and the next n_validation validation; replay = the stage-1 split `shuffle(seed)`, its first k rows;
+    each split (dialogue rows, then replay) `shuffle(seed)`."""
     b = _Build(recipe, eval_recipe, with_chat=True)
     data, rng, strict, notes, sources = b.data, b.rng, b.strict, b.notes, b.sources
+    authors = data.order == "authors"
     train: list[dict] = []
     validation: list[dict] = []
     for spec in data.sources:
         result, records, summary, dropped = b.load(spec)
+        what = f"{spec.source}/{spec.split}"
+        if authors:
+            records = _shuffled(records, data.seed)
+            n_train = resolve_count(spec.n_train, len(records), what + " n_train")
+            n_val = resolve_count(spec.n_validation, max(0, len(records) - n_train), what + " n_validation")
+            if n_train + n_val > len(records):
+                message = f"{what}: asked for {n_train} + {n_val} rows but only {len(records)} are available"
+                if strict and n_train + n_val > len(records) + dropped:
+                    raise DataError(what, "size", message)
+                notes.append(message + "; took what there was")
+            train.extend(records[:n_train])
+            validation.extend(records[n_train:n_train + n_val])
+            sources.append({**summary, "taken": {"train": len(records[:n_train]),
+                                                 "validation": len(records[n_train:n_train + n_val])}})
+            continue
         records = records[:]
         rng.shuffle(records)
-        what = f"{spec.source}/{spec.split}"
         n_val = resolve_count(spec.n_validation, len(records), what + " n_validation")
         n_train = resolve_count(spec.n_train, len(records) - n_val, what + " n_train")
         if n_train + n_val > len(records):
@@ -161,7 +217,7 @@ def build_stage2(recipe: TrainRecipe, eval_recipe: EvalRecipe | None,
                             f"the stage-1 mixture {stage1_dir} is not built; build stage 1 first "
                             "(medlib data build --stage 1)")
         manifest1 = json.loads((stage1_dir / "manifest.json").read_text())
-        wanted = data.data_dir or "hub"
+        wanted = _data_origin(data)
         if str(manifest1.get("data_dir")) != str(wanted):
             raise DataError(stage1_dir / "manifest.json", "data_dir",
                             f"the stage-1 mixture was built from {manifest1.get('data_dir')!r} but stage 2 reads {wanted!r}; "
@@ -169,16 +225,27 @@ def build_stage2(recipe: TrainRecipe, eval_recipe: EvalRecipe | None,
         for split, rows in (("train", train), ("validation", validation)):
             pool = read_jsonl(stage1_dir / f"{split}.jsonl")
             k = resolve_count(getattr(replay, f"n_{split}"), len(pool), f"replay n_{split}")
-            rows.extend(_take(pool, k, f"replay from stage-1 {split}", strict, rng, notes))
+            if authors:
+                if k > len(pool):
+                    notes.append(f"replay from stage-1 {split}: asked for {k} rows, {len(pool)} available; took all")
+                rows.extend(_shuffled(pool, data.seed)[:k])
+            else:
+                rows.extend(_take(pool, k, f"replay from stage-1 {split}", strict, rng, notes))
         sources.append({"source": "stage1_replay", "origin": str(stage1_dir),
                         "stage1_content_hash": manifest1.get("content_hash"),
                         "taken": {"train": sum(r.get("source") in _mcq_sources() for r in train),
                                   "validation": sum(r.get("source") in _mcq_sources() for r in validation)}})
     if not train:
         raise DataError("stage 2 mixture", "sources", "no rows left: the mixture would be empty")
+    if authors:
+        return _shuffled(train, data.seed), _shuffled(validation, data.seed), b.info()
     rng.shuffle(train)
     rng.shuffle(validation)
     return train, validation, b.info()
+
+
+def _data_origin(data: DataSettings) -> str:
+    return data.data_dir or (f"hub mirror {data.hub_mirror}" if data.hub_mirror else "hub")
 
 
 def _mcq_sources() -> set[str]:
@@ -221,8 +288,9 @@ def build_mixture(recipe: TrainRecipe, out_dir: str | Path, eval_recipe: EvalRec
         "recipe": recipe.meta.recipe_file,
         "standin": recipe.data.standin_note is not None,
         "note": recipe.data.standin_note or f"{recipe.profile} profile mixture ({recipe.meta.recipe_file})",
-        "data_dir": recipe.data.data_dir or "hub",
+        "data_dir": _data_origin(recipe.data),
         "seed": recipe.data.seed,
+        "order": recipe.data.order,
         "sizes": {"train": len(train), "validation": len(validation), "total": len(train) + len(validation)},
         "counts": counts,
         "sources": info["sources"],

@@ -33,6 +33,7 @@ class EvaluatedModel:
     mcq_format: str                # the question's user turn the run was trained with (medlib.prompts)
     load_in_4bit: bool
     dtype: str
+    fidelity: Any = None           # the run's fidelity choices (medlib.training.metadata.fidelity_settings)
 
     @classmethod
     def of(cls, recipe: EvalRecipe, adapter: Any = None, label: str | None = None) -> "EvaluatedModel":
@@ -46,7 +47,8 @@ class EvaluatedModel:
                    system_prompt=effective_system_prompt(prompt),
                    mcq_format=(record.mcq_format if record and record.mcq_format else "medlib"),
                    load_in_4bit=recipe.model.load_in_4bit,
-                   dtype=resolve_dtype(recipe.model.dtype))
+                   dtype=resolve_dtype(recipe.model.dtype),
+                   fidelity=record.metadata.get("fidelity") if record else None)
 
     def folder(self, out_dir: Path, kind: str) -> Path:
         return Path(out_dir) / kind / self.label
@@ -65,7 +67,7 @@ class EvaluatedModel:
         return {"label": self.label, "display_name": self.display_name, "stage": self.stage,
                 "profile": self.recipe.profile, "note": self.recipe.note, "model": self.recipe.model.name,
                 "adapters": [str(p) for p in chain], "load_in_4bit": self.load_in_4bit, "dtype": model_dtype(lm),
-                "system_prompt": self.system_prompt, "recipe": {"recipe_file": self.recipe.meta.recipe_file,
+                "system_prompt": self.system_prompt, "training_fidelity": self.fidelity, "recipe": {"recipe_file": self.recipe.meta.recipe_file,
                                                                 "overrides": list(self.recipe.meta.overrides)}}
 
 

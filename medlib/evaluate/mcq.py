@@ -20,7 +20,7 @@ import logging
 import os
 import re
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
@@ -56,6 +56,7 @@ class MCQSettings:
     answer_cue: str = ""       # appended to the question's user turn (the authors': "\nAnswer:")
     parse: str = "medlib"      # generate: medlib's lenient reading, or the authors' "Answer: X" substring rule
     mcq_format: str = "medlib"  # the question's user turn, as the evaluated run was trained (medlib.prompts)
+    sampling: dict[str, Any] = field(default_factory=dict)  # generate: do_sample/temperature/top_p (empty: greedy)
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -335,8 +336,12 @@ def evaluate_records(model: Any, tokenizer: Any, records: Sequence[Mapping[str, 
                 row["prediction"] = max(allowed, key=allowed.get)
                 row["logprobs"] = {L: round(v, 4) for L, v in allowed.items()}
         else:
+            if settings.sampling:
+                import torch
+
+                torch.manual_seed(settings.seed)  # sampled replies repeat with the same seed
             replies = generate_replies(model, tokenizer, prompts, settings.batch_size, settings.max_new_tokens,
-                                       desc=f"{set_name} generate")
+                                       desc=f"{set_name} generate", **settings.sampling)
             for idx, reply in zip(scorable, replies):
                 row = predictions[idx]
                 row["reply"] = reply
@@ -374,7 +379,9 @@ def settings_from_recipe(recipe: EvalRecipe, system_prompt: str, mcq_format: str
     return MCQSettings(method=m.method, batch_size=m.batch_size, max_length=m.max_length,
                        bootstrap_samples=m.bootstrap_samples, seed=m.seed, max_new_tokens=m.generation.max_new_tokens,
                        system_prompt=system_prompt, prefix_cache=m.prefix_cache, answer_cue=m.answer_cue,
-                       parse=m.parse, mcq_format=mcq_format)
+                       parse=m.parse, mcq_format=mcq_format,
+                       sampling=({"do_sample": True, "temperature": m.generation.temperature, "top_p": m.generation.top_p}
+                                 if m.generation.do_sample else {}))
 
 
 def run_mcq(recipe: EvalRecipe, out_dir: str | Path, adapter: Any = None, *, label: str | None = None,
@@ -391,7 +398,8 @@ def run_mcq(recipe: EvalRecipe, out_dir: str | Path, adapter: Any = None, *, lab
                           f"section does not define (known: {', '.join(recipe.sets)})")
     run_dir = evaluated.folder(out_dir, "mcq")
     folders = common.eval_folders(recipe)
-    records_by_set = {name: seeded_subset(load_eval_set(recipe.sets[name], folders, recipe.data.hub, name),
+    records_by_set = {name: seeded_subset(load_eval_set(recipe.sets[name], folders, recipe.data.hub, name,
+                                                        hub_mirror=recipe.data.hub_mirror),
                                           m.limit or None, m.sample_seed)
                       for name in m.sets}  # load every set first: a bad set fails before the model loads
     started = time.perf_counter()

@@ -108,12 +108,28 @@ def _reference_note(reference: Mapping[str, Any], table: str) -> str:
     return note
 
 
+def fidelity_text(fidelity: Mapping[str, Any]) -> str:
+    """A run's fidelity choices in one line (data_cards/fidelity.md explains each)."""
+    seeds = fidelity.get("seeds") or {}
+    parts = [f"template {fidelity.get('chat_template')}", f"prompt {fidelity.get('mcq_format')}",
+             f"target {fidelity.get('target_style')}", f"loss on {fidelity.get('loss_on')}",
+             f"packing {fidelity.get('packing')}", f"batch {fidelity.get('batch')}",
+             f"seeds data {seeds.get('data')} / trainer {seeds.get('trainer')}", f"data order {fidelity.get('data_order')}",
+             f"decontamination {fidelity.get('decontaminate')}"]
+    if fidelity.get("stage1_handoff"):
+        parts.append(f"stage-1 handoff {fidelity['stage1_handoff']}")
+    return ", ".join(parts)
+
+
 def _method_text(settings: Mapping[str, Any]) -> str:
     """loglik | generate, with the answer cue and the authors' parse rule when they were used."""
     text = settings["method"]
     extras = [f"cue {settings['answer_cue']!r}"] if settings.get("answer_cue") else []
     if settings["method"] == "generate" and settings.get("parse") == "authors":
         extras.append("authors' parse")
+    sampling = settings.get("sampling") or {}
+    if settings["method"] == "generate" and sampling.get("do_sample"):
+        extras.append(f"sampled T={sampling.get('temperature')} top_p={sampling.get('top_p')}")
     return f"{text} ({', '.join(extras)})" if extras else text
 
 
@@ -121,6 +137,8 @@ def _queries_text(result: Mapping[str, Any]) -> str:
     source = result.get("queries_source")
     if isinstance(source, Mapping):
         return f"{source.get('source')}/{source.get('split')}" + (f" hold-out of {source['holdout']}" if source.get("holdout") else "")
+    if isinstance(source, list):
+        return " + ".join(_queries_text({"queries_source": s}) for s in source)
     return str(source)
 
 
@@ -190,6 +208,8 @@ def write_table3(results: Sequence[Mapping[str, Any]] | None = None, out_dir: st
         extra = [f"bad items {bad}" if bad else "no bad items", f"contexts cut to fit {r['settings']['max_length']} tokens: {trunc or 0}"]
         if unparse:
             extra.append(f"unparseable replies {unparse}")
+        if r.get("training_fidelity"):
+            extra.append("trained with " + fidelity_text(r["training_fidelity"]))
         notes.append(f"{r.get('display_name', r['label'])}: " + "; ".join(extra) + ".")
     extra = _diagnostics_md(results) + "\n\n" + _paired_mcq_md(results, out_dir)
     return _write(out_dir, "table3", header, md_rows, csv_header, csv_rows,
@@ -334,6 +354,50 @@ def write_samples(results: Sequence[Mapping[str, Any]] | None = None, out_dir: s
             parts += [f"**{r.get('display_name', r['label'])}** ({r['model']}, adapter {_adapter_text(r)}; "
                       f"BERTScore F1 {row['f1']:.3f}):", "", _quote(row["answer"]), ""]
     path = out_dir / "samples.md"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(parts) + "\n")
+    return path
+
+
+PAPER_SAMPLE_TITLES = {"llama_instruct": "LLaMA 3.1 8B Instruct (4 bit quantized)",
+                       "med_nirvana": "Med-Nirvana 8B (4 bit quantized)"}
+
+
+def write_paper_samples(results: Sequence[Mapping[str, Any]] | None = None, out_dir: str | Path = ".") -> Path:
+    """figures_3_10.md: the paper's eight consumer queries (its Figures 3-10); for each, the physician's
+    answer, the answers the paper published (best of several samples, its Section 4) and every model
+    evaluated here, each with its BERTScore F1 against the physician under this run's BERTScore model."""
+    out_dir = Path(out_dir)
+    results = [r for r in (list(results) if results is not None else collect_results(out_dir, "bertscore"))
+               if r.get("paper_samples")]
+    answers = {}
+    for r in results:
+        with open(r["paper_samples"]["file"]) as f:
+            answers[r["label"]] = list(map(json.loads, f))
+    first = answers[results[0]["label"]] if results else []
+    scorer = f"`{results[0]['bertscore']['model_type']}`" if results else "—"
+    parts = ["# Figures 3-10 side by side", "",
+             "The paper's eight consumer queries with the physician's answer and the answers the paper published "
+             "(transcribed verbatim: medlib/reference/figures_3_10.yaml; the paper picked each as the best of several "
+             f"samples), beside this run's models. F1: BERTScore against the physician, all scored here with {scorer}.", ""]
+    if results:
+        parts += ["| Model | mean F1 over the 8 queries |", "|---|---|"]
+        for key, title in PAPER_SAMPLE_TITLES.items():
+            parts.append(f"| paper: {title} | {sum(row['paper'][key]['f1'] for row in first) / len(first):.3f} |")
+        for r in results:
+            rows = answers[r["label"]]
+            parts.append(f"| ours: {r.get('display_name', r['label'])} ({r['model']}; {r.get('decoding', '')}) | "
+                         f"{sum(row['f1'] for row in rows) / len(rows):.3f} |")
+        parts.append("")
+    for i, row in enumerate(first):
+        parts += [f"## Figure {row['figure']} (Sample {row['sample']})", "", "**Consumer query:**", "", _quote(row["query"]),
+                  "", "**Physician's answer:**", "", _quote(row["reference"]), ""]
+        for key, title in PAPER_SAMPLE_TITLES.items():
+            parts += [f"**paper: {title}** (F1 {row['paper'][key]['f1']:.3f}):", "", _quote(row["paper"][key]["answer"]), ""]
+        for r in results:
+            ours = answers[r["label"]][i]
+            parts += [f"**ours: {r.get('display_name', r['label'])}** (F1 {ours['f1']:.3f}):", "", _quote(ours["answer"]), ""]
+    path = out_dir / "figures_3_10.md"
     out_dir.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(parts) + "\n")
     return path

@@ -29,8 +29,12 @@ def trainer_settings(recipe: TrainRecipe, backend: str, fallbacks: list[str]) ->
             fallbacks.append("gradient_checkpointing auto -> off on CPU")
     if backend == "unsloth":
         checkpointing = False  # Unsloth's own checkpointing (use_gradient_checkpointing="unsloth") is already on the model
-    if t.packing and not t.padding_free:
+    # constant_length rows are packed by medlib before the trainer sees them (all exactly max_length long)
+    trl_packing = t.packing and t.packing_strategy == "bfd"
+    if trl_packing and not t.padding_free:
         fallbacks.append("packing uses TRL's bfd strategy, which is padding-free")
+    if t.packing and t.packing_strategy == "constant_length" and t.loss_on != "all":
+        raise ValueError("training.packing_strategy constant_length trains on the whole text: set training.loss_on: all")
     settings = {
         "learning_rate": t.learning_rate, "weight_decay": t.weight_decay,
         "per_device_train_batch_size": t.per_device_train_batch_size,
@@ -41,9 +45,9 @@ def trainer_settings(recipe: TrainRecipe, backend: str, fallbacks: list[str]) ->
         "logging_steps": t.logging_steps, "logging_first_step": True,
         "eval_strategy": "steps", "eval_steps": t.eval_steps,
         "save_strategy": "steps", "save_steps": t.save_steps, "save_total_limit": t.save_total_limit,
-        "packing": t.packing, "padding_free": t.padding_free or t.packing, "packing_strategy": "bfd",
+        "packing": trl_packing, "padding_free": t.padding_free or trl_packing, "packing_strategy": "bfd",
         # Records are truncated to max_seq_length when tokenised; padding-free without packing must get None.
-        "max_length": None if (t.padding_free and not t.packing) else recipe.model.max_seq_length,
+        "max_length": None if (t.padding_free and not trl_packing) else recipe.model.max_seq_length,
         "bf16": precision == "bf16", "fp16": precision == "fp16",
         "gradient_checkpointing": bool(checkpointing),
         "seed": recipe.seed, "data_seed": recipe.seed,

@@ -17,6 +17,7 @@ from typing import Any
 
 from medlib.config import LoraSettings, TrainRecipe
 from medlib.models import cuda_available, load_hf_model, load_tokenizer, torch_dtype_for
+from medlib.prompts import apply_chat_template_choice
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +78,7 @@ def keep_4bit_cpu_numerics(model: Any) -> int:
 def _load_hf(recipe, model_path, continue_adapter, gradient_checkpointing, dtype):
     from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
 
-    tokenizer = load_tokenizer(model_path)
+    tokenizer = apply_chat_template_choice(load_tokenizer(model_path), recipe.prompt.chat_template)
     load_in_4bit = recipe.model.load_in_4bit
     model = load_hf_model(model_path, load_in_4bit=load_in_4bit, dtype=dtype)
     if keep_4bit_cpu_numerics(model):
@@ -107,6 +108,7 @@ def _load_unsloth(recipe, model_path, continue_adapter, dtype):
     )
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
+    tokenizer = apply_chat_template_choice(tokenizer, recipe.prompt.chat_template)
     if continue_adapter is None:
         kw = lora_kwargs(recipe.lora)
         model = FastLanguageModel.get_peft_model(

@@ -82,11 +82,24 @@ def run_metadata(recipe: TrainRecipe, base_path: str, backend: str, fallbacks: l
         # What a chat, evaluation or export of this run must use: the prompt and template it was trained with.
         "system_prompt": system_prompt, "chat_template": getattr(tokenizer, "chat_template", None),
         "target_style": recipe.prompt.target_style, "mcq_format": recipe.prompt.mcq_format,
+        "fidelity": fidelity_settings(recipe),
         "training_args": {k: settings[k] for k in ("optim", "bf16", "fp16", "gradient_checkpointing", "packing",
                                                         "padding_free", "max_steps", "max_length")},
         "libraries": library_versions(), "device": device_name(),
         "recipe_file": recipe.meta.recipe_file, "status": "running",
     }
+
+
+def fidelity_settings(recipe: TrainRecipe) -> dict[str, Any]:
+    """The choices where the paper's text, the authors' notebooks and medlib differ
+    (data_cards/fidelity.md), as this run made them; results and tables quote them."""
+    t, d = recipe.training, recipe.data
+    return {"chat_template": recipe.prompt.chat_template, "mcq_format": recipe.prompt.mcq_format,
+            "target_style": recipe.prompt.target_style, "loss_on": t.loss_on,
+            "packing": t.packing_strategy if t.packing else "off",
+            "batch": f"{t.per_device_train_batch_size} x {t.gradient_accumulation_steps}",
+            "seeds": {"data": d.seed, "trainer": recipe.seed}, "data_order": d.order,
+            "decontaminate": d.decontaminate, "stage1_handoff": recipe.init if recipe.stage == 2 else None}
 
 
 def write_run_files(recipe: TrainRecipe, run_dir: Path, meta: dict[str, Any]) -> None:

@@ -36,7 +36,7 @@ from medlib.training.adapters import combine_adapters
 from medlib.training.arguments import sft_config, trainer_settings
 from medlib.training.backends import export_gguf, export_merged, load_for_training, merge_adapter_into_base, select_backend
 from medlib.training.checkpoints import find_last_checkpoint, step_of
-from medlib.training.tokenize import tokenize_records
+from medlib.training.tokenize import pack_constant_length, tokenize_records
 
 log = logging.getLogger(__name__)
 
@@ -183,8 +183,14 @@ def _tokenized(tokenizer: Any, records: list[dict], recipe: TrainRecipe, limit: 
                split: str) -> tuple[list[dict], Any]:
     records = seeded_subset(records, limit, recipe.seed)
     max_len = recipe.model.max_seq_length
+    if recipe.training.packing and recipe.training.packing_strategy == "constant_length":
+        rows, report = pack_constant_length(tokenizer, records, max_len, recipe.seed, system_prompt,
+                                            recipe.prompt.target_style, recipe.prompt.mcq_format)
+        log.info("%s: %d records packed into %d rows of %d tokens (%d tokens of partial rows dropped)", split,
+                 report.records, report.rows, max_len, report.tokens_dropped)
+        return rows, report
     rows, report = tokenize_records(tokenizer, records, max_len, system_prompt, recipe.prompt.target_style,
-                                    recipe.prompt.mcq_format)
+                                    recipe.prompt.mcq_format, recipe.training.loss_on)
     if report.cut_to_fit:
         log.info("%s: cut to fit %d tokens, answer kept: %s", split, max_len,
                  ", ".join(f"{n} by the start of their {what}" for what, n in report.cut_to_fit.items()))

@@ -13,10 +13,15 @@ mask into -100 labels.
 
 from __future__ import annotations
 
+import random
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping
 
 from medlib.prompts import SYSTEM_PROMPT, fit_mcq_record, is_mcq, record_to_messages, render_chat
+
+# trl<0.9's ConstantLengthDataset defaults, which the authors' SFTTrainer(packing=True) used.
+CONSTANT_LENGTH_CHARS_PER_TOKEN = 3.6
+CONSTANT_LENGTH_SEQUENCES = 1024
 
 
 class TemplateError(ValueError):
@@ -82,6 +87,7 @@ def tokenize_records(
     system_prompt: str | None = SYSTEM_PROMPT,
     target_style: str = "letter",
     mcq_format: str = "medlib",
+    loss_on: str = "assistant",
 ) -> tuple[list[dict[str, list[int]]], TokenizeReport]:
     """Tokenise MCQ / dialogue records to at most max_seq_length tokens.
 
@@ -90,7 +96,10 @@ def tokenize_records(
     (medlib.prompts.fit_mcq_record, the rule evaluation uses too); the report counts the cuts. Other
     records keep their start. A record that still has no assistant token within max_seq_length cannot
     train anything; it is dropped and counted (ids listed in the report), never silently.
+    loss_on="all" trains on every token (no assistant mask in the rows).
     """
+    if loss_on not in ("assistant", "all"):
+        raise ValueError(f"loss_on {loss_on!r} must be assistant or all")
     rows: list[dict[str, list[int]]] = []
     report = TokenizeReport()
     encode = lambda r: tokenize_messages(tokenizer, record_to_messages(  # noqa: E731
@@ -113,6 +122,69 @@ def tokenize_records(
             continue
         report.kept += 1
         report.tokens += len(row["input_ids"])
-        report.target_tokens += sum(row["assistant_masks"])
-        rows.append(row)
+        report.target_tokens += sum(row["assistant_masks"]) if loss_on == "assistant" else len(row["input_ids"])
+        rows.append(row if loss_on == "assistant" else {"input_ids": row["input_ids"]})
+    return rows, report
+
+
+@dataclass
+class PackReport:
+    """What constant-length packing did to one split (written to the run metadata)."""
+
+    records: int = 0
+    buffers: int = 0
+    tokens: int = 0
+    rows: int = 0
+    tokens_dropped: int = 0          # each buffer's last partial row, as trl<0.9 dropped it
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"strategy": "constant_length", "records": self.records, "buffers": self.buffers,
+                "tokens": self.tokens, "rows": self.rows, "tokens_dropped_partial_rows": self.tokens_dropped}
+
+
+def pack_constant_length(tokenizer: Any, records: Iterable[Mapping[str, Any]], seq_length: int, seed: int,
+                         system_prompt: str | None = SYSTEM_PROMPT, target_style: str = "letter",
+                         mcq_format: str = "medlib") -> tuple[list[dict[str, list[int]]], PackReport]:
+    """The authors' packing (trl<0.9 `SFTTrainer(packing=True)` -> ConstantLengthDataset), loss on every token.
+
+    Each record is rendered whole through the chat template (nothing cut), texts are gathered into
+    buffers of about seq_length x 3.6 x 1,024 characters, each buffer is tokenised with the tokenizer's
+    special tokens (Llama adds its BOS) and joined with EOS after every text, then cut into rows of
+    exactly seq_length tokens; a buffer's last partial row is dropped (counted). A record can span two
+    rows and attention crosses record boundaries (no position-id reset), as it did for the authors.
+    The rows of each buffer are shuffled, as ConstantLengthDataset did; the authors' shuffle drew from
+    the global Python RNG, ours from Random(seed), so row order within a buffer is not theirs.
+    """
+    report = PackReport()
+    rng = random.Random(seed)
+    max_chars = seq_length * CONSTANT_LENGTH_CHARS_PER_TOKEN * CONSTANT_LENGTH_SEQUENCES
+    rows: list[dict[str, list[int]]] = []
+
+    def flush(buffer: list[str]) -> None:
+        if not buffer:
+            return
+        report.buffers += 1
+        ids: list[int] = []
+        for tokens in tokenizer(buffer, add_special_tokens=True, truncation=False)["input_ids"]:
+            ids.extend(tokens + [tokenizer.eos_token_id])
+        report.tokens += len(ids)
+        chunk = [ids[i:i + seq_length] for i in range(0, len(ids), seq_length)]
+        full = [c for c in chunk if len(c) == seq_length]
+        report.tokens_dropped += len(ids) - seq_length * len(full)
+        rng.shuffle(full)
+        rows.extend({"input_ids": c} for c in full)
+
+    buffer: list[str] = []
+    chars = 0
+    for record in records:
+        report.records += 1
+        text = render_chat(tokenizer, record_to_messages(record, system_prompt=system_prompt, target_style=target_style,
+                                                         mcq_format=mcq_format))
+        buffer.append(text)
+        chars += len(text)
+        if chars >= max_chars:
+            flush(buffer)
+            buffer, chars = [], 0
+    flush(buffer)
+    report.rows = len(rows)
     return rows, report
