@@ -20,7 +20,8 @@ def _question(source: str, i: int) -> str:
 def write_paper_scale_folder(folder: str | Path, sizes: dict[str, int] | None = None,
                              notechat_rows: int = NOTECHAT_ROWS, chat_eval_rows: int = 60) -> Path:
     """Write medqa/train.jsonl, medmcqa/train.jsonl (Hub layout), pubmedqa/ori_pqaa.json,
-    notechat/notechat.jsonl and chatdoctor/iCliniq.json under `folder`."""
+    notechat/notechat.jsonl, chatdoctor/iCliniq.json and chatdoctor/HealthCareMagic-100k.json (the paper's two
+    Table 4 query sets) under `folder`."""
     sizes = {**PAPER_SIZES, **(sizes or {})}
     folder = Path(folder)
     for sub in ("medqa", "medmcqa", "pubmedqa", "notechat", "chatdoctor"):
@@ -52,4 +53,8 @@ def write_paper_scale_folder(folder: str | Path, sizes: dict[str, int] | None = 
     with open(folder / "chatdoctor" / "iCliniq.json", "w") as f:
         json.dump([{"input": f"Generated consumer question {i}?", "answer_icliniq": f"Generated physician answer {i}."}
                    for i in range(chat_eval_rows)], f)
+    with open(folder / "chatdoctor" / "HealthCareMagic-100k.json", "w") as f:
+        json.dump([{"instruction": "If you are a doctor, please answer the medical questions based on the patient's "
+                                   "description.", "input": f"Generated patient message {i}.",
+                    "output": f"Generated doctor answer {i}."} for i in range(chat_eval_rows)], f)
     return folder
