@@ -15,7 +15,7 @@ PRESET ?=
 # pip on these machines warns about every missing local index; keep the log readable.
 QUIET := grep -v "^WARNING: Location" || true
 
-.PHONY: install install-gpu check-gpu browser reproduce smoke study test serve data bench clean-outputs
+.PHONY: install install-gpu check-gpu browser jemalloc reproduce smoke study test serve data bench clean-outputs
 
 $(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -43,9 +43,18 @@ check-gpu:
 
 install-gpu: check-gpu $(GPU_STAMP)
 
+# CPU training peaks at ~1.5 GiB RSS with jemalloc, ~2.2 GiB with glibc malloc, whose heap keeps what the
+# backward pass frees (benchmarks/README.md). Optional: Debian's libjemalloc2, preloaded when it is there.
+jemalloc:
+	@ls /usr/lib/*/libjemalloc.so.2 >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q libjemalloc2 >/dev/null \
+	    || echo "libjemalloc2 could not be installed: CPU training keeps glibc malloc (peak RSS ~2.2 GiB)"; \
+	  else echo "optional: sudo apt-get install libjemalloc2 lowers CPU training's peak RSS (~2.2 -> ~1.5 GiB)"; fi; }
+WITH_JEMALLOC = LD_PRELOAD="$$(ls /usr/lib/*/libjemalloc.so.2 2>/dev/null | head -1)"
+
 ifeq ($(PROFILE),local)
-reproduce: install
-	$(BIN)/medlib reproduce --profile local
+reproduce: install jemalloc
+	$(WITH_JEMALLOC) $(BIN)/medlib reproduce --profile local
 else
 # No silent fallback: the paper recipes ask for the unsloth backend, which stops the run if it cannot load.
 reproduce: install-gpu
@@ -53,8 +62,8 @@ reproduce: install-gpu
 endif
 
 # The paper profile's whole path on CPU: a tiny random Llama, Hub-shaped fixtures (preset smoke; ~2 min).
-smoke: install
-	$(BIN)/medlib reproduce --profile paper --smoke
+smoke: install jemalloc
+	$(WITH_JEMALLOC) $(BIN)/medlib reproduce --profile paper --smoke
 
 # The serve tests drive the chat page in Debian's headless Chromium (never a browser build of its own).
 browser:
@@ -63,8 +72,8 @@ browser:
 	  else echo "the browser tests need Debian's chromium and chromium-driver: sudo apt-get install chromium chromium-driver" >&2; exit 1; fi; }
 
 # Beyond the paper: the DMT replay study (notebook 07; about 50 minutes on the local profile's 2 cores).
-study: install
-	$(BIN)/medlib reproduce --profile $(PROFILE) --only 07_dmt_study
+study: install jemalloc
+	$(WITH_JEMALLOC) $(BIN)/medlib reproduce --profile $(PROFILE) --only 07_dmt_study
 
 test: install browser
 	$(BIN)/python -m pytest -q -p no:cacheprovider --durations=15

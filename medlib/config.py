@@ -355,6 +355,7 @@ class BertScoreSettings(Section):
 class ReportSettings(Section):
     banner: str                        # REPORT.md's opening: what this profile's numbers are, and are not
     findings_caveat: str | None = None  # said after the findings
+    tables_note: str | None = None      # said under Table 3 about this recipe's rows (results.json carries it)
 
 
 @dataclass(frozen=True)

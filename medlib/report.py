@@ -97,7 +97,8 @@ def write_report(lay, preset: str | None = None) -> Path:
             lines.append(f"| {stage} | not trained | | | | | | | | |")
             continue
         train, validation = read_log_history(run) if (run / "log_history.csv").exists() else ([], [])
-        memory = ", ".join(f"{k} {v:,.0f}" for k, v in (meta.get("memory") or {}).items())
+        memory = ", ".join(f"{k} {v:,.0f}" if isinstance(v, (int, float)) else f"{k} {v}"
+                           for k, v in (meta.get("memory") or {}).items())
         lines.append(
             f"| {stage} | `{_rel(run, root)}` | {meta['base_model']} | {meta['backend']} | {meta['global_step']} | "
             f"{train[-1][1] if train else float('nan'):.4f} | {validation[-1][1] if validation else float('nan'):.4f} | "

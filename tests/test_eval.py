@@ -164,8 +164,13 @@ def test_reference_numbers_match_the_papers_tables_3_and_4():
 
 
 def test_table3_every_row_and_column_and_reference_numbers(tmp_path):
+    from medlib.config import load_eval
+
+    note = load_eval("local").report.tables_note
     results = [_fake_result("base"), _fake_result("med-mix"), _fake_result("med-nirvana")]
+    results[0]["tables_note"] = results[1]["tables_note"] = note  # as each results.json carries its recipe's
     md, path_csv = tables.write_table3(results, tmp_path)
+    assert md.read_text().count("NOT the paper's results") == 1
     rows = list(csv.DictReader(open(path_csv)))
     reference = tables.load_reference()
     assert [r["model"] for r in rows] == ["Base", "Med-Mix", "Med-Nirvana"] + [
@@ -274,6 +279,8 @@ def _train_letter_adapter(model, tokenizer, record, steps=12):
 
 @pytest.mark.slow
 def test_adapter_trained_on_one_item_picks_its_letter(tmp_path, data_dir, smollm2_dir):
+    import torch
+
     record = dict(local_eval_set("medqa", data_dir)[0])
     settings = MCQSettings(method="loglik", bootstrap_samples=100, system_prompt=SYSTEM_PROMPT)
     model, tokenizer = load_for_inference(SMOLLM2, None, dtype="float32")
@@ -287,6 +294,14 @@ def test_adapter_trained_on_one_item_picks_its_letter(tmp_path, data_dir, smollm
     tuned, tokenizer = load_for_inference(SMOLLM2, str(tmp_path / "adapter"), dtype="float32")
     common.prepare_tokenizer(tokenizer)
     assert adapter_chain(str(tmp_path / "adapter")) == [tmp_path / "adapter"]
+    # a float base takes the adapter into its weights: no LoRA layer left, the unmerged model's logits
+    from peft import PeftModel
+
+    assert not any("lora" in name for name, _ in tuned.named_modules())
+    unmerged = PeftModel.from_pretrained(load_for_inference(SMOLLM2, None, dtype="float32")[0], str(tmp_path / "adapter"))
+    ids = tokenizer("Which vitamin deficiency causes scurvy?", return_tensors="pt")
+    with torch.no_grad():
+        torch.testing.assert_close(tuned(**ids).logits, unmerged.eval()(**ids).logits, atol=1e-4, rtol=1e-4)
     bad_items = [dict(record, id="no-options", options={}), dict(record, id="bad-letter", answer="F")]
     summary, predictions = evaluate_records(tuned, tokenizer, [record] + bad_items, settings, "one")
     assert predictions[0]["prediction"] == target and predictions[0]["correct"]

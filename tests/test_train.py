@@ -442,6 +442,96 @@ def test_padding_free_batches_give_the_padded_loss(tokenizer, mcq_records, dialo
     assert losses[0] == pytest.approx(losses[1], abs=1e-4)
 
 
+def test_lm_head_on_labelled_positions_gives_the_same_loss_and_gradients(tokenizer, mcq_records, monkeypatch):
+    """On CPU TRL's fused LM head projects every position; medlib's switch projects only the labelled ones
+    (an MCQ answer: a few tokens per sample). The loss, its gradients and the logged entropy must not move."""
+    import contextlib
+
+    import torch
+    from trl.trainer import utils as trl_utils
+    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+    from medlib.models import load_hf_model
+    from medlib.training.backends import lm_head_on_labelled_positions
+    from medlib.training.tokenize import tokenize_records
+
+    rows, _ = tokenize_records(tokenizer, mcq_records[:3], 160)
+    examples = [{"input_ids": r["input_ids"], "labels": [t if m else -100 for t, m in zip(r["input_ids"], r["assistant_masks"])]}
+                for r in rows]
+    batch = DataCollatorForLanguageModeling(pad_token_id=tokenizer.pad_token_id, padding_free=True)(examples)
+    inputs = {k: batch[k] for k in ("input_ids", "labels", "position_ids")}
+    model = load_hf_model(SMOLLM2, load_in_4bit=False)
+    model.config.use_cache = False
+    trl_utils.add_fused_lm_head(model, outputs=("log_probs", "entropy", "is_top1"))
+    projected_rows = []
+    project = trl_utils._ChunkedLogProbFunction.apply
+    monkeypatch.setattr(trl_utils._ChunkedLogProbFunction, "apply",
+                        staticmethod(lambda hidden, *rest: projected_rows.append(hidden.shape[0]) or project(hidden, *rest)))
+    decides = trl_utils._use_triton
+    results = {}
+    for labelled_only in (False, True):
+        model.zero_grad()
+        with (lm_head_on_labelled_positions() if labelled_only else contextlib.nullcontext(False)) as applied:
+            out = model(**inputs, fused_lm_head=True)
+            out.loss.backward()
+        assert applied is labelled_only
+        results[labelled_only] = (out.loss.item(), out.entropy.sum().item(), model.model.norm.weight.grad.clone(),
+                                  model.model.layers[0].mlp.down_proj.weight.grad.clone())
+    assert trl_utils._use_triton is decides  # restored on exit
+    labelled = int((inputs["labels"][:, 1:] != -100).sum())
+    assert projected_rows == [inputs["input_ids"].shape[1] - 1, labelled]
+    assert labelled < inputs["input_ids"].shape[1] / 10  # an answer letter + end token per sample
+    (loss_all, entropy_all, *grads_all), (loss_labelled, entropy_labelled, *grads_labelled) = results[False], results[True]
+    assert loss_labelled == pytest.approx(loss_all, rel=1e-5)
+    assert entropy_labelled == pytest.approx(entropy_all, rel=1e-4)
+    for grad_all, grad_labelled in zip(grads_all, grads_labelled):
+        assert torch.allclose(grad_labelled, grad_all, rtol=1e-3, atol=1e-6)
+
+
+def test_one_sample_per_micro_batch_trains_as_the_batch_of_four(tmp_path, stage1_mixture):
+    """The local recipes take their batch of 4 one sample at a time (1 x 4 accumulation) to cut peak memory;
+    the loss, hence the training, must be the batch of 4's."""
+    from medlib.training import train
+
+    losses = {}
+    for batch in ("4", "1"):
+        run_dir = train(_recipe(1, "training.max_steps=3", f"training.per_device_train_batch_size={batch}",
+                                f"training.gradient_accumulation_steps={4 // int(batch)}", "training.max_eval_samples=0"),
+                        tmp_path / batch, stage1_mixture)
+        history = json.loads((run_dir / "log_history.json").read_text())
+        losses[batch] = [row["loss"] for row in history if "loss" in row]
+    assert len(losses["1"]) == 3
+    assert losses["1"] == pytest.approx(losses["4"], rel=1e-4)
+
+
+def test_a_4bit_load_on_cpu_lets_go_of_the_checkpoint_file(smollm2_dir):
+    """The NF4 model keeps ~290 MB of tensors, but views onto the mapped safetensors file kept all 538 MB of it
+    resident; medlib copies those views. Same logits, file no longer mapped (own process: other tests' float
+    models may map it)."""
+    import subprocess
+    import sys
+
+    script = f"""
+import torch
+from transformers import AutoModelForCausalLM
+from medlib.models import SMOLLM2, bnb_config, load_hf_model
+checkpoint = {str(smollm2_dir / "model.safetensors")!r}
+ids = torch.tensor([[1, 504, 3458, 282, 4018, 30]])
+kept = load_hf_model(SMOLLM2, load_in_4bit=True, dtype=torch.float32)
+mapped = checkpoint in open("/proc/self/maps").read()
+with torch.no_grad():
+    ours = kept(ids).logits
+    del kept
+    plain_model = AutoModelForCausalLM.from_pretrained({str(smollm2_dir)!r}, dtype=torch.float32,
+                                                       quantization_config=bnb_config(torch.float32))
+    plain = plain_model(ids).logits
+print(mapped, checkpoint in open("/proc/self/maps").read(), torch.equal(ours, plain))
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split()[-3:] == ["False", "True", "True"]
+
+
 # ------------------------------------------------------------------------------- notebooks' re-runs
 
 
@@ -468,6 +558,12 @@ def test_notebook_reruns_resume_keep_refuse_and_overwrite_as_they_say(tmp_path, 
     with pytest.raises(TrainError, match=r"other settings or inputs \(differs in: training\).*overwrite=True"):
         train_or_resume(changed, out, stage1_mixture, say=said.append)
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == checkpoints  # still nothing deleted
+    saved = out / "recipe.resolved.yaml"
+    written = saved.read_text()
+    saved.write_text(written.replace("_from:", "_meta:"))  # as an older medlib wrote it
+    with pytest.raises(TrainError, match=r"differs in: its recipe \(.*unknown key '_meta'.*another medlib version"):
+        train_or_resume(recipe, out, stage1_mixture, say=said.append)
+    saved.write_text(written)
 
     train_or_resume(changed, out, stage1_mixture, overwrite=True, say=said.append)
     assert "deleting the run" in said[-1]

@@ -65,7 +65,8 @@ class EvaluatedModel:
     def identity(self, lm: Any, chain: list[Path]) -> dict[str, Any]:
         """What every results.json says about the model that produced it."""
         return {"label": self.label, "display_name": self.display_name, "stage": self.stage,
-                "profile": self.recipe.profile, "note": self.recipe.note, "model": self.recipe.model.name,
+                "profile": self.recipe.profile, "note": self.recipe.note, "tables_note": self.recipe.report.tables_note,
+                "model": self.recipe.model.name,
                 "adapters": [str(p) for p in chain], "load_in_4bit": self.load_in_4bit, "dtype": model_dtype(lm),
                 "system_prompt": self.system_prompt, "training_fidelity": self.fidelity, "recipe": {"recipe_file": self.recipe.meta.recipe_file,
                                                                 "overrides": list(self.recipe.meta.overrides)}}

@@ -195,12 +195,7 @@ def write_table3(results: Sequence[Mapping[str, Any]] | None = None, out_dir: st
     notes = ["Our cells: accuracy % (95% bootstrap CI, n = questions scored). The average is the unweighted mean of "
              "MedQA, MedMCQA and PubMedQA, with a CI that resamples each set.",
              _reference_note(reference, "table3")]
-    profiles = sorted({r["profile"] for r in results})
-    if "local" in profiles:
-        notes.append("Local-profile rows: SmolLM2-135M-Instruct with CPU-sized training stand-ins and a fixed random "
-                     "subset of each set (see Questions/set); they illustrate the method and are NOT the paper's results. "
-                     "Local sets: MedMCQA = validation rows not used by the local training stand-in; PubMedQA = the official "
-                     "500-question test split.")
+    notes += sorted({r["tables_note"] for r in results if r.get("tables_note")})  # each eval recipe's own words
     for r in results:
         bad = {k: v["n_bad"] for k, v in r.get("sets", {}).items() if v.get("n_bad")}
         trunc = {k: v["n_truncated"] for k, v in r.get("sets", {}).items() if v.get("n_truncated")}

@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import logging
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from medlib.config import LoraSettings, TrainRecipe
 from medlib.models import cuda_available, load_hf_model, load_tokenizer, torch_dtype_for
@@ -42,6 +43,31 @@ def select_backend(requested: str = "auto") -> tuple[str, list[str]]:
         notes.append(f"unsloth unavailable ({type(exc).__name__}: {exc}); using the hf backend")
         return "hf", notes
     return "unsloth", notes
+
+
+@contextmanager
+def lm_head_on_labelled_positions() -> Iterator[bool]:
+    """While open, TRL's fused LM head projects only the positions that carry a label, on every device.
+
+    TRL does so on CUDA/XPU but scores every position elsewhere, to keep tile shapes fixed for compiled
+    backends. Eager CPU training has no such concern, and an MCQ answer labels about 3 of ~240 tokens per
+    sample, so scoring every position spent over a fifth of the step's matmul time on logits nothing reads
+    (1.5x tokens/s measured, identical losses: benchmarks/README.md, tests/test_train.py). Yields whether
+    it applies; a TRL without that switch (another version) trains as it decides, and the run says so."""
+    try:
+        from trl.trainer import utils as trl_utils
+    except ImportError:
+        yield False
+        return
+    decides_compact = getattr(trl_utils, "_use_triton", None)
+    if decides_compact is None:
+        yield False
+        return
+    trl_utils._use_triton = lambda device: device.type == "cpu" or decides_compact(device)
+    try:
+        yield True
+    finally:
+        trl_utils._use_triton = decides_compact
 
 
 def lora_kwargs(lora: LoraSettings) -> dict[str, Any]:

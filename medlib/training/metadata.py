@@ -36,8 +36,21 @@ def library_versions() -> dict[str, str]:
     return out
 
 
-def peak_memory() -> dict[str, float]:
-    out = {"peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
+def memory_allocator() -> str:
+    """The C allocator behind this process's CPU tensors: peak RSS depends on it (benchmarks/README.md)."""
+    try:
+        maps = Path("/proc/self/maps").read_text()
+    except OSError:  # not Linux
+        return "unknown"
+    for name in ("jemalloc", "tcmalloc", "mimalloc"):
+        if f"lib{name}" in maps:
+            return name
+    return "system malloc"
+
+
+def peak_memory() -> dict[str, Any]:
+    out: dict[str, Any] = {"peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+                           "allocator": memory_allocator()}
     if cuda_available():
         import torch
 

@@ -34,7 +34,8 @@ from medlib.prompts import effective_system_prompt
 from medlib.training import metadata
 from medlib.training.adapters import combine_adapters
 from medlib.training.arguments import sft_config, trainer_settings
-from medlib.training.backends import export_gguf, export_merged, load_for_training, merge_adapter_into_base, select_backend
+from medlib.training.backends import (export_gguf, export_merged, lm_head_on_labelled_positions, load_for_training,
+                                     merge_adapter_into_base, select_backend)
 from medlib.training.checkpoints import find_last_checkpoint, step_of
 from medlib.training.tokenize import pack_constant_length, tokenize_records
 
@@ -94,17 +95,20 @@ def train(recipe: TrainRecipe, run_dir: str | Path, mixture_dir: str | Path, sta
     # record what is about to run, before it runs (a crash leaves status "running")
     meta = metadata.run_metadata(recipe, base_path, backend, fallbacks, stage1, manifest, train_report, eval_report,
                                  precision, system_prompt, tokenizer, settings)
-    metadata.write_run_files(recipe, run_dir, meta)
-
-    # train
     resume_from = find_last_checkpoint(run_dir / "checkpoints") if resume else None
     meta["resumed_from"] = resume_from
-    train_started = time.time()
-    try:
-        result = trainer.train(resume_from_checkpoint=resume_from)
-    finally:
-        metadata.write_log_history(trainer.state.log_history, run_dir)
-    train_seconds = time.time() - train_started
+
+    # train
+    with lm_head_on_labelled_positions() as labelled_only:
+        if backend == "hf":  # unsloth computes its own loss
+            meta["lm_head_positions"] = "labelled only" if labelled_only else "all (this TRL's default off CUDA)"
+        metadata.write_run_files(recipe, run_dir, meta)
+        train_started = time.time()
+        try:
+            result = trainer.train(resume_from_checkpoint=resume_from)
+        finally:
+            metadata.write_log_history(trainer.state.log_history, run_dir)
+        train_seconds = time.time() - train_started
 
     # save
     meta["adapter"] = _save_adapter(recipe, trainer, tokenizer, run_dir, stage1)
@@ -291,8 +295,8 @@ def _changed_since(recipe: TrainRecipe, run_dir: Path, mixture_dir: Path, stage1
     saved = run_dir / "recipe.resolved.yaml"
     try:
         previous = load_resolved(saved).to_dict() if saved.exists() else {}
-    except ValueError:  # written by an older medlib, or edited by hand: not comparable
-        previous = {}
+    except ValueError as exc:  # written by an older medlib, or edited by hand: not comparable
+        return [f"its recipe ({exc}; written by another medlib version or edited)"]
     now = recipe.to_dict()
     changed = sorted(k for k in set(previous) | set(now) if previous.get(k) != now.get(k))
     manifest = mixture_dir / "manifest.json"
