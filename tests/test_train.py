@@ -420,17 +420,23 @@ def test_model_card_and_offline_push(stage1_run, monkeypatch):
             assert secret.encode() not in path.read_bytes(), path
 
 
+def _labelled_examples(tokenizer, records: list[dict]) -> list[dict]:
+    """Records as the trainer's collator receives them: input ids, and labels -100 outside the answers."""
+    from medlib.training.tokenize import tokenize_records
+
+    rows, _ = tokenize_records(tokenizer, records, 160)
+    return [{"input_ids": r["input_ids"], "labels": [t if m else -100 for t, m in zip(r["input_ids"], r["assistant_masks"])]}
+            for r in rows]
+
+
 def test_padding_free_batches_give_the_padded_loss(tokenizer, mcq_records, dialogue_records):
     """The padding-free collator (recipe `padding_free` / `packing`) must not let samples attend to each other."""
     import torch
     from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
     from medlib.models import load_hf_model
-    from medlib.training.tokenize import tokenize_records
 
-    rows, _ = tokenize_records(tokenizer, [*mcq_records[:2], *dialogue_records[:2]], 160)
-    examples = [{"input_ids": r["input_ids"], "labels": [t if m else -100 for t, m in zip(r["input_ids"], r["assistant_masks"])]}
-                for r in rows]
+    examples = _labelled_examples(tokenizer, [*mcq_records[:2], *dialogue_records[:2]])
     model = load_hf_model(SMOLLM2, load_in_4bit=False)
     model.config.use_cache = False  # as medlib.training.backends sets it for training
     losses = []
@@ -453,11 +459,8 @@ def test_lm_head_on_labelled_positions_gives_the_same_loss_and_gradients(tokeniz
 
     from medlib.models import load_hf_model
     from medlib.training.backends import lm_head_on_labelled_positions
-    from medlib.training.tokenize import tokenize_records
 
-    rows, _ = tokenize_records(tokenizer, mcq_records[:3], 160)
-    examples = [{"input_ids": r["input_ids"], "labels": [t if m else -100 for t, m in zip(r["input_ids"], r["assistant_masks"])]}
-                for r in rows]
+    examples = _labelled_examples(tokenizer, mcq_records[:3])
     batch = DataCollatorForLanguageModeling(pad_token_id=tokenizer.pad_token_id, padding_free=True)(examples)
     inputs = {k: batch[k] for k in ("input_ids", "labels", "position_ids")}
     model = load_hf_model(SMOLLM2, load_in_4bit=False)
