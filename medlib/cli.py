@@ -20,8 +20,9 @@ from medlib.data.validate import DataError
 from medlib.evaluate import cli as eval_cli
 from medlib.models import ModelNotFoundError
 from medlib.training import cli as train_cli
+from medlib.training import handoff_cli
 
-COMMANDS = (data_cli, train_cli, eval_cli, chat_cli, serve, export, study, reproduce)
+COMMANDS = (data_cli, train_cli, handoff_cli, eval_cli, chat_cli, serve, export, study, reproduce)
 USER_ERRORS = (CLIError, RecipeError, ModelNotFoundError, FileNotFoundError, export.ExportError, DataError)
 
 

@@ -257,7 +257,7 @@ class RecipeMeta:
 
 @dataclass(frozen=True)
 class TrainRecipe(Section):
-    """One training run: stage 1 (Med-Mix), stage 2 (Med-Nirvana) or a single-stage chatbot (init: base)."""
+    """One training run: stage 1 (Med-Mix), stage 2 (Med-Nirvana) or a single-stage chatbot (handoff: from_base)."""
     kind: Literal["train"]
     profile: str
     note: str                          # what this profile is, said in every output of the run
@@ -270,7 +270,10 @@ class TrainRecipe(Section):
     lora: LoraSettings
     training: TrainingSettings
     mixture: str                       # the mixture's folder under <output root>/data/
-    init: Literal["merge", "continue", "base"] | None = None   # stage 2: how it starts from stage 1
+    # stage 2: how it starts from stage 1 (medlib/training/handoff.py): requantized_merge (the authors': merged in
+    # 16-bit, reloaded in 4-bit, fresh LoRA) | stacked (stage-1 LoRA frozen on the 4-bit base, fresh LoRA on top)
+    # | continue (the stage-1 adapter trains on) | from_base (no stage 1: the seeds' single-stage chatbots)
+    handoff: Literal["requantized_merge", "stacked", "continue", "from_base"] | None = None
     from_run: str | None = None        # stage 2: the stage-1 run it starts from and replays
     display_name: str = ""             # its name in tables and model cards (default: run_name)
     about: str = ""
@@ -278,7 +281,7 @@ class TrainRecipe(Section):
 
     @property
     def uses_stage1(self) -> bool:
-        return self.stage == 2 and self.init != "base"
+        return self.stage == 2 and self.handoff != "from_base"
 
 
 @dataclass(frozen=True)
@@ -286,6 +289,9 @@ class EvalModelSettings(Section):
     name: str
     load_in_4bit: bool = False
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    # which weights of a run are scored: as_trained (what the adapter trained against, plus the adapter) |
+    # requantized_merge (the run merged in 16-bit and reloaded in 4-bit: what the authors scored and published)
+    weights: Literal["as_trained", "requantized_merge"] = "as_trained"
 
 
 @dataclass(frozen=True)

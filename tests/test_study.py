@@ -49,8 +49,8 @@ def test_every_arm_trains_on_the_same_dialogue_rows_with_its_replay(study):
                             if json.loads(line)["source"] == "genmedgpt") for arm in manifests}
     assert dialogue["replay-00"] == dialogue["replay-50"] == dialogue["from-base"]
     metas = {arm: json.loads((study_dir / "runs" / arm / "run_metadata.json").read_text()) for arm in manifests}
-    assert metas["replay-50"]["init"] == "merge" and metas["replay-50"]["from_stage1"]
-    assert metas["from-base"]["init"] == "base" and metas["from-base"]["from_stage1"] is None
+    assert metas["replay-50"]["handoff"] == "stacked" and metas["replay-50"]["from_stage1"]
+    assert metas["from-base"]["handoff"] == "from_base" and metas["from-base"]["from_stage1"] is None
     assert all(m["global_step"] == 2 for m in metas.values())
 
 

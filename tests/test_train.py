@@ -13,7 +13,7 @@ import pytest
 
 from medlib.config import RecipeError
 from medlib.data.io import write_jsonl
-from medlib.models import SMOLLM2
+from medlib.models import SMOLLM2, SMOLLM2_NF4
 
 # CI-sized: short sequences, few steps, a tiny eval. lr is raised so that 6 steps visibly learn.
 FAST = [
@@ -207,7 +207,7 @@ def test_stage1_run_lowers_loss_and_writes_its_outputs(stage1_run):
     assert header == "step,epoch,loss,eval_loss,learning_rate"
     meta = json.loads((run_dir / "run_metadata.json").read_text())
     assert meta["profile"] == "local" and "not the paper" in meta["profile_note"].lower()
-    assert meta["backend"] == "hf" and meta["base_model"] == SMOLLM2 and meta["global_step"] == 6
+    assert meta["backend"] == "hf" and meta["base_model"] == SMOLLM2_NF4 and meta["global_step"] == 6
     assert any("adamw_8bit -> adamw_torch" in f for f in meta["fallbacks"])
     assert meta["tokens_seen"] > 0 and meta["memory"]["peak_rss_mb"] > 0 and len(meta["data"]["manifest_sha256"]) == 64
     assert {"torch", "transformers", "trl", "peft", "bitsandbytes"} <= set(meta["libraries"])
@@ -221,10 +221,10 @@ def test_adapter_reloads_with_the_logits_of_the_end_of_training(stage1_run):
     import torch
 
     from medlib.models import load_for_inference
-    from medlib.training.backends import keep_4bit_cpu_numerics
+    from medlib.models import keep_4bit_cpu_numerics
 
     run_dir, probe = stage1_run
-    model, tokenizer = load_for_inference(SMOLLM2, adapter=run_dir, load_in_4bit=True)
+    model, tokenizer = load_for_inference(SMOLLM2_NF4, adapter=run_dir, load_in_4bit=True)
     keep_4bit_cpu_numerics(model)  # the float32 NF4 path training used (see its docstring)
     reloaded = _probe_logits(model, tokenizer)
     torch.testing.assert_close(reloaded, probe.end, atol=1e-4, rtol=1e-4)
@@ -234,55 +234,88 @@ def test_adapter_reloads_with_the_logits_of_the_end_of_training(stage1_run):
 # ----------------------------------------------------------------------------------------- stage 2
 
 
-@pytest.mark.slow
-def test_stage2_starts_from_stage1_and_ships_one_combined_adapter(tmp_path, stage1_run, mcq_records,
-                                                                   dialogue_records, tokenizer):
-    import torch
-    from peft import PeftModel
+class ModelAtEnd:
+    """Keeps the model a run trained, as it is at the end of training."""
 
-    from medlib.models import load_hf_model
-    from medlib.training import train
-    from medlib.training.backends import keep_4bit_cpu_numerics
+    def __new__(cls):
+        from transformers import TrainerCallback
 
-    stage1_dir, _ = stage1_run
-    mixture = _write_mixture(tmp_path / "mix2", dialogue_records[:6] + mcq_records[8:10], dialogue_records[6:8])
-    probe = ProbeCallback(tokenizer)
-    run_dir = train(_recipe(2, "training.max_steps=2", "training.eval_steps=2", "training.save_steps=2"),
-                    tmp_path / "med-nirvana", mixture, stage1_dir, callbacks=[probe])
+        class _End(TrainerCallback):
+            model = None
 
-    base = load_hf_model(SMOLLM2, load_in_4bit=True)
-    keep_4bit_cpu_numerics(base)
-    base_logits = _probe_logits(base, tokenizer)
-    # stage 2's model before its first step is base + Med-Mix, not the base
-    assert (probe.begin - base_logits).abs().max() > 1e-2
-    # its frozen weights are exactly NF4(W + stage-1 LoRA), not the base's NF4(W)
+            def on_train_end(self, args, state, control, model=None, **kw):
+                self.model = model
+
+        return _End()
+
+
+def _nf4(weight):
     import bitsandbytes.functional as bnbf
 
-    def nf4(weight):
-        packed, state = bnbf.quantize_4bit(weight.contiguous(), blocksize=64, quant_type="nf4", compress_statistics=True)
-        return bnbf.dequantize_4bit(packed, state).float()
+    packed, state = bnbf.quantize_4bit(weight.contiguous(), blocksize=64, quant_type="nf4", compress_statistics=True)
+    return bnbf.dequantize_4bit(packed, state).float()
 
-    merged_float = PeftModel.from_pretrained(load_hf_model(SMOLLM2, load_in_4bit=False), str(stage1_dir)).merge_and_unload()
-    w_base = _q_proj_weight(base)
-    torch.testing.assert_close(w_base, nf4(_q_proj_weight(load_hf_model(SMOLLM2, load_in_4bit=False))), atol=0, rtol=0)
-    torch.testing.assert_close(probe.q_proj_begin, nf4(_q_proj_weight(merged_float)), atol=0, rtol=0)
-    assert (probe.q_proj_begin != w_base).sum() > 100
+
+@pytest.fixture(scope="module")
+def stage2_mixture(tmp_path_factory, mcq_records, dialogue_records):
+    return _write_mixture(tmp_path_factory.mktemp("mix2"), dialogue_records[:6] + mcq_records[8:10], dialogue_records[6:8])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("handoff", ["requantized_merge", "stacked", "continue"])
+def test_every_handoff_ships_the_model_its_stage_2_trained(handoff, tmp_path, stage1_run, stage2_mixture, tokenizer):
+    """Evaluation, chat, serve and export load a run with medlib.runs.load_run: in float (weights de-quantised
+    exactly, adapter merged) and in 4-bit, that is the model stage 2 ended with, whatever the handoff."""
+    import torch
+
+    from medlib.runs import load_run
+    from medlib.training import train
+
+    stage1_dir, _ = stage1_run
+    probe, end = ProbeCallback(tokenizer), ModelAtEnd()
+    run_dir = train(_recipe(2, "training.max_steps=2", "training.eval_steps=2", "training.save_steps=2",
+                            f"handoff={handoff}"), tmp_path / "med-nirvana", stage2_mixture, stage1_dir,
+                    callbacks=[probe, end])
+    trained = _probe_logits(end.model, tokenizer)
+    for in_4bit in (False, True):
+        model, _ = load_run("ignored: the run names its weights", run_dir, load_in_4bit=in_4bit, dtype="float32")
+        torch.testing.assert_close(_probe_logits(model, tokenizer), trained, atol=5e-4, rtol=1e-4)
 
     meta = json.loads((run_dir / "run_metadata.json").read_text())
-    assert meta["init"] == "merge" and meta["from_stage1"] == str(stage1_dir) and meta["global_step"] == 2
-    assert not (run_dir / "init_stage1_merged").exists()
+    assert meta["handoff"] == handoff and meta["from_stage1"] == str(stage1_dir) and meta["global_step"] == 2
+    assert meta["fidelity"]["stage1_handoff"] == handoff
     cfg = json.loads((run_dir / "adapter_config.json").read_text())
-    assert cfg["r"] == 32 and cfg["base_model_name_or_path"] == SMOLLM2
-    # ... and the run folder and its model card say so: one combined adapter of rank 16 + 16
-    assert meta["adapter"]["r"] == 32 and meta["adapter"]["combined_stages"] and meta["adapter"]["trained_r"] == 16
     from medlib.training.card import model_card
 
-    assert "combined adapter, r = 32 (stage 1 r = 16 + stage 2 r = 16" in model_card(run_dir)
-    # the shipped adapter on the plain float base == float(base + stage 1 merged) + the stage-2 adapter
-    float_base = load_hf_model(SMOLLM2, load_in_4bit=False)
-    combined = _probe_logits(PeftModel.from_pretrained(float_base, str(run_dir)), tokenizer)
-    chained = _probe_logits(PeftModel.from_pretrained(merged_float, str(run_dir / "stage2_adapter")), tokenizer)
-    torch.testing.assert_close(combined, chained, atol=2e-3, rtol=1e-3)
+    card = model_card(run_dir)
+    assert f"handoff: {handoff}" in card
+    # stage 2 started from base + Med-Mix, not from the base
+    base, _ = load_run(SMOLLM2_NF4, None, load_in_4bit=True)
+    assert (probe.begin - _probe_logits(base, tokenizer)).abs().max() > 1e-2
+    if handoff == "requantized_merge":
+        # the authors': the frozen weights are exactly NF4(bf16(W' + ΔW1)), and the run ships its adapter on them
+        merged = stage1_dir / "merged_16bit"
+        assert meta["trained_against"] == {"model": "../med-mix/merged_16bit", "in_4bit": True,
+                                           "merged_from": json.loads((merged / "merged_from.json").read_text())}
+        assert cfg["r"] == 16 and cfg["base_model_name_or_path"] == "../med-mix/merged_16bit"
+        stage1_float, _ = load_run(SMOLLM2_NF4, stage1_dir, load_in_4bit=False, dtype="float32")
+        expected = _nf4(_q_proj_weight(stage1_float).to(torch.bfloat16).float())
+        torch.testing.assert_close(probe.q_proj_begin, expected, atol=0, rtol=0)
+        assert (probe.q_proj_begin != _q_proj_weight(base)).sum() > 0
+    else:
+        # stacked and continue sit on the original 4-bit base, its weights untouched
+        assert meta["trained_against"] == {"model": SMOLLM2_NF4, "in_4bit": True}
+        torch.testing.assert_close(probe.q_proj_begin, _q_proj_weight(base), atol=0, rtol=0)
+        assert cfg["base_model_name_or_path"] == SMOLLM2_NF4
+    if handoff == "stacked":
+        # the frozen stage-1 LoRA and the fresh one ship as one adapter of rank 16 + 16 on the original base
+        assert cfg["r"] == 32 and meta["adapter"]["combined_stages"] and meta["adapter"]["trained_r"] == 16
+        assert "r = 32 (stage 1 r = 16 + stage 2 r = 16" in card
+        from safetensors.torch import load_file
+
+        shipped, stage1 = load_file(str(run_dir / "adapter_model.safetensors")), load_file(str(stage1_dir / "adapter_model.safetensors"))
+        key = next(k for k in stage1 if "lora_A" in k)
+        torch.testing.assert_close(shipped[key][:16], stage1[key], atol=0, rtol=0)  # stage 1 did not move
 
 
 @pytest.mark.slow
@@ -399,7 +432,7 @@ def test_model_card_and_offline_push(stage1_run, monkeypatch):
 
     run_dir, _ = stage1_run
     card = model_card(run_dir)
-    for needle in (SMOLLM2, "learning_rate | 0.001", "lora_r | 16", "train: 8 records", "Intended use",
+    for needle in (SMOLLM2_NF4, "learning_rate | 0.001", "lora_r | 16", "train: 8 records", "Intended use",
                    "Limitations", "Medical disclaimer", "not the paper's model, data or numbers", "No evaluation results"):
         assert needle in card, needle
     (run_dir / "eval_results.json").write_text(json.dumps({"medqa": {"accuracy": 0.31}}))

@@ -26,11 +26,11 @@ from medlib.chat import guardrails
 from medlib.chat.red_flags import RedFlagDetector
 from medlib.chat.router import RouteDecision, Router
 from medlib.config import ChatRecipe, load_chat
-from medlib.models import ModelNotFoundError, load_for_inference
+from medlib.models import ModelNotFoundError
 from medlib.paths import resolve
 from medlib.pipeline import layout
 from medlib.prompts import effective_system_prompt, render_chat
-from medlib.training.metadata import METADATA_FILE, RunRecord
+from medlib.runs import METADATA_FILE, RunRecord, load_run
 
 log = logging.getLogger(__name__)
 StreamFn = Callable[[str], None]
@@ -171,7 +171,7 @@ class ChatSession:
         base_model, system_prompt, notice = model_and_prompt(recipe, adapter_dir)
         if notice:
             notices.append(notice)
-        model, tokenizer = load_for_inference(base_model, adapter_dir, load_in_4bit=recipe.model.load_in_4bit)
+        model, tokenizer = load_run(base_model, adapter_dir, load_in_4bit=recipe.model.load_in_4bit)
         if router is None:
             files = recipe.router
             router = Router.from_files(files.calibration_file and resolve(files.calibration_file),

@@ -11,9 +11,9 @@ from medlib import config
 from medlib.cli_common import add_common_args
 from medlib.config import EvalRecipe
 from medlib.evaluate.bertscore import run_bertscore
+from medlib.evaluate.common import load_evaluated
 from medlib.evaluate.mcq import run_mcq
 from medlib.evaluate.tables import collect_results, write_samples, write_table3, write_table4
-from medlib.models import load_for_inference
 from medlib.pipeline import layout, with_data_dir
 
 log = logging.getLogger(__name__)
@@ -37,7 +37,7 @@ def run_all(recipe: EvalRecipe, out_dir: str | Path, runs_root: str | Path, *, i
             log.warning("skipping %s: %s", name, skipped[name])
     out: dict[str, Any] = {"mcq": {}, "bertscore": {}, "skipped": skipped}
     for name, adapter in models:
-        loaded = load_for_inference(recipe.model.name, adapter, recipe.model.load_in_4bit, recipe.model.dtype)
+        loaded = load_evaluated(recipe, adapter)
         if mcq:
             out["mcq"][name] = run_mcq(recipe, out_dir, adapter, loaded=loaded)
         if bertscore:

@@ -14,7 +14,7 @@ from medlib.config import EvalRecipe
 from medlib.models import adapter_chain, load_for_inference, resolve_dtype
 from medlib.paths import default_data_dir, resolve
 from medlib.prompts import effective_system_prompt
-from medlib.training.metadata import RunRecord
+from medlib.runs import RunRecord, load_run
 
 log = logging.getLogger(__name__)
 
@@ -58,9 +58,19 @@ class EvaluatedModel:
         if loaded is not None:
             lm, tokenizer = loaded
         else:
-            lm, tokenizer = load_for_inference(self.recipe.model.name, self.adapter, self.load_in_4bit, self.dtype)
+            lm, tokenizer = load_evaluated(self.recipe, self.adapter)
         prepare_tokenizer(tokenizer)
         return lm, tokenizer, adapter_chain(self.adapter)
+
+    def weights_description(self, chain: list[Path]) -> str:
+        """Which weights were scored, in words (Table 3 prints it under the row)."""
+        if not chain:
+            return f"{self.recipe.model.name} ({'NF4' if self.load_in_4bit else 'as its checkpoint holds it'})"
+        if self.recipe.model.weights == "requantized_merge":
+            return "the run merged in 16-bit and reloaded in 4-bit (the authors' evaluation)"
+        record = RunRecord.read(chain[-1])
+        return (f"the adapter on the weights it trained against: {record.trained_against['model']}"
+                f"{' in NF4' if record.weights_in_4bit else ''}")
 
     def identity(self, lm: Any, chain: list[Path]) -> dict[str, Any]:
         """What every results.json says about the model that produced it."""
@@ -68,8 +78,18 @@ class EvaluatedModel:
                 "profile": self.recipe.profile, "note": self.recipe.note, "tables_note": self.recipe.report.tables_note,
                 "model": self.recipe.model.name,
                 "adapters": [str(p) for p in chain], "load_in_4bit": self.load_in_4bit, "dtype": model_dtype(lm),
+                "weights": self.weights_description(chain),
                 "system_prompt": self.system_prompt, "training_fidelity": self.fidelity, "recipe": {"recipe_file": self.recipe.meta.recipe_file,
                                                                 "overrides": list(self.recipe.meta.overrides)}}
+
+
+def load_evaluated(recipe: EvalRecipe, adapter: Any = None) -> tuple[Any, Any]:
+    """(model, tokenizer) of one Table 3 / Table 4 row: the base model, or a run as recipe.model.weights says."""
+    chain = adapter_chain(adapter)
+    if len(chain) > 1:  # an explicit chain of adapters, applied in order on the recipe's base
+        return load_for_inference(recipe.model.name, chain, recipe.model.load_in_4bit, recipe.model.dtype)
+    return load_run(recipe.model.name, chain[0] if chain else None, recipe.model.load_in_4bit, recipe.model.dtype,
+                    recipe.model.weights)
 
 
 def eval_folders(recipe: EvalRecipe) -> list[Path | None]:

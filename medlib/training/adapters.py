@@ -1,11 +1,10 @@
 """Fold a stage-1 and a stage-2 LoRA adapter into ONE adapter on the original base.
 
-Stage 2's default (`init: merge`) trains a fresh adapter B2·A2 on top of base + stage-1 merged.
-The final model is W + s1·B1·A1 + s2·B2·A2, which is exactly a LoRA of rank r1 + r2 with
-A = [A1; A2] and B = [s1·B1, s2·B2] at scale 1 (lora_alpha = r, no rsLoRA). Shipping that single
-adapter means `PeftModel.from_pretrained(base, run_dir)` gives Med-Nirvana with no hidden dependency
-on the stage-1 folder. (Under QLoRA, stage 2 saw NF4(W + ΔW1) rather than NF4(W) + ΔW1; the gap is
-the 4-bit rounding of the merged weights, the same kind of error any QLoRA adapter carries.)
+Under handoff `stacked` stage 2 trains a fresh adapter B2·A2 while the stage-1 adapter B1·A1 stays
+active and frozen on the same 4-bit base, so the model that trained is W' + s1·B1·A1 + s2·B2·A2: exactly a
+LoRA of rank r1 + r2 with A = [A1; A2] and B = [s1·B1, s2·B2] at scale 1 (lora_alpha = r, no rsLoRA).
+Shipping that single adapter means `PeftModel.from_pretrained(base, run_dir)` gives Med-Nirvana, the
+model that trained, with no hidden dependency on the stage-1 folder.
 """
 
 from __future__ import annotations

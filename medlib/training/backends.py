@@ -11,14 +11,14 @@ unsloth is imported only inside these functions (it raises at import on a CPU ma
 from __future__ import annotations
 
 import logging
-import shutil
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
 from medlib.config import LoraSettings, TrainRecipe
-from medlib.models import cuda_available, load_hf_model, load_tokenizer, torch_dtype_for
+from medlib.models import cuda_available, keep_4bit_cpu_numerics, load_hf_model, load_tokenizer, torch_dtype_for
 from medlib.prompts import apply_chat_template_choice
+from medlib.training.handoff import STAGE1_ADAPTER
 
 log = logging.getLogger(__name__)
 
@@ -76,32 +76,18 @@ def lora_kwargs(lora: LoraSettings) -> dict[str, Any]:
 
 
 def load_for_training(recipe: TrainRecipe, backend: str, model_path: str, continue_adapter: Path | None,
-                      gradient_checkpointing: bool, precision: str = "fp32") -> tuple[Any, Any]:
-    """(peft model with trainable LoRA, tokenizer). continue_adapter: keep training that adapter.
+                      gradient_checkpointing: bool, precision: str = "fp32",
+                      frozen_adapter: Path | None = None) -> tuple[Any, Any]:
+    """(peft model with trainable LoRA, tokenizer). continue_adapter: keep training that adapter;
+    frozen_adapter: keep that adapter active but frozen beside the fresh one (handoff `stacked`).
     precision (medlib.models.training_precision) sets the compute dtype, so the model and the trainer agree."""
     dtype = torch_dtype_for(precision)
     if backend == "unsloth":
         return _load_unsloth(recipe, model_path, continue_adapter, dtype)
-    return _load_hf(recipe, model_path, continue_adapter, gradient_checkpointing, dtype)
+    return _load_hf(recipe, model_path, continue_adapter, gradient_checkpointing, dtype, frozen_adapter)
 
 
-def keep_4bit_cpu_numerics(model: Any) -> int:
-    """Turn off bitsandbytes' CPU inference repacking of NF4 weights; returns how many layers it touched.
-
-    On CPUs with AVX512-BF16, bitsandbytes 0.50 repacks a Linear4bit's weights for a bf16 kernel the
-    first time it runs in eval mode without grad (e.g. the periodic validation), and keeps them packed.
-    Training and validation would then see different numerics mid-run; keeping every forward on the
-    float32 dequantise path makes the validation loss and a reloaded adapter match the trained model.
-    """
-    touched = 0
-    for module in model.modules():
-        if getattr(module, "support_avx512bf16_for_cpu", False):
-            module.support_avx512bf16_for_cpu = False
-            touched += 1
-    return touched
-
-
-def _load_hf(recipe, model_path, continue_adapter, gradient_checkpointing, dtype):
+def _load_hf(recipe, model_path, continue_adapter, gradient_checkpointing, dtype, frozen_adapter=None):
     from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
 
     tokenizer = apply_chat_template_choice(load_tokenizer(model_path), recipe.prompt.chat_template)
@@ -118,9 +104,24 @@ def _load_hf(recipe, model_path, continue_adapter, gradient_checkpointing, dtype
     model.config.use_cache = False
     if continue_adapter is not None:
         model = PeftModel.from_pretrained(model, str(continue_adapter), is_trainable=True)
+    elif frozen_adapter is not None:
+        model = stack_fresh_adapter(model, frozen_adapter, LoraConfig(task_type="CAUSAL_LM", **lora_kwargs(recipe.lora)))
     else:
         model = get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", **lora_kwargs(recipe.lora)))
     return model, tokenizer
+
+
+def stack_fresh_adapter(model: Any, frozen_adapter: Path, config: Any) -> Any:
+    """base + the frozen adapter (named handoff.STAGE1_ADAPTER) + a fresh trainable one ("default"), both
+    active: the model computes W' + ΔW1 + ΔW2 and only ΔW2 learns."""
+    from peft import PeftModel
+
+    model = PeftModel.from_pretrained(model, str(frozen_adapter), adapter_name=STAGE1_ADAPTER, is_trainable=False)
+    model.add_adapter("default", config)
+    model.base_model.set_adapter([STAGE1_ADAPTER, "default"])
+    for name, param in model.named_parameters():
+        param.requires_grad_(".default." in name and "lora_" in name)
+    return model
 
 
 def _load_unsloth(recipe, model_path, continue_adapter, dtype):
@@ -149,39 +150,6 @@ def _load_unsloth(recipe, model_path, continue_adapter, dtype):
             if "lora_" in name:
                 param.requires_grad_(True)
     return model, tokenizer
-
-
-def merge_adapter_into_base(base: str, adapter_dir: Path, target: Path, backend: str) -> Path:
-    """Write base + adapter merged in 16-bit (float32 on CPU) as a safetensors model folder."""
-    target = Path(target)
-    tmp = target.with_name(target.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    if backend == "unsloth":
-        from unsloth import FastLanguageModel
-
-        model, tokenizer = FastLanguageModel.from_pretrained(model_name=str(adapter_dir), load_in_4bit=True)
-        model.save_pretrained_merged(str(tmp), tokenizer, save_method="merged_16bit")
-    else:
-        from peft import PeftModel
-
-        tokenizer = load_tokenizer(base)
-        model = load_hf_model(base, load_in_4bit=False)
-        model = PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload()
-        if getattr(model, "hf_quantizer", None) is not None:  # a pre-quantised base (e.g. *-bnb-4bit)
-            model = model.dequantize()
-        model.save_pretrained(str(tmp), safe_serialization=True)
-        tokenizer.save_pretrained(str(tmp))
-    shutil.rmtree(target, ignore_errors=True)
-    tmp.rename(target)
-    return target
-
-
-def export_merged(model: Any, tokenizer: Any, backend: str, target: Path, base: str, adapter_dir: Path) -> Path:
-    """Optional merged 16-bit export of the final model."""
-    if backend == "unsloth":
-        model.save_pretrained_merged(str(target), tokenizer, save_method="merged_16bit")
-        return target
-    return merge_adapter_into_base(base, adapter_dir, target, backend)
 
 
 def export_gguf(model: Any, tokenizer: Any, backend: str, target: Path, quantization: str) -> Path:

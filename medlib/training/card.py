@@ -68,7 +68,10 @@ def model_card(run_dir: Path) -> str:
     if adapter:
         lines.append(f"- what ships: {adapter['description']}")
     if recipe.uses_stage1:
-        lines.append(f"- starts from the stage-1 adapter `{meta.get('from_stage1')}` (init: {recipe.init})")
+        lines.append(f"- starts from the stage-1 run `{meta.get('from_stage1')}` (handoff: {recipe.handoff})")
+    against = run.trained_against
+    lines.append(f"- the adapter sits on `{against['model']}`{' in NF4 (4-bit)' if run.weights_in_4bit else ''}: "
+                 "load exactly that, plus this adapter, for the model that trained")
     lines += ["", "## Training data"]
     lines.append(f"- mixture: `{data.get('mixture_dir')}` (manifest sha256 {data.get('manifest_sha256')})")
     for split in ("train", "validation"):

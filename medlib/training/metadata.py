@@ -1,7 +1,7 @@
 """What a run folder records about itself: run_metadata.json, recipe.resolved.yaml, log_history.*.
 
-Evaluation, chat, serving and export read a run through `RunRecord`, never through the recipe that
-made it: the run folder is the contract.
+Evaluation, chat, serving and export read a run through `medlib.runs.RunRecord`, never through the recipe
+that made it: the run folder is the contract.
 """
 
 from __future__ import annotations
@@ -11,16 +11,15 @@ import json
 import os
 import platform
 import resource
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from medlib.config import TrainRecipe, save_resolved
 from medlib.data.io import file_sha256
 from medlib.models import cuda_available
+from medlib.runs import METADATA_FILE, RunRecord, run_base_model  # noqa: F401  (the run-folder contract lives in medlib.runs)
 
 LOG_COLUMNS = ("step", "epoch", "loss", "eval_loss", "learning_rate")
-METADATA_FILE = "run_metadata.json"
 
 
 def library_versions() -> dict[str, str]:
@@ -86,7 +85,7 @@ def run_metadata(recipe: TrainRecipe, base_path: str, backend: str, fallbacks: l
         "profile": recipe.profile, "profile_note": recipe.note,
         "stage": recipe.stage, "run_name": recipe.run_name, "display_name": recipe.display_name or recipe.run_name,
         "base_model": recipe.model.name, "base_model_path": base_path,
-        "backend": backend, "fallbacks": fallbacks, "init": recipe.init if recipe.stage == 2 else None,
+        "backend": backend, "fallbacks": fallbacks, "handoff": recipe.handoff if recipe.stage == 2 else None,
         "from_stage1": str(stage1) if stage1 else None,
         "from_stage1_adapter_sha256": file_sha256(stage1 / "adapter_model.safetensors") if stage1 else None,
         "seed": recipe.seed,
@@ -112,7 +111,7 @@ def fidelity_settings(recipe: TrainRecipe) -> dict[str, Any]:
             "packing": t.packing_strategy if t.packing else "off",
             "batch": f"{t.per_device_train_batch_size} x {t.gradient_accumulation_steps}",
             "seeds": {"data": d.seed, "trainer": recipe.seed}, "data_order": d.order,
-            "decontaminate": d.decontaminate, "stage1_handoff": recipe.init if recipe.stage == 2 else None}
+            "decontaminate": d.decontaminate, "stage1_handoff": recipe.handoff if recipe.stage == 2 else None}
 
 
 def write_run_files(recipe: TrainRecipe, run_dir: Path, meta: dict[str, Any]) -> None:
@@ -127,48 +126,9 @@ def write_metadata(run_dir: Path, meta: dict[str, Any]) -> None:
 def shipped_adapter(run_dir: Path, recipe: TrainRecipe) -> dict[str, Any]:
     """The adapter the run folder ships: its LoRA rank, and whether it combines stage 1 and stage 2."""
     cfg = json.loads((run_dir / "adapter_config.json").read_text())
-    combined = recipe.uses_stage1 and recipe.init == "merge"
+    combined = recipe.uses_stage1 and recipe.handoff == "stacked"
     return {"r": cfg["r"], "lora_alpha": cfg["lora_alpha"], "use_rslora": bool(cfg.get("use_rslora")),
             "combined_stages": combined, "trained_r": recipe.lora.r,
             "description": (f"combined adapter, r = {cfg['r']} (stage 1 r = {cfg['r'] - recipe.lora.r} + stage 2 "
-                            f"r = {recipe.lora.r}, folded into one LoRA on the original base)" if combined
+                            f"r = {recipe.lora.r}, stage 1 frozen while stage 2 trained, shipped as one LoRA on the original base)" if combined
                             else f"LoRA adapter, r = {cfg['r']}")}
-
-
-def run_base_model(run_dir: str | Path) -> str:
-    """The base model a run (or any adapter folder) was trained on, as medlib names it."""
-    return RunRecord.read(run_dir).base_model
-
-
-@dataclass(frozen=True)
-class RunRecord:
-    """What a finished run folder says it is; every field comes from the folder itself."""
-
-    folder: Path
-    base_model: str
-    name: str
-    display_name: str
-    system_prompt: str | None
-    chat_template: str | None
-    target_style: str | None
-    mcq_format: str | None
-    adapter: dict[str, Any] | None
-    profile: str | None
-    metadata: dict[str, Any]
-
-    @classmethod
-    def read(cls, folder: str | Path) -> "RunRecord":
-        folder = Path(folder)
-        meta_file = folder / METADATA_FILE
-        meta = json.loads(meta_file.read_text()) if meta_file.exists() else {}
-        base = meta.get("base_model")
-        if base is None:
-            config = folder / "adapter_config.json"
-            if not config.exists():
-                raise FileNotFoundError(f"{folder} is not a run folder: it has neither {METADATA_FILE} nor adapter_config.json")
-            base = json.loads(config.read_text())["base_model_name_or_path"]
-        return cls(folder=folder, base_model=base, name=meta.get("run_name") or folder.name,
-                   display_name=meta.get("display_name") or meta.get("run_name") or folder.name,
-                   system_prompt=meta.get("system_prompt"), chat_template=meta.get("chat_template"),
-                   target_style=meta.get("target_style"), mcq_format=meta.get("mcq_format"), adapter=meta.get("adapter"), profile=meta.get("profile"),
-                   metadata=meta)

@@ -5,12 +5,14 @@
 `recipe` is a typed `medlib.config.TrainRecipe`; the folders come from `medlib.pipeline.Layout`
 (or the CLI's --out / --from). The mixture must be built (medlib.data.mixtures.build_mixture).
 
-Stage 2 `init: merge` (the default) folds the stage-1 adapter into the base and trains a fresh
-adapter, so stage 2 gets the full rank for dialogue while the MCQ knowledge sits in the frozen
-weights; the run then ships ONE adapter on the original base that combines both stages, of rank
-r1 + r2 (medlib/training/adapters.py; run_metadata.json and the model card say so). `init: continue`
-keeps training the stage-1 adapter. `init: base` trains one dialogue stage from the base model (the
-seeds' single-stage chatbots, recipes `chatdoctor` and `llama3_chatbot`).
+Stage 2 starts from stage 1 as `handoff:` says (medlib/training/handoff.py): `requantized_merge` (the
+authors') trains a fresh adapter on the stage-1 run's merged 16-bit model reloaded in 4-bit and ships
+that adapter on that model; `stacked` keeps the stage-1 LoRA frozen on the original 4-bit base beside a
+fresh one and ships both as one adapter of rank r1 + r2; `continue` keeps training the stage-1 adapter.
+`from_base` trains one dialogue stage from the base model (the seeds' single-stage chatbots, recipes
+`chatdoctor` and `llama3_chatbot`). Every run records the weights its adapter trained against
+(run_metadata.json -> trained_against), and evaluation, chat, serve and export load exactly those.
+Every stage-1 run measures what the authors' handoff would keep of it (run_metadata.json -> handoff_measure).
 
 A run folder is the contract for everything downstream: adapter_model.safetensors + adapter_config.json
 + tokenizer, recipe.resolved.yaml, run_metadata.json (system prompt, chat template, target format,
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 import time
 from pathlib import Path
@@ -31,11 +34,12 @@ from medlib.data.io import file_sha256
 from medlib.data.mixtures import read_mixture, seeded_subset
 from medlib.models import name_adapter_base, resolve_available_model
 from medlib.prompts import effective_system_prompt
+from medlib.runs import MERGED_RECORD, ensure_merged
+from medlib.training import handoff as handoffs
 from medlib.training import metadata
 from medlib.training.adapters import combine_adapters
 from medlib.training.arguments import sft_config, trainer_settings
-from medlib.training.backends import (export_gguf, export_merged, lm_head_on_labelled_positions, load_for_training,
-                                     merge_adapter_into_base, select_backend)
+from medlib.training.backends import export_gguf, lm_head_on_labelled_positions, load_for_training, select_backend
 from medlib.training.checkpoints import find_last_checkpoint, step_of
 from medlib.training.tokenize import pack_constant_length, tokenize_records
 
@@ -66,16 +70,9 @@ def train(recipe: TrainRecipe, run_dir: str | Path, mixture_dir: str | Path, sta
     from transformers import set_seed
 
     set_seed(recipe.seed)
-    train_from, continue_adapter = base_path, None
-    if recipe.uses_stage1 and recipe.init == "merge":
-        train_from = str(run_dir / "init_stage1_merged")
-        if not (Path(train_from) / "config.json").exists():
-            log.info("merging the stage-1 adapter %s into %s", stage1, recipe.model.name)
-            merge_adapter_into_base(base_path, stage1, Path(train_from), backend)
-    elif recipe.uses_stage1:
-        continue_adapter = stage1
-    model, tokenizer = load_for_training(recipe, backend, train_from, continue_adapter,
-                                         settings["gradient_checkpointing"], precision["mode"])
+    start = _starting_point(recipe, run_dir, base_path, stage1, backend)
+    model, tokenizer = load_for_training(recipe, backend, start["train_from"], start["continue_adapter"],
+                                         settings["gradient_checkpointing"], precision["mode"], start["frozen_adapter"])
 
     # trainer
     system_prompt = effective_system_prompt(recipe.prompt.system_prompt)
@@ -97,6 +94,7 @@ def train(recipe: TrainRecipe, run_dir: str | Path, mixture_dir: str | Path, sta
                                  precision, system_prompt, tokenizer, settings)
     resume_from = find_last_checkpoint(run_dir / "checkpoints") if resume else None
     meta["resumed_from"] = resume_from
+    meta["trained_against"] = start["trained_against"]
 
     # train
     with lm_head_on_labelled_positions() as labelled_only:
@@ -111,12 +109,14 @@ def train(recipe: TrainRecipe, run_dir: str | Path, mixture_dir: str | Path, sta
         train_seconds = time.time() - train_started
 
     # save
-    meta["adapter"] = _save_adapter(recipe, trainer, tokenizer, run_dir, stage1)
+    meta["adapter"] = _save_adapter(recipe, trainer, tokenizer, run_dir, stage1, start["trained_against"])
+
+    # what the authors' handoff would keep of this stage (every stage-1 run)
+    if recipe.stage == 1:
+        meta["handoff_measure"] = handoffs.measure_stage1(trainer, precision["mode"])
 
     # exports
-    exports = _exports(recipe, trainer, tokenizer, backend, run_dir, base_path)
-    if recipe.uses_stage1 and recipe.init == "merge":
-        shutil.rmtree(run_dir / "init_stage1_merged", ignore_errors=True)  # large; rebuilt if ever needed
+    exports = _exports(recipe, trainer, tokenizer, backend, run_dir)
 
     # record how it went
     steps_run = max(1, trainer.state.global_step - step_of(resume_from))
@@ -141,8 +141,9 @@ def _check_inputs(recipe: TrainRecipe, run_dir: Path, stage1_run: str | Path | N
     """Cheap checks first: nothing heavy is loaded before every input is known to exist. Returns the stage-1 run."""
     if recipe.training.max_steps == 0:
         raise TrainError(f"{recipe.meta.recipe_file}: training.max_steps is 0: nothing to train (-1 means one full epoch)")
-    if recipe.stage == 2 and recipe.init is None:
-        raise TrainError(f"{recipe.meta.recipe_file}: a stage-2 recipe needs init: merge, continue or base")
+    if recipe.stage == 2 and recipe.handoff is None:
+        raise TrainError(f"{recipe.meta.recipe_file}: a stage-2 recipe needs handoff: requantized_merge, stacked, "
+                         "continue or from_base")
     last_checkpoint = find_last_checkpoint(run_dir / "checkpoints")
     if resume and last_checkpoint is None:
         log.warning("--resume: no checkpoint in %s; starting from step 0", run_dir / "checkpoints")
@@ -152,7 +153,7 @@ def _check_inputs(recipe: TrainRecipe, run_dir: Path, stage1_run: str | Path | N
     if not recipe.uses_stage1:
         return None
     if stage1_run is None:
-        raise TrainError(f"{recipe.meta.recipe_file}: stage 2 (init: {recipe.init}) needs the stage-1 run folder")
+        raise TrainError(f"{recipe.meta.recipe_file}: stage 2 (handoff: {recipe.handoff}) needs the stage-1 run folder")
     stage1 = Path(stage1_run)
     if not (stage1 / "adapter_config.json").exists():
         raise TrainError(f"stage 2 needs a finished stage-1 run: {stage1} has no adapter_config.json "
@@ -225,26 +226,53 @@ def _keep_lora_float32(trainer: Any, precision: str, fallbacks: list[str]) -> No
         fallbacks.append(f"LoRA weights kept in float32 (precision {precision}, no bf16)")
 
 
-def _save_adapter(recipe: TrainRecipe, trainer: Any, tokenizer: Any, run_dir: Path, stage1: Path | None) -> dict[str, Any]:
+def _starting_point(recipe: TrainRecipe, run_dir: Path, base_path: str, stage1: Path | None,
+                    backend: str) -> dict[str, Any]:
+    """What this run's model is built from: the weights to load, an adapter to continue or keep frozen, and
+    the `trained_against` record (the weights the shipped adapter sits on, and whether they are 4-bit)."""
+    start: dict[str, Any] = {"train_from": base_path, "continue_adapter": None, "frozen_adapter": None,
+                             "trained_against": {"model": recipe.model.name, "in_4bit": recipe.model.load_in_4bit}}
+    if not recipe.uses_stage1:
+        return start
+    start["trained_against"] = dict(metadata.RunRecord.read(stage1).trained_against)
+    if recipe.handoff == "continue":
+        start["continue_adapter"] = stage1
+    elif recipe.handoff == "stacked":
+        if backend == "unsloth":
+            raise TrainError(f"{recipe.meta.recipe_file}: handoff stacked trains a frozen and a fresh LoRA together, "
+                             "which the unsloth backend does not do; use --set model.backend=hf, or handoff "
+                             "requantized_merge / continue")
+        start["frozen_adapter"] = stage1
+    elif recipe.handoff == "requantized_merge":
+        merged = ensure_merged(stage1, backend)
+        start["train_from"] = str(merged)
+        start["trained_against"] = {"model": os.path.relpath(merged, run_dir), "in_4bit": recipe.model.load_in_4bit,
+                                    "merged_from": json.loads((merged / MERGED_RECORD).read_text())}
+    else:
+        raise TrainError(f"{recipe.meta.recipe_file}: unknown handoff {recipe.handoff!r}")
+    return start
+
+
+def _save_adapter(recipe: TrainRecipe, trainer: Any, tokenizer: Any, run_dir: Path, stage1: Path | None,
+                  trained_against: dict[str, Any]) -> dict[str, Any]:
     """Final adapter + tokenizer at the top of the run folder; returns what shipped (rank, combined or not).
-    After `init: merge` the stage-2 adapter is relative to base + stage 1, so it is kept aside and the
-    shipped adapter combines both stages."""
-    if recipe.uses_stage1 and recipe.init == "merge":
+    Under `stacked` the fresh adapter is saved aside and the shipped one joins it to the frozen stage-1
+    LoRA: W' + ΔW1 + ΔW2 on the original base, exactly the model that trained."""
+    if recipe.uses_stage1 and recipe.handoff == "stacked":
         stage2_only = run_dir / "stage2_adapter"
-        trainer.model.save_pretrained(str(stage2_only), safe_serialization=True)
+        trainer.model.save_pretrained(str(stage2_only), safe_serialization=True, selected_adapters=["default"])
         combine_adapters(stage1, stage2_only, run_dir, recipe.model.name)
     else:
-        trainer.model.save_pretrained(str(run_dir), safe_serialization=True)
-    name_adapter_base(run_dir, recipe.model.name)
+        trainer.model.save_pretrained(str(run_dir), safe_serialization=True, selected_adapters=["default"])
+    name_adapter_base(run_dir, trained_against["model"])
     tokenizer.save_pretrained(str(run_dir))
     return metadata.shipped_adapter(run_dir, recipe)
 
 
-def _exports(recipe: TrainRecipe, trainer: Any, tokenizer: Any, backend: str, run_dir: Path, base_path: str) -> dict[str, str]:
+def _exports(recipe: TrainRecipe, trainer: Any, tokenizer: Any, backend: str, run_dir: Path) -> dict[str, str]:
     exports = {}
     if recipe.training.export_merged_16bit:
-        exports["merged_16bit"] = str(export_merged(trainer.model, tokenizer, backend, run_dir / "merged_16bit",
-                                                    base_path, run_dir))
+        exports["merged_16bit"] = str(ensure_merged(run_dir, backend))
     if recipe.training.export_gguf:
         exports["gguf"] = str(export_gguf(trainer.model, tokenizer, backend, run_dir / "gguf", recipe.training.export_gguf))
     return exports
