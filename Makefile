@@ -15,7 +15,7 @@ PRESET ?=
 # pip on these machines warns about every missing local index; keep the log readable.
 QUIET := grep -v "^WARNING: Location" || true
 
-.PHONY: install install-gpu check-gpu browser jemalloc reproduce smoke study test serve data bench clean-outputs
+.PHONY: install install-gpu check-gpu browser jemalloc reproduce smoke study study-handoff test serve data bench clean-outputs
 
 $(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -74,6 +74,10 @@ browser:
 # Beyond the paper: the DMT replay study (notebook 07; about 50 minutes on the local profile's 2 cores).
 study: install jemalloc
 	$(WITH_JEMALLOC) $(BIN)/medlib reproduce --profile $(PROFILE) --only 07_dmt_study
+
+# Beyond the paper: the handoff study (notebook 08; about 35 minutes on the local profile's 2 cores).
+study-handoff: install jemalloc
+	$(WITH_JEMALLOC) $(BIN)/medlib reproduce --profile $(PROFILE) --only 08_handoff_study
 
 test: install browser
 	$(BIN)/python -m pytest -q -p no:cacheprovider --durations=15

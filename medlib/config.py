@@ -204,6 +204,8 @@ class DataSettings(Section):
                                        # shuffle(seed) + train_test_split(seed) order, so the rows match theirs
     standin_note: str | None = None    # said in every manifest when the data stands in for the paper's
     strict: bool = True                # a bad row is an error (false: skipped and reported)
+    turn_rule: Literal["medlib", "authors"] = "medlib"   # NoteChat text -> turns: authors (every "Doctor:" removed,
+                                       # empty turns kept) | medlib (the prefix only; empty turns dropped)
     decontaminate: Literal["drop", "report", "off"] = "drop"   # training rows that repeat an evaluation item:
                                        # drop them (and say how many), only report them, or do not look
     validation_fraction: float | None = None   # stage 1: share of the pool held out for validation loss
@@ -329,6 +331,8 @@ class McqSettings(Section):
     seed: int = 3407
     answer_cue: str = ""               # appended to every question's user turn (the authors': "\nAnswer:")
     parse: Literal["medlib", "authors"] = "medlib"   # generate: medlib's reading, or the authors' "Answer: X" rule
+    runs: int = 1                      # sampled generation: runs per model (seeds seed, seed+1, ...), reported as
+                                       # mean ± SD (the paper's Med-Nirvana cells fit a mean of three)
     generation: McqGeneration = McqGeneration()
 
 
@@ -458,9 +462,14 @@ class StudyRecipe(Section):
     kind: Literal["study"]
     profile: str
     note: str
-    shares: tuple[float, ...]          # stage-1 rows' share of the stage-2 training rows, one arm each
+    shares: tuple[float, ...]          # stage-1 rows' share of the stage-2 training rows, one arm each (compare:
+                                       # replay), or the one share every arm trains at (compare: handoff)
     mcq: StudyMcq
     bertscore: StudyBertScore
+    compare: Literal["replay", "handoff"] = "replay"   # what the arms differ in
+    handoffs: tuple[Literal["requantized_merge", "stacked", "continue"], ...] = ()   # compare: handoff, one arm
+                                       # each; the first is the reference every other arm is compared with
+    retention_rows: int = 100          # stage-1 validation records whose answer loss measures retention
     from_base: bool = False            # also an arm trained on stage-2 data alone from the base model
     dialogue_train: int | None = None  # null: the stage-2 recipe's
     dialogue_validation: int | None = None
@@ -527,8 +536,9 @@ def load_chat(profile: str, overrides: Iterable[str] = (), preset: str | None = 
     return load_recipe(profile, "chat", overrides, preset, kind="chat")
 
 
-def load_study(profile: str, overrides: Iterable[str] = ()) -> StudyRecipe:
-    return load_recipe(profile, "study_dmt", overrides, kind="study")
+def load_study(profile: str, overrides: Iterable[str] = (), name: str = "dmt") -> StudyRecipe:
+    """medlib/recipes/<profile>/study_<name>.yaml (dmt: the replay study; handoff: the handoff study)."""
+    return load_recipe(profile, f"study_{name}", overrides, kind="study")
 
 
 def parse_value(text: str) -> Any:

@@ -5,7 +5,7 @@ outputs/<profile>/), laid out as:
   data/<mixture>/    mixtures + manifest.json          <run_name>/   training runs (med-mix/, med-nirvana/)
   eval/              table3/table4 (md+csv), samples.md, per-question predictions
   figures/           PNGs                              notebooks/   executed notebooks
-  chat/              the scripted chat transcript      study/dmt/   the DMT study      REPORT.md
+  chat/              the scripted chat transcript      study/<name>/ the DMT and handoff studies   REPORT.md
 A notebook run with out_dir=/tmp/x therefore never touches outputs/.
 """
 
@@ -51,9 +51,8 @@ class Layout:
     def chat(self) -> Path:
         return self.root / "chat"
 
-    @property
-    def study(self) -> Path:
-        return self.root / "study" / "dmt"
+    def study(self, name: str = "dmt") -> Path:
+        return self.root / "study" / name
 
     @property
     def report(self) -> Path:

@@ -71,7 +71,7 @@ def format_mcq_prompt(record: Mapping[str, Any], mcq_format: str = "medlib") -> 
         if record.get("context_parts"):  # PubMedQA: the abstract's sections joined with spaces, as they did
             context = " ".join(record["context_parts"])
         lines = [f"Context: {context}"] if context else []
-        lines += [f"Question: {record['question'].strip()}", "Options:"]
+        lines += [f"Question: {record['question']}", "Options:"]   # as is: they did not strip it
         lines += [f"{letter}) {text}" for letter, text in record["options"].items()]
         return "\n".join(lines)
     if mcq_format != "medlib":

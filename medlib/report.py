@@ -61,11 +61,33 @@ def findings(lay, caveat: str | None = None) -> list[str]:
             else:
                 lines.append(f"- {c['second']} vs {c['first']}{where}, {verb}: {diff}, p = {p:.3g} (n = {c['n_paired']}): "
                              "not significant; this run cannot tell the two apart.")
+    for run in sorted(lay.root.glob("*/run_metadata.json")):
+        measured = json.loads(run.read_text()).get("handoff_measure")
+        if measured:
+            said += 1
+            lines.append(f"- {handoff_finding(run.parent.name, measured)}")
+    study = lay.study("handoff") / "study.json"
+    for line in json.loads(study.read_text())["findings"] if study.exists() else []:
+        said += 1
+        lines.append(f"- Handoff study: {line}")
     if not said:
         lines.append("- No evaluation results to read yet.")
     if caveat:
         lines.append(f"- {caveat}")
     return lines + [""]
+
+
+def handoff_finding(run: str, measured: dict[str, Any]) -> str:
+    """What the authors' handoff (merge in 16-bit, reload in 4-bit) keeps of a stage-1 run, measured on it."""
+    a, loss = measured["all"], measured["validation_loss"]
+    text = (f"{run}'s stage-1 update is {100 * a['delta_over_weight']:.2f}% of the weights it adapts "
+            f"(|ΔW1| / |W'| over {a['matrices']} matrices); the authors' handoff (merged in {measured['merge_dtype']}, "
+            f"reloaded in 4-bit) keeps {100 * a['kept_share']:.1f}% of it (projection; cosine {a['kept_cosine']:.3f})")
+    if None not in loss.values():
+        text += (f", and its stage-1 validation loss is {loss['requantized_merge']:.3f} against {loss['trained']:.3f} "
+                 f"trained and {loss['base']:.3f} for the base: it keeps "
+                 f"{100 * measured.get('validation_gain_kept', float('nan')):.0f}% of stage 1's gain")
+    return text + ". One run, no interval: the handoff study compares the handoffs with paired tests."
 
 
 def write_report(lay, preset: str | None = None) -> Path:
@@ -117,10 +139,11 @@ def write_report(lay, preset: str | None = None) -> Path:
     for png in sorted(lay.figures.glob("*.png")) if lay.figures.exists() else []:
         lines += [f"### {png.stem.replace('_', ' ')}", "", f"![{png.stem}]({_rel(png, root)})", ""]
 
-    study = lay.study / "table.md"
-    if study.exists():  # beyond the paper: `make study` (notebook 07)
-        lines += ["## DMT study", "", _demote_headings(study.read_text()).replace(
-            "](dmt_tradeoff.png)", f"]({_rel(study.parent / 'dmt_tradeoff.png', root)})"), ""]
+    for name, title, figure in (("dmt", "DMT study", "dmt_tradeoff.png"), ("handoff", "Handoff study", "handoffs.png")):
+        study = lay.study(name) / "table.md"
+        if study.exists():  # beyond the paper: `make study` (notebook 07), `make study-handoff` (notebook 08)
+            lines += [f"## {title}", "", _demote_headings(study.read_text()).replace(
+                f"]({figure})", f"]({_rel(study.parent / figure, root)})"), ""]
 
     transcript = lay.chat / "transcript.md"
     lines += ["## Chat demo", "", f"Scripted conversation: [`{_rel(transcript, root)}`]({_rel(transcript, root)})"

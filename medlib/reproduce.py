@@ -24,8 +24,8 @@ log = logging.getLogger(__name__)
 NOTEBOOK_DIR = REPO_ROOT / "notebooks"
 NOTEBOOKS = ("00_data_prep", "01_stage1_med_mix", "02_stage2_med_nirvana", "03_eval_mcq", "04_eval_bertscore",
              "05_loss_curves", "06_chat")
-# Beyond the paper, run on request (`make study`, or --only): not part of the 30-minute reproduction.
-STUDY_NOTEBOOKS = ("07_dmt_study",)
+# Beyond the paper, run on request (`make study`, `make study-handoff`, or --only): not part of the 30-minute reproduction.
+STUDY_NOTEBOOKS = ("07_dmt_study", "08_handoff_study")
 SMOKE_PRESET = "smoke"  # medlib/recipes/presets/smoke.yaml
 
 

@@ -1,18 +1,24 @@
-"""`medlib study dmt`: how much stage-1 replay stage 2 needs.
+"""`medlib study dmt | handoff`: beyond the paper, stage 2 trained several ways from one Med-Mix.
 
-The paper replays k = 33,333 stage-1 rows beside 100,000 NoteChat rows in stage 2 (a replay share of
-0.25 of the stage-2 training rows) and says k was chosen empirically; it reports no other value.
-This study trains stage 2 from one Med-Mix run once per replay share (recipe
-`medlib/recipes/<profile>/study_dmt.yaml`), every arm on the same dialogue rows, optionally also
-stage-2 data alone from the base model, and scores each on MCQ retention (the paper's three sets)
-and on dialogue BERTScore. Paired comparisons against the no-replay arm say which differences the
-numbers support.
+dmt: how much stage-1 replay stage 2 needs. The paper replays k = 33,333 stage-1 rows beside 100,000
+NoteChat rows in stage 2 (a replay share of 0.25 of the stage-2 training rows) and says k was chosen
+empirically; it reports no other value. One arm per replay share (`study_dmt.yaml`), compared with no replay.
+
+handoff: how stage 2 starts from stage 1 (medlib/training/handoff.py). At the paper's replay share, one arm
+per handoff (`study_handoff.yaml`): the authors' requantized merge, medlib's stacked LoRA, and continuing
+the stage-1 adapter, compared with the authors'.
+
+Every arm trains on the same dialogue rows (optionally also stage-2 data alone from the base model) and is
+scored on MCQ retention (the paper's three sets; the gold letter's log-probability too), on the stage-1
+validation loss (a continuous retention measure), on dialogue BERTScore, and on the share of ΔW1 it starts
+from. Paired comparisons against the reference arm say which differences the numbers support.
 
     medlib study dmt --profile local            # CPU, about 50 minutes; make study runs notebook 07
-    from medlib.study import run_dmt_study       # what notebook 07 calls
+    medlib study handoff --profile local        # CPU, about 35 minutes; make study-handoff runs notebook 08
+    from medlib.study import run_study           # what notebooks 07 and 08 call
 
-Writes under <output root>/study/dmt/: data/<arm>/ and runs/<arm>/ (mixtures and training runs),
-eval/ (per-model predictions), study.json, table.md, table.csv and dmt_tradeoff.png.
+Writes under <output root>/study/<name>/: data/<arm>/ and runs/<arm>/ (mixtures and training runs),
+eval/ (per-model predictions), study.json, table.md, table.csv and a figure.
 """
 
 from __future__ import annotations
@@ -27,13 +33,16 @@ from typing import Any, Callable, Iterable, Sequence
 from medlib import config
 from medlib.cli_common import CLIError
 from medlib.config import StudyRecipe, TrainRecipe
-from medlib.data.io import read_jsonl
-from medlib.data.mixtures import build_mixture
+from medlib.data.io import read_jsonl, write_jsonl
+from medlib.data.mixtures import build_mixture, read_mixture, seeded_subset
 from medlib.evaluate import stats
 from medlib.evaluate.bertscore import run_bertscore
+from medlib.evaluate.common import load_evaluated
 from medlib.evaluate.mcq import run_mcq
+from medlib.evaluate.retention import record_losses
 from medlib.pipeline import Layout, layout, stage1_of, train_stage, with_data_dir
 from medlib.plots import _pyplot, _save
+from medlib.runs import RunRecord
 from medlib.training import train_or_resume
 
 PAPER_SHARE = 33_333 / (100_000 + 33_333)   # Table 2: replayed stage-1 rows among stage-2 training rows
@@ -43,19 +52,33 @@ class StudyError(ValueError):
     """A study setting that cannot work; the message names it."""
 
 
+HANDOFF_NAMES = {"requantized_merge": "requantized merge (the authors')", "stacked": "stacked LoRA (medlib's correction)",
+                 "continue": "stage-1 adapter continued"}
+
+
 @dataclass(frozen=True)
 class Arm:
     share: float            # replayed stage-1 rows / all stage-2 training rows
     from_base: bool = False  # stage-2 data alone, trained from the base model (no Med-Mix)
+    handoff: str | None = None  # a handoff study's arm: how it starts from Med-Mix (None: the stage-2 recipe's)
 
     @property
     def slug(self) -> str:
+        if self.from_base:
+            return "from-base"
+        return f"handoff-{self.handoff.replace('_', '-')}" if self.handoff else self.data_slug
+
+    @property
+    def data_slug(self) -> str:
+        """The arm's mixture: arms with the same replay share train on the very same rows."""
         return "from-base" if self.from_base else f"replay-{round(self.share * 100):02d}"
 
     @property
     def name(self) -> str:
         if self.from_base:
             return "stage-2 data alone, from the base model"
+        if self.handoff:
+            return HANDOFF_NAMES[self.handoff]
         paper = " (the paper's)" if abs(self.share - PAPER_SHARE) < 0.005 else ""
         return f"replay share {self.share:.2f}{paper}" if self.share else "no replay (k = 0)"
 
@@ -67,23 +90,35 @@ def replay_rows(share: float, dialogue_rows: int) -> int:
     return round(share / (1 - share) * dialogue_rows)
 
 
-def study_recipe(profile: str, overrides: Iterable[str] = (), **settings: Any) -> StudyRecipe:
-    """study_dmt.yaml with --set overrides, then typed settings (None = the recipe's): shares, from_base,
-    dialogue_train, dialogue_validation, max_steps, mcq_limit, n_queries (the notebook's parameters)."""
-    recipe = config.load_study(profile, overrides)
+def study_recipe(profile: str, overrides: Iterable[str] = (), name: str = "dmt", **settings: Any) -> StudyRecipe:
+    """study_<name>.yaml with --set overrides, then typed settings (None = the recipe's): shares, from_base,
+    handoffs, dialogue_train, dialogue_validation, max_steps, mcq_limit, n_queries (the notebooks' parameters)."""
+    recipe = config.load_study(profile, overrides, name)
     settings = {k: v for k, v in settings.items() if v is not None}
     nested = {"mcq_limit": ("mcq", "limit"), "n_queries": ("bertscore", "n_queries")}
-    for name, (section, key) in nested.items():
-        if name in settings:
-            recipe = recipe.replace(**{section: getattr(recipe, section).replace(**{key: settings.pop(name)})})
+    for key, (section, field_name) in nested.items():
+        if key in settings:
+            recipe = recipe.replace(**{section: getattr(recipe, section).replace(**{field_name: settings.pop(key)})})
     try:
         recipe = recipe.replace(**settings)
     except config.RecipeError as exc:
         raise StudyError(f"study setting: {exc}") from None
-    if 0.0 not in recipe.shares:
-        raise StudyError(f"study_dmt shares {list(recipe.shares)}: 0.0 (no replay) must be one of them; every arm "
+    if recipe.compare == "replay" and 0.0 not in recipe.shares:
+        raise StudyError(f"study_{name} shares {list(recipe.shares)}: 0.0 (no replay) must be one of them; every arm "
                          "is compared with it")
+    if recipe.compare == "handoff" and (len(recipe.shares) != 1 or len(set(recipe.handoffs)) < 2):
+        raise StudyError(f"study_{name}: a handoff study trains every arm at one replay share (shares: "
+                         f"{list(recipe.shares)}) and needs two or more distinct handoffs (handoffs: {list(recipe.handoffs)})")
     return recipe.replace(shares=tuple(sorted(set(recipe.shares))))
+
+
+def study_arms(study: StudyRecipe) -> list[Arm]:
+    """The arms, the reference arm first (no replay, or the first handoff listed)."""
+    if study.compare == "handoff":
+        arms = [Arm(study.shares[0], handoff=h) for h in dict.fromkeys(study.handoffs)]
+    else:
+        arms = [Arm(s) for s in study.shares]
+    return arms + ([Arm(0.0, from_base=True)] if study.from_base else [])
 
 
 def arm_recipe(arm: Arm, stage2: TrainRecipe, study: StudyRecipe, counts: tuple[int, int] | None) -> TrainRecipe:
@@ -108,9 +143,12 @@ def arm_recipe(arm: Arm, stage2: TrainRecipe, study: StudyRecipe, counts: tuple[
         n_train, n_validation = (replay_rows(arm.share, n) for n in counts)
         replay = replay.replace(n_train=n_train, n_validation=n_validation)
     training = stage2.training if study.max_steps is None else stage2.training.replace(max_steps=study.max_steps)
-    return stage2.replace(run_name=f"dmt-{arm.slug}", mixture=arm.slug, training=training,
+    model = stage2.model
+    if arm.handoff == "stacked" and model.backend == "unsloth":  # Unsloth trains one LoRA at a time (run_metadata says so)
+        model = model.replace(backend="hf")
+    return stage2.replace(run_name=f"study-{arm.slug}", mixture=arm.data_slug, training=training, model=model,
                           data=stage2.data.replace(sources=sources, replay=replay),
-                          handoff="from_base" if arm.from_base else stage2.handoff)
+                          handoff="from_base" if arm.from_base else (arm.handoff or stage2.handoff))
 
 
 def _dialogue_counts(mixture_dir: Path) -> tuple[int, int]:
@@ -122,125 +160,217 @@ def _mcq_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
     return [row for s in results["sets"].values() for row in read_jsonl(s["predictions_file"])]
 
 
-def run_dmt_study(profile: str = "local", out_dir: str | Path | None = None, data_dir: str | None = None,
-                  overrides: Iterable[str] = (), stage1_max_steps: int | None = None,
-                  say: Callable[[str], None] = print, **settings: Any) -> dict[str, Any]:
+def _retention_records(stage1_mixture: Path, n: int, seed: int) -> list[dict[str, Any]]:
+    """The stage-1 validation records whose answer loss measures retention: a seeded subset of n."""
+    _, validation, _ = read_mixture(stage1_mixture)
+    return seeded_subset(validation, n, seed)
+
+
+def _delta_w1_kept(arm: Arm | None, med_mix_meta: dict[str, Any]) -> float | None:
+    """The share of Med-Mix's ΔW1 a model starts stage 2 from: all of it, except through the requantized merge."""
+    if arm is None:
+        return 1.0
+    if arm.from_base:
+        return 0.0
+    handoff = arm.handoff or med_mix_meta.get("stage2_handoff")
+    if handoff == "requantized_merge":
+        return (med_mix_meta.get("handoff_measure") or {}).get("all", {}).get("kept_share")
+    return 1.0
+
+
+def run_study(name: str = "dmt", profile: str = "local", out_dir: str | Path | None = None, data_dir: str | None = None,
+              overrides: Iterable[str] = (), stage1_max_steps: int | None = None,
+              say: Callable[[str], None] = print, **settings: Any) -> dict[str, Any]:
     """Train every arm (a finished arm with the same settings is kept), evaluate, compare, draw.
     settings: typed study settings (see study_recipe). Returns the study summary (also study.json)."""
-    study = study_recipe(profile, overrides, **settings)
+    study = study_recipe(profile, overrides, name, **settings)
     lay = layout(profile, out_dir)
-    study_dir = lay.study
-    arms_layout = Layout(profile, study_dir)   # arms' mixtures in study/dmt/data/<arm>, runs in study/dmt/runs/...
-    say(f"[dmt study] {profile} profile, shares {list(study.shares)}{' + from the base model' if study.from_base else ''}; "
-        f"writing {study_dir}")
+    study_dir = lay.study(name)
+    arms_layout = Layout(profile, study_dir)   # arms' mixtures in study/<name>/data/<arm>, runs in study/<name>/runs/...
+    arms = study_arms(study)
+    say(f"[{name} study] {profile} profile, arms {[a.slug for a in arms]}; writing {study_dir}")
     med_mix = train_stage(1, profile, lay.root, data_dir, max_steps=stage1_max_steps)
     stage2 = with_data_dir(config.load_train(profile, 2), data_dir)
-    stage1_mixture = lay.mixture(stage1_of(stage2).mixture)
+    stage1 = stage1_of(stage2)
+    stage1_mixture = lay.mixture(stage1.mixture)
 
-    arms = [Arm(s) for s in study.shares] + ([Arm(0.0, from_base=True)] if study.from_base else [])
     runs: dict[str, Path] = {}
-    counts = None
     eval_recipe = config.load_eval(profile)
-    for arm in arms:  # the no-replay arm comes first: its mixture gives the dialogue counts
+    counts_recipe = arm_recipe(Arm(0.0), stage2, study, None)   # the dialogue rows alone give the counts
+    counts_mixture = arms_layout.mixture(counts_recipe.mixture)
+    if not (counts_mixture / "manifest.json").exists():
+        build_mixture(counts_recipe, counts_mixture, eval_recipe)
+    counts = _dialogue_counts(counts_mixture)
+    for arm in arms:
         recipe = arm_recipe(arm, stage2, study, counts)
         mixture = arms_layout.mixture(recipe.mixture)
         if not (mixture / "manifest.json").exists():
             build_mixture(recipe, mixture, eval_recipe, stage1_mixture if recipe.data.replay else None)
-        if counts is None:
-            counts = _dialogue_counts(mixture)
         runs[arm.slug] = train_or_resume(recipe, study_dir / "runs" / arm.slug, mixture,
                                          med_mix if recipe.uses_stage1 else None, say=say)
 
     evaluation = with_data_dir(eval_recipe, data_dir)
     evaluation = evaluation.replace(mcq=evaluation.mcq.replace(sets=study.mcq.sets, limit=study.mcq.limit),
                                     bertscore=evaluation.bertscore.replace(n_queries=study.bertscore.n_queries))
+    retention = _retention_records(stage1_mixture, study.retention_rows, stage1.seed)
+    med_mix_record = RunRecord.read(med_mix)
     models = {"med-mix": med_mix, **runs}
-    mcq, chat = {}, {}
+    mcq, chat, losses = {}, {}, {}
     for label, run in models.items():
-        say(f"[dmt study] evaluating {label}")
-        mcq[label] = run_mcq(evaluation, study_dir / "eval", run, label=label, write_tables=False)
-        chat[label] = run_bertscore(evaluation, study_dir / "eval", run, label=label, write_tables=False)
+        say(f"[{name} study] evaluating {label}")
+        loaded = load_evaluated(evaluation, run)
+        mcq[label] = run_mcq(evaluation, study_dir / "eval", run, label=label, write_tables=False, loaded=loaded)
+        chat[label] = run_bertscore(evaluation, study_dir / "eval", run, label=label, write_tables=False, loaded=loaded)
+        losses[label] = record_losses(loaded[0], loaded[1], retention, stage1.model.max_seq_length,
+                                      med_mix_record.system_prompt, stage1.prompt.target_style, stage1.prompt.mcq_format)
+        write_jsonl(study_dir / "eval" / "retention" / f"{label}.jsonl", losses[label])
+        del loaded
 
-    reference = Arm(0.0).slug
+    reference = arms[0]
+    med_mix_meta = {**med_mix_record.metadata, "stage2_handoff": stage2.handoff}
     rows = []
     for label in models:
         arm = next((a for a in arms if a.slug == label), None)
         f1s = [float(r["f1"]) for r in read_jsonl(chat[label]["generations_file"])]
         f1, f1_lo, f1_hi = stats.paired_bootstrap(f1s)
+        scored = [r for r in losses[label] if r["loss"] is not None]
+        loss, loss_lo, loss_hi = stats.paired_bootstrap([r["loss"] for r in scored])
+        gold = [v["gold_logprob_mean"] for v in mcq[label]["sets"].values() if "gold_logprob_mean" in v]
         manifest = json.loads((Path(runs[label] if arm else med_mix) / "run_metadata.json").read_text())["data"]
         row = {"label": label, "arm": arm.name if arm else "Med-Mix (stage 1 only, reference)",
                "share": arm.share if arm else None, "from_base": bool(arm and arm.from_base),
+               "handoff": (arm.handoff or stage2.handoff) if arm and not arm.from_base else None,
                "train_rows": manifest.get("train", {}).get("records"), "sources": manifest.get("sources"),
                "mcq_accuracy": mcq[label]["average"]["accuracy"], "mcq_ci95": mcq[label]["average"]["ci95"],
                "mcq_by_set": {s: v["accuracy"] for s, v in mcq[label]["sets"].items()},
                "mcq_n": sum(v["n_scored"] for v in mcq[label]["sets"].values()),
+               "gold_logprob": sum(gold) / len(gold) if gold else None,
+               "retention_loss": loss, "retention_loss_ci95": [loss_lo, loss_hi], "retention_n": len(scored),
+               "retention_unscored": len(losses[label]) - len(scored),
+               "delta_w1_kept": _delta_w1_kept(arm, med_mix_meta),
                "f1": f1, "f1_ci95": [f1_lo, f1_hi], "f1_n": len(f1s)}
-        if label != reference:
-            row["vs_no_replay"] = {"mcq": stats.compare_mcq(_mcq_rows(mcq[reference]), _mcq_rows(mcq[label])),
-                                   "f1": stats.compare_bertscore(read_jsonl(chat[reference]["generations_file"]),
-                                                                 read_jsonl(chat[label]["generations_file"]))}
+        if label != reference.slug:
+            row["vs_reference"] = {
+                "mcq": stats.compare_mcq(_mcq_rows(mcq[reference.slug]), _mcq_rows(mcq[label])),
+                "f1": stats.compare_bertscore(read_jsonl(chat[reference.slug]["generations_file"]),
+                                              read_jsonl(chat[label]["generations_file"])),
+                "retention_loss": stats.compare_values([r for r in losses[reference.slug] if r["loss"] is not None],
+                                                       scored, "loss")}
         rows.append(row)
 
-    summary = {"profile": profile, "note": study.note, "study": study.to_dict(),
+    summary = {"study": name, "compare": study.compare, "profile": profile, "note": study.note,
+               "settings": study.to_dict(), "reference": {"label": reference.slug, "name": reference.name},
                "recipe": {"recipe_file": study.meta.recipe_file, "overrides": list(study.meta.overrides)},
                "paper_share": PAPER_SHARE, "dialogue_rows": {"train": counts[0], "validation": counts[1]},
-               "med_mix": str(med_mix), "rows": rows, "findings": findings(rows)}
+               "med_mix": str(med_mix), "med_mix_handoff_measure": med_mix_record.metadata.get("handoff_measure"),
+               "rows": rows, "findings": findings(rows, reference.name)}
     study_dir.mkdir(parents=True, exist_ok=True)
     (study_dir / "study.json").write_text(json.dumps(summary, indent=1))
     write_table(summary, study_dir)
-    plot_tradeoff(summary, study_dir / "dmt_tradeoff.png")
+    if study.compare == "handoff":
+        plot_handoffs(summary, study_dir / "handoffs.png")
+    else:
+        plot_tradeoff(summary, study_dir / "dmt_tradeoff.png")
     for line in summary["findings"]:
-        say(f"[dmt study] {line}")
+        say(f"[{name} study] {line}")
     return summary
 
 
-def findings(rows: Sequence[dict[str, Any]], alpha: float = 0.05) -> list[str]:
-    """Each arm against no replay, stated only as far as the paired tests go (no multiplicity correction)."""
+def run_dmt_study(profile: str = "local", out_dir: str | Path | None = None, data_dir: str | None = None,
+                  overrides: Iterable[str] = (), stage1_max_steps: int | None = None,
+                  say: Callable[[str], None] = print, **settings: Any) -> dict[str, Any]:
+    """The DMT (replay) study: run_study("dmt", ...)."""
+    return run_study("dmt", profile, out_dir, data_dir, overrides, stage1_max_steps, say, **settings)
+
+
+def run_handoff_study(profile: str = "local", out_dir: str | Path | None = None, data_dir: str | None = None,
+                      overrides: Iterable[str] = (), stage1_max_steps: int | None = None,
+                      say: Callable[[str], None] = print, **settings: Any) -> dict[str, Any]:
+    """The handoff study: run_study("handoff", ...)."""
+    return run_study("handoff", profile, out_dir, data_dir, overrides, stage1_max_steps, say, **settings)
+
+
+def _verdict(p: float, alpha: float) -> str:
+    return "a difference" if p < alpha else "no significant difference"
+
+
+def findings(rows: Sequence[dict[str, Any]], reference: str, alpha: float = 0.05) -> list[str]:
+    """Each arm against the reference arm, stated only as far as the paired tests go (no multiplicity correction)."""
     out = []
     for row in rows:
-        if "vs_no_replay" not in row:
+        if "vs_reference" not in row:
             continue
-        m, f = row["vs_no_replay"]["mcq"], row["vs_no_replay"]["f1"]
+        m, f, r = row["vs_reference"]["mcq"], row["vs_reference"]["f1"], row["vs_reference"]["retention_loss"]
         mcq_says = (f"MCQ accuracy {100 * m['difference']:+.1f} points [{100 * m['ci95'][0]:+.1f}, {100 * m['ci95'][1]:+.1f}], "
-                    f"McNemar p = {m['p_mcnemar']:.3g}: " + ("a difference" if m["p_mcnemar"] < alpha else "no significant difference"))
+                    f"McNemar p = {m['p_mcnemar']:.3g}: {_verdict(m['p_mcnemar'], alpha)}")
+        loss_says = (f"stage-1 validation loss {r['difference']:+.3f} [{r['ci95'][0]:+.3f}, {r['ci95'][1]:+.3f}], "
+                     f"permutation p = {r['p_permutation']:.3g}: {_verdict(r['p_permutation'], alpha)}")
         f1_says = (f"BERTScore F1 {f['difference']:+.3f} [{f['ci95'][0]:+.3f}, {f['ci95'][1]:+.3f}], permutation p = "
-                   f"{f['p_permutation']:.3g}: " + ("a difference" if f["p_permutation"] < alpha else "no significant difference"))
-        out.append(f"{row['arm']} vs no replay, on {m['n_paired']} questions and {f['n_paired']} queries: {mcq_says}; {f1_says}.")
-    out.append(f"Significance at p < {alpha} per comparison, without correction for the {len(out)} comparisons made.")
+                   f"{f['p_permutation']:.3g}: {_verdict(f['p_permutation'], alpha)}")
+        out.append(f"{row['arm']} vs {reference}, on {m['n_paired']} questions, {r['n_paired']} stage-1 validation "
+                   f"records and {f['n_paired']} queries: {mcq_says}; {loss_says}; {f1_says}.")
+    out.append(f"Significance at p < {alpha} per comparison, without correction for the {3 * len(out)} comparisons made.")
     return out
 
 
 def write_table(summary: dict[str, Any], study_dir: Path) -> tuple[Path, Path]:
     rows = summary["rows"]
     sets = list(rows[0]["mcq_by_set"])
-    md = [f"# DMT study: stage-1 replay in stage 2 ({summary['profile']} profile)", "", summary["note"] + ".", "",
-          f"Every arm trains stage 2 on the same {summary['dialogue_rows']['train']:,} dialogue rows; the replay share is "
-          f"the stage-1 rows among all stage-2 training rows (the paper's is {summary['paper_share']:.2f}: 33,333 beside "
-          "100,000). MCQ: mean accuracy over " + ", ".join(sets) + " with a bootstrap 95% CI; BERTScore F1 on the dialogue "
-          "hold-out with a bootstrap 95% CI. Differences are paired, against the no-replay arm.", "",
-          "| Model | Replay share | Train rows | MCQ accuracy | 95% CI | " + " | ".join(sets) + " | BERTScore F1 | 95% CI | "
-          "MCQ vs no replay (p) | F1 vs no replay (p) |",
-          "|---|---|---|---|---|" + "---|" * len(sets) + "---|---|---|---|"]
+    reference = summary["reference"]["name"]
+    if summary["compare"] == "handoff":
+        title = f"# Handoff study: how stage 2 starts from stage 1 ({summary['profile']} profile)"
+        design = (f"Every arm trains stage 2 on the same {summary['dialogue_rows']['train']:,} dialogue rows and the same "
+                  f"replayed stage-1 rows (replay share {summary['settings']['shares'][0]:.2f}; the paper's is "
+                  f"{summary['paper_share']:.2f}) and differs only in its handoff (medlib/training/handoff.py).")
+    else:
+        title = f"# DMT study: stage-1 replay in stage 2 ({summary['profile']} profile)"
+        design = (f"Every arm trains stage 2 on the same {summary['dialogue_rows']['train']:,} dialogue rows; the replay share "
+                  f"is the stage-1 rows among all stage-2 training rows (the paper's is {summary['paper_share']:.2f}: 33,333 "
+                  "beside 100,000).")
+    md = [title, "", summary["note"] + ".", "", design + " MCQ: mean accuracy over " + ", ".join(sets) + " with a "
+          "bootstrap 95% CI, and the mean log-probability of the gold letter; retention: the answer loss of "
+          f"{rows[0]['retention_n'] + rows[0]['retention_unscored']} stage-1 validation records (lower keeps more of "
+          "stage 1); ΔW1 kept: the share of Med-Mix's update the arm starts stage 2 from; BERTScore F1 on the dialogue "
+          f"hold-out with a bootstrap 95% CI. Differences are paired, against {reference}.", "",
+          "| Model | Handoff | Replay share | Train rows | ΔW1 kept | MCQ accuracy | 95% CI | " + " | ".join(sets)
+          + " | Gold-letter log-prob | Stage-1 val loss | 95% CI | BERTScore F1 | 95% CI | MCQ vs ref (p) | "
+          "Loss vs ref (p) | F1 vs ref (p) |",
+          "|---|---|---|---|---|---|---|" + "---|" * len(sets) + "---|---|---|---|---|---|---|---|"]
     for r in rows:
-        vs = r.get("vs_no_replay")
+        vs = r.get("vs_reference")
         mcq_vs = f"{100 * vs['mcq']['difference']:+.1f} ({vs['mcq']['p_mcnemar']:.3g})" if vs else "–"
+        loss_vs = f"{vs['retention_loss']['difference']:+.3f} ({vs['retention_loss']['p_permutation']:.3g})" if vs else "–"
         f1_vs = f"{vs['f1']['difference']:+.3f} ({vs['f1']['p_permutation']:.3g})" if vs else "–"
         share = "–" if r["share"] is None else f"{r['share']:.2f}"
-        md.append(f"| {r['arm']} | {share} | {r['train_rows']} | {100 * r['mcq_accuracy']:.1f} | "
+        kept = "–" if r["delta_w1_kept"] is None else f"{100 * r['delta_w1_kept']:.1f}%"
+        gold = "–" if r["gold_logprob"] is None else f"{r['gold_logprob']:.3f}"
+        md.append(f"| {r['arm']} | {r['handoff'] or '–'} | {share} | {r['train_rows']} | {kept} | {100 * r['mcq_accuracy']:.1f} | "
                   f"[{100 * r['mcq_ci95'][0]:.1f}, {100 * r['mcq_ci95'][1]:.1f}] | "
                   + " | ".join(f"{100 * r['mcq_by_set'][s]:.1f}" for s in sets)
-                  + f" | {r['f1']:.3f} | [{r['f1_ci95'][0]:.3f}, {r['f1_ci95'][1]:.3f}] | {mcq_vs} | {f1_vs} |")
-    md += ["", "## Findings", ""] + [f"- {line}" for line in summary["findings"]] + ["", "![trade-off](dmt_tradeoff.png)", ""]
+                  + f" | {gold} | {r['retention_loss']:.3f} | [{r['retention_loss_ci95'][0]:.3f}, {r['retention_loss_ci95'][1]:.3f}]"
+                  f" | {r['f1']:.3f} | [{r['f1_ci95'][0]:.3f}, {r['f1_ci95'][1]:.3f}] | {mcq_vs} | {loss_vs} | {f1_vs} |")
+    measured = summary.get("med_mix_handoff_measure")
+    if measured:
+        md += ["", "Med-Mix's ΔW1 and what the requantized merge keeps of it, per module type:", "",
+               "| module | matrices | |ΔW1| / |W'| | kept by the 16-bit cast | kept by the 4-bit reload | cosine |",
+               "|---|---|---|---|---|---|"]
+        for module, m in [("all", measured["all"]), *measured["by_module"].items()]:
+            md.append(f"| {module} | {m['matrices']} | {100 * m['delta_over_weight']:.3f}% | {100 * m['kept_after_16bit_cast']:.1f}% "
+                      f"| {100 * m['kept_share']:.1f}% | {m['kept_cosine']:.3f} |")
+    figure = "handoffs.png" if summary["compare"] == "handoff" else "dmt_tradeoff.png"
+    md += ["", "## Findings", ""] + [f"- {line}" for line in summary["findings"]] + ["", f"![{summary['study']} study]({figure})", ""]
     md_path = study_dir / "table.md"
     md_path.write_text("\n".join(md))
     csv_path = study_dir / "table.csv"
     with open(csv_path, "w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(["label", "arm", "share", "from_base", "train_rows", "mcq_accuracy", "mcq_ci_low", "mcq_ci_high",
-                         *[f"{s}_accuracy" for s in sets], "f1", "f1_ci_low", "f1_ci_high"])
+        writer.writerow(["label", "arm", "handoff", "share", "from_base", "train_rows", "delta_w1_kept", "mcq_accuracy",
+                         "mcq_ci_low", "mcq_ci_high", *[f"{s}_accuracy" for s in sets], "gold_logprob", "retention_loss",
+                         "retention_loss_ci_low", "retention_loss_ci_high", "f1", "f1_ci_low", "f1_ci_high"])
         for r in rows:
-            writer.writerow([r["label"], r["arm"], r["share"], r["from_base"], r["train_rows"], r["mcq_accuracy"],
-                             *r["mcq_ci95"], *[r["mcq_by_set"][s] for s in sets], r["f1"], *r["f1_ci95"]])
+            writer.writerow([r["label"], r["arm"], r["handoff"], r["share"], r["from_base"], r["train_rows"],
+                             r["delta_w1_kept"], r["mcq_accuracy"], *r["mcq_ci95"], *[r["mcq_by_set"][s] for s in sets],
+                             r["gold_logprob"], r["retention_loss"], *r["retention_loss_ci95"], r["f1"], *r["f1_ci95"]])
     return md_path, csv_path
 
 
@@ -272,22 +402,47 @@ def plot_tradeoff(summary: dict[str, Any], path: Path) -> Path:
                                          "against the replay share, 95% CIs")
 
 
+def plot_handoffs(summary: dict[str, Any], path: Path) -> Path:
+    """One bar per model on each measure (MCQ accuracy, stage-1 validation loss, BERTScore F1), 95% CIs."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 3, figsize=(13, 4))
+    rows = summary["rows"]
+    labels = [r["label"] for r in rows]
+    for ax, key, ci, scale, title in ((axes[0], "mcq_accuracy", "mcq_ci95", 100, "MCQ accuracy (%), mean of the sets"),
+                                      (axes[1], "retention_loss", "retention_loss_ci95", 1, "stage-1 validation loss (lower keeps more)"),
+                                      (axes[2], "f1", "f1_ci95", 1, "BERTScore F1, dialogue hold-out")):
+        ys = [scale * r[key] for r in rows]
+        err = [[scale * (r[key] - r[ci][0]) for r in rows], [scale * (r[ci][1] - r[key]) for r in rows]]
+        colors = ["grey" if r["share"] is None else "tab:red" if r["from_base"] else "tab:blue" for r in rows]
+        ax.bar(range(len(rows)), ys, yerr=err, capsize=4, color=colors)
+        ax.set_xticks(range(len(rows)), labels, rotation=25, ha="right", fontsize=8)
+        ax.set_title(title, fontsize=10)
+        low = min(scale * r[ci][0] for r in rows)
+        ax.set_ylim(bottom=max(0.0, low - 0.1 * abs(low)))
+    fig.suptitle(f"Handoff study — {summary['profile']} profile, reference {summary['reference']['name']}\n{summary['note']}",
+                 fontsize=9)
+    return _save(fig, path, description=f"Handoff study, {summary['profile']} profile: MCQ accuracy, stage-1 validation "
+                                         "loss and BERTScore F1 per handoff, 95% CIs")
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser("study", help="studies beyond the paper (dmt: how much replay stage 2 needs)")
+    parser = subparsers.add_parser("study", help="studies beyond the paper (dmt: how much replay stage 2 needs; "
+                                                 "handoff: how stage 2 starts from stage 1)")
     which = parser.add_subparsers(dest="study", required=True)
-    dmt = which.add_parser("dmt", help="stage 2 from one Med-Mix for several replay shares, scored on MCQ and BERTScore",
-                           description=__doc__.split("\n\n")[1])
-    dmt.add_argument("--profile", choices=["local", "paper"], default="local")
-    dmt.add_argument("--out", default=None, help="output root (default outputs/<profile>); the study goes in study/dmt/")
-    dmt.add_argument("--data-dir", default=None, help="folder of the published data files (overrides the recipes)")
-    dmt.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                     help="override a study_dmt.yaml key, e.g. --set shares=[0,0.25,0.5,0.75] (repeatable)")
-    dmt.set_defaults(func=main)
+    for name, help_text in (("dmt", "stage 2 from one Med-Mix for several replay shares, scored on retention and BERTScore"),
+                            ("handoff", "stage 2 from one Med-Mix through each handoff, scored on retention and BERTScore")):
+        sub = which.add_parser(name, help=help_text, description=__doc__.split("\n\n")[1 if name == "dmt" else 2])
+        sub.add_argument("--profile", choices=["local", "paper"], default="local")
+        sub.add_argument("--out", default=None, help=f"output root (default outputs/<profile>); the study goes in study/{name}/")
+        sub.add_argument("--data-dir", default=None, help="folder of the published data files (overrides the recipes)")
+        sub.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                         help=f"override a study_{name}.yaml key, e.g. --set max_steps=20 (repeatable)")
+        sub.set_defaults(func=main)
 
 
 def main(args: argparse.Namespace) -> int:
     try:
-        run_dmt_study(args.profile, args.out, args.data_dir, args.overrides)
+        run_study(args.study, args.profile, args.out, args.data_dir, args.overrides)
     except StudyError as exc:
         raise CLIError(str(exc)) from None
     return 0

@@ -91,9 +91,9 @@ def tokenizer(smollm2_dir):
 def test_the_authors_parse_rule_and_answer_cue(tokenizer):
     from medlib.evaluate.mcq import parse_answer_authors
 
-    assert parse_answer_authors("Answer: B) Ceftriaxone") == "B"
-    assert parse_answer_authors("Answer: A) yes. On reflection, Answer: C") == "AC"   # two matches: wrong
-    assert parse_answer_authors("B") is None and parse_answer_authors("The answer is B") is None
+    assert parse_answer_authors("Answer: B) Ceftriaxone", "ABCD") == "B"
+    assert parse_answer_authors("Answer: A) yes. On reflection, Answer: C", "ABC") == "AC"   # two letters: wrong
+    assert parse_answer_authors("B", "ABCD") is None and parse_answer_authors("The answer is B", "ABCD") is None
     record = {"id": "q1", "question": "Which drug?", "context": "", "options": dict(FOUR), "answer": "B"}
     ids, _ = encode_prompt(tokenizer, record, SYSTEM_PROMPT, 256, answer_cue="\nAnswer:")
     text = tokenizer.decode(ids)

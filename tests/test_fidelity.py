@@ -5,7 +5,10 @@
 - chatml maps <|im_end|> onto EOS the way Unsloth's get_chat_template(map_eos_token=True) does;
 - the Hub-shaped fixtures load through datasets.load_dataset with exact counts and their quirks;
 - the authors' mixtures are row-exact: medlib's build equals the authors' datasets pipeline, written
-  here independently from the facts sheet, row for row and in order;
+  here with the authors' own formatting code (tests/authors_code.py, transcribed from their notebooks at
+  commit ed892cf), row for row and in order;
+- authors' mode against their code on awkward rows: whitespace, "Doctor:" twice, empty turns, repeated and
+  out-of-set answer letters;
 - decontamination reports in authors mode and drops (counted) in corrected mode, never aborting;
 - constant-length packing; the smoke preset; the paper-profile smoke run (slow).
 """
@@ -17,6 +20,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import authors_code
 import pytest
 
 from medlib.config import load_eval, load_recipe, load_train, preset_overrides
@@ -153,22 +157,17 @@ def test_hub_fixtures_load_through_datasets_with_exact_counts_and_quirks():
 
 
 def _authors_stage1_rows():
-    """The authors' stage-1 notebook, from the facts sheet: their formatting of each raw Hub row, the
-    three datasets concatenated, shuffle(seed=42), train_test_split(test_size=0.1, seed=42)."""
+    """The authors' stage-1 notebook, their own formatting code (tests/authors_code.py, commit ed892cf) on each
+    raw Hub row, the three datasets concatenated, shuffle(seed=42), train_test_split(test_size=0.1, seed=42)."""
     from datasets import concatenate_datasets, load_dataset
 
-    def mcq(question, options, label, context=None):
-        lines = ([f"Context: {context}"] if context is not None else []) + [f"Question: {question}", "Options:"]
-        lines += [f"{letter}) {text}" for letter, text in zip("ABCD", options)]
-        return {"user": "\n".join(lines), "target": f"Answer: {'ABCD'[label]}) {options[label]}"}
+    def rows(conversation):
+        return lambda x: {"user": conversation(x)[0]["value"], "target": conversation(x)[1]["value"]}
 
-    medqa = load_dataset(str(HUB / "GBaker/MedQA-USMLE-4-options-hf"), split="train").map(
-        lambda x: mcq(x["sent1"], [x[f"ending{i}"] for i in range(4)], x["label"]))
-    medmcqa = load_dataset(str(HUB / "openlifescienceai/medmcqa"), split="train").map(
-        lambda x: mcq(x["question"], [x["opa"], x["opb"], x["opc"], x["opd"]], x["cop"]))
+    medqa = load_dataset(str(HUB / "GBaker/MedQA-USMLE-4-options-hf"), split="train").map(rows(authors_code.medqa_conversation))
+    medmcqa = load_dataset(str(HUB / "openlifescienceai/medmcqa"), split="train").map(rows(authors_code.medmcqa_conversation))
     pubmedqa = load_dataset(str(HUB / "qiaojin/PubMedQA"), "pqa_artificial", split="train").map(
-        lambda x: mcq(x["question"], ["yes", "no", "maybe"], ["yes", "no", "maybe"].index(x["final_decision"]),
-                      " ".join(x["context"]["contexts"])))
+        rows(authors_code.pubmedqa_conversation))
     keep = ["user", "target"]
     mixed = concatenate_datasets([d.select_columns(keep) for d in (medqa, medmcqa, pubmedqa)])
     return mixed.shuffle(seed=42).train_test_split(test_size=0.1, seed=42)
@@ -185,14 +184,49 @@ def _medlib_rows(records: list[dict]) -> list[tuple]:
 
 
 def _authors_notechat_turns(conversation: str) -> tuple:
-    turns = []
-    for line in conversation.split("\n"):
-        line = line.strip()
-        if not line or line.startswith("["):
-            continue
-        turns.append(line[len("Doctor:"):].strip() if line.startswith("Doctor:")
-                     else line.split(": ", 1)[1].strip() if ": " in line else line)
-    return tuple(turns)
+    return tuple(turn["value"] for turn in authors_code.convert_conversation(conversation))
+
+
+# A raw row of each kind with what the authors' code handles differently from medlib's: whitespace around the
+# question, "Doctor:" twice in one line, a bare "Doctor:" line, a bare "Patient:" line, brackets and blanks.
+AWKWARD_MEDQA = {"id": "q-ws", "sent1": "  A 30-year-old has a fever.   Which drug?\n", "ending0": "Aspirin",
+                 "ending1": "Ceftriaxone ", "ending2": "Insulin", "ending3": "Heparin", "label": 1}
+AWKWARD_NOTECHAT = ("Doctor: Hello, I am Doctor: Smith's colleague.\n\n  Patient: My chest hurts.  \n[The doctor listens]\n"
+                    "Doctor:\nPatient:\nPatient’s Family: He fainted twice.\nmm, since Monday\nDoctor: Let us run an ECG.")
+AWKWARD_REPLIES = ["Answer: B) Ceftriaxone", "Answer: B. Actually, to be sure, Answer: B", "Answer: E) none of these",
+                   "Answer: A) yes. On reflection, Answer: C", "B", "The answer is B", "Answer:B", "answer: b"]
+
+
+def test_authors_mode_is_the_authors_own_code_on_awkward_rows():
+    """Against their notebook cells themselves (tests/authors_code.py), not a description of them."""
+    from medlib.data.loaders import normalise_medqa, normalise_notechat
+    from medlib.data.validate import record_problem
+    from medlib.evaluate.mcq import parse_answer_authors
+
+    record = normalise_medqa(AWKWARD_MEDQA, 0, "test")
+    theirs = authors_code.medqa_conversation(AWKWARD_MEDQA)
+    assert format_mcq_prompt(record, "authors") == theirs[0]["value"]          # the question is not stripped
+    assert mcq_target(record, "authors") == theirs[1]["value"]
+    assert format_mcq_prompt(record, "authors") + load_eval("paper").mcq.answer_cue == \
+        authors_code.medqa_eval_input_text(AWKWARD_MEDQA)
+    assert "Question: A 30-year-old has a fever.   Which drug?\n\nOptions" in format_mcq_prompt(record, "medlib")  # stripped
+
+    dialogue = normalise_notechat("authors")({"conversation": AWKWARD_NOTECHAT}, 7)
+    theirs = authors_code.convert_conversation(AWKWARD_NOTECHAT)
+    assert [(m["role"], m["content"]) for m in dialogue["messages"]] == \
+        [({"gpt": "assistant", "human": "user"}[t["from"]], t["value"]) for t in theirs]
+    assert dialogue["messages"][0]["content"] == "Hello, I am  Smith's colleague."   # every "Doctor:" removed
+    assert ("assistant", "") in [(m["role"], m["content"]) for m in dialogue["messages"]]  # the empty turn is kept
+    assert record_problem(dialogue) is None                                             # and no row is rejected
+    medlib_turns = normalise_notechat("medlib")({"conversation": AWKWARD_NOTECHAT}, 7)["messages"]
+    assert medlib_turns[0]["content"] == "Hello, I am Doctor: Smith's colleague."
+    assert all(m["content"] for m in medlib_turns) and len(medlib_turns) == len(theirs) - 1
+
+    for reply in AWKWARD_REPLIES:
+        for letters in ("ABCD", "ABC"):
+            assert (parse_answer_authors(reply, letters) or "") == authors_code.predicted_answer_of(reply, letters), reply
+    assert parse_answer_authors(AWKWARD_REPLIES[1], "ABCD") == "B"      # a repeated letter counts once
+    assert parse_answer_authors(AWKWARD_REPLIES[2], "ABCD") is None     # a letter outside the set is ignored
 
 
 @pytest.mark.parametrize("stage", [1, 2])

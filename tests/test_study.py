@@ -14,7 +14,7 @@ from medlib.study import PAPER_SHARE, Arm, StudyError, replay_rows, study_recipe
 pytestmark = [pytest.mark.slow, pytest.mark.notebooks]
 
 TINY_STUDY = {"max_steps": 2, "mcq_limit": 4, "n_queries": 2, "shares": [0.0, 0.5], "from_base": True,
-              "dialogue_train": 12, "dialogue_validation": 4}
+              "dialogue_train": 12, "dialogue_validation": 4, "retention_rows": 6}
 
 
 def test_the_papers_share_and_replay_counts():
@@ -29,6 +29,10 @@ def test_the_papers_share_and_replay_counts():
         study_recipe("local", replay=0.3)
     with pytest.raises(StudyError, match="must be a list of a number"):
         study_recipe("local", shares="0.25")
+    with pytest.raises(StudyError, match="two or more distinct handoffs"):
+        study_recipe("local", name="handoff", handoffs=["stacked"])
+    with pytest.raises(StudyError, match="one of 'requantized_merge', 'stacked', 'continue'"):
+        study_recipe("local", name="handoff", handoffs=["stacked", "merge"])
 
 
 @pytest.fixture(scope="module")
@@ -36,6 +40,14 @@ def study(tmp_path_factory):
     out = tmp_path_factory.mktemp("study")
     reproduce("local", out, params=TINY_STUDY, notebooks=("07_dmt_study",))
     return out / "study" / "dmt", out
+
+
+@pytest.fixture(scope="module")
+def handoff_study(tmp_path_factory):
+    out = tmp_path_factory.mktemp("handoff-study")
+    params = {k: v for k, v in TINY_STUDY.items() if k != "shares"}
+    reproduce("local", out, params={**params, "from_base": False}, notebooks=("08_handoff_study",))
+    return out / "study" / "handoff", out
 
 
 def test_every_arm_trains_on_the_same_dialogue_rows_with_its_replay(study):
@@ -63,7 +75,8 @@ def test_study_writes_its_table_figure_and_findings(study):
         assert row["mcq_n"] == 3 * 4 and row["f1_n"] == 2
         assert 0 <= row["mcq_ci95"][0] <= row["mcq_accuracy"] <= row["mcq_ci95"][1] <= 1
         assert row["f1_ci95"][0] <= row["f1"] <= row["f1_ci95"][1]
-        assert ("vs_no_replay" in row) == (row["label"] != "replay-00")
+        assert ("vs_reference" in row) == (row["label"] != "replay-00")
+        assert row["retention_n"] + row["retention_unscored"] == 6 and row["retention_loss"] > 0
     assert len(summary["findings"]) == 4 and "without correction" in summary["findings"][-1]
     assert "not the paper's" in summary["note"]
     table = (study_dir / "table.md").read_text()
@@ -73,3 +86,33 @@ def test_study_writes_its_table_figure_and_findings(study):
     png = (study_dir / "dmt_tradeoff.png").read_bytes()
     assert png.startswith(b"\x89PNG") and len(png) > 20_000
     assert (out / "notebooks" / "07_dmt_study.ipynb").exists()
+
+
+def test_handoff_study_trains_each_handoff_on_the_same_rows_and_compares_with_the_authors(handoff_study):
+    study_dir, out = handoff_study
+    slugs = ("handoff-requantized-merge", "handoff-stacked", "handoff-continue")
+    metas = {arm: json.loads((study_dir / "runs" / arm / "run_metadata.json").read_text()) for arm in slugs}
+    assert [m["handoff"] for m in metas.values()] == ["requantized_merge", "stacked", "continue"]
+    assert len({m["data"]["content_hash"] for m in metas.values()}) == 1   # one mixture: the same rows for every arm
+    # replay-00: the dialogue rows alone, built to count them; replay-25: every arm's mixture
+    assert sorted(p.name for p in (study_dir / "data").iterdir()) == ["replay-00", "replay-25"]
+    assert metas["handoff-requantized-merge"]["trained_against"]["model"].endswith("med-mix/merged_16bit")
+    assert metas["handoff-stacked"]["adapter"]["r"] == 32 and metas["handoff-continue"]["adapter"]["r"] == 16
+
+    summary = json.loads((study_dir / "study.json").read_text())
+    rows = {r["label"]: r for r in summary["rows"]}
+    assert list(rows) == ["med-mix", *slugs] and summary["reference"]["label"] == slugs[0]
+    measured = summary["med_mix_handoff_measure"]["all"]["kept_share"]
+    assert rows[slugs[0]]["delta_w1_kept"] == measured < 1.0
+    assert rows["handoff-stacked"]["delta_w1_kept"] == rows["handoff-continue"]["delta_w1_kept"] == 1.0
+    for label in ("med-mix", *slugs[1:]):
+        vs = rows[label]["vs_reference"]
+        assert vs["mcq"]["n_paired"] == 12 and vs["retention_loss"]["n_paired"] == 6 and vs["f1"]["n_paired"] == 2
+        assert vs["retention_loss"]["ci95"][0] <= vs["retention_loss"]["difference"] <= vs["retention_loss"]["ci95"][1]
+    assert "vs_reference" not in rows[slugs[0]] and len(summary["findings"]) == 4
+    assert "without correction for the 9 comparisons" in summary["findings"][-1]
+    table = (study_dir / "table.md").read_text()
+    assert "# Handoff study" in table and "| q_proj |" in table and "requantized merge (the authors')" in table
+    png = (study_dir / "handoffs.png").read_bytes()
+    assert png.startswith(b"\x89PNG") and len(png) > 20_000
+    assert (out / "notebooks" / "08_handoff_study.ipynb").exists()

@@ -295,9 +295,11 @@ def test_every_handoff_ships_the_model_its_stage_2_trained(handoff, tmp_path, st
     if handoff == "requantized_merge":
         # the authors': the frozen weights are exactly NF4(bf16(W' + ΔW1)), and the run ships its adapter on them
         merged = stage1_dir / "merged_16bit"
-        assert meta["trained_against"] == {"model": "../med-mix/merged_16bit", "in_4bit": True,
-                                           "merged_from": json.loads((merged / "merged_from.json").read_text())}
-        assert cfg["r"] == 16 and cfg["base_model_name_or_path"] == "../med-mix/merged_16bit"
+        against = meta["trained_against"]
+        assert (run_dir / against["model"]).resolve() == merged.resolve() and against["in_4bit"]
+        assert against["merged_from"] == json.loads((merged / "merged_from.json").read_text())
+        assert against["merged_from"]["dtype"] == "bfloat16" and against["merged_from"]["base_in_4bit"]
+        assert cfg["r"] == 16 and cfg["base_model_name_or_path"] == against["model"]
         stage1_float, _ = load_run(SMOLLM2_NF4, stage1_dir, load_in_4bit=False, dtype="float32")
         expected = _nf4(_q_proj_weight(stage1_float).to(torch.bfloat16).float())
         torch.testing.assert_close(probe.q_proj_begin, expected, atol=0, rtol=0)

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from medlib.config import EvalSetSpec
-from medlib.data.loaders import DERIVED_SPLITS, LOCAL_FILES, chat_holdout_ids, load_source, resolve_data_dir
+from medlib.data.loaders import DERIVED_SPLITS, HUB, LOCAL_FILES, chat_holdout_ids, load_source, resolve_data_dir
 
 
 def locate(spec: EvalSetSpec, folders: Sequence[str | Path | None]) -> Path | None:
@@ -38,3 +38,16 @@ def load_eval_set(spec: EvalSetSpec, folders: Sequence[str | Path | None], hub: 
         held = chat_holdout_ids(records, n)
         records = [r for r in records if r["id"] in held]
     return records
+
+
+def eval_set_origin(spec: EvalSetSpec, folders: Sequence[str | Path | None], hub_mirror: str | Path | None = None) -> str:
+    """Where load_eval_set reads the set: the file (in the first folder that has it), or the Hub id
+    (`mirror:` for a folder laid out like the Hub), with the derived split it takes when it takes one."""
+    base_split = DERIVED_SPLITS.get((spec.source, spec.split), (spec.split,))[0]
+    derived = f" [{spec.split}]" if (spec.source, spec.split) in DERIVED_SPLITS else ""
+    folder = None if hub_mirror else locate(spec, folders)
+    if folder is not None:
+        path = next(folder / f for f in LOCAL_FILES[(spec.source, base_split)] if (folder / f).exists())
+        return f"{path}{derived}"
+    hub_id = HUB.get(spec.source, {}).get("id", spec.source)
+    return f"{'mirror' if hub_mirror else 'hub'}:{hub_id}:{base_split}{derived}"

@@ -61,3 +61,12 @@ def file_sha256(*paths: str | Path) -> str:
 def stable_fraction(key: str) -> float:
     """A number in [0, 1) fixed by `key` alone: fixed splits that survive any re-ordering or subset."""
     return int(hashlib.sha256(key.encode("utf-8")).hexdigest()[:12], 16) / float(1 << 48)
+
+
+def records_sha256(records: Any) -> str:
+    """One hash over records as canonical JSON (sorted keys), in order: an evaluation set's content hash."""
+    h = hashlib.sha256()
+    for record in records:
+        h.update(json.dumps(record, sort_keys=True, ensure_ascii=False).encode("utf-8"))
+        h.update(b"\n")
+    return h.hexdigest()

@@ -159,31 +159,47 @@ def normalise_pubmedqa(raw: Any, row: Any) -> dict:
 
 
 
-def split_notechat_conversation(text: str) -> list[dict[str, str]]:
-    """NoteChat's dialogue text as turns, by the authors' rule (../shared/reference/authors_notebooks.md):
-    empty lines and lines starting with "[" are skipped; a line starting with "Doctor:" is an assistant
-    turn; any other "Speaker: text" line (Patient, Patient’s Family, Nurse, ...) is a user turn with the
-    speaker dropped; a line with no ": " is a user turn as it is. Every line is its own turn: consecutive
-    turns of one role are not merged."""
+TURN_RULES = ("medlib", "authors")
+
+
+def split_notechat_conversation(text: str, rule: str = "medlib") -> list[dict[str, str]]:
+    """NoteChat's dialogue text as turns, by the authors' convert_conversation (their second-stage notebook,
+    commit ed892cf): lines are stripped; empty lines and lines starting with "[" are skipped; a line starting
+    with "Doctor:" is an assistant turn; any other line with ": " is a user turn with the speaker dropped
+    (Patient, Patient’s Family, Nurse, ...); a line without ": " is a user turn as it is. Every line is its
+    own turn: consecutive turns of one role are not merged.
+
+    rule "authors" is theirs exactly: every "Doctor:" in a doctor's line is removed (`line.replace`), and an
+    empty turn (a bare "Doctor:" line) is kept. rule "medlib" (medlib's correction) removes the "Doctor:"
+    prefix only, so a doctor quoting "Doctor:" keeps the words, and drops empty turns, which teach nothing."""
     if not isinstance(text, str):
         raise TypeError(f"conversation must be a string, got {type(text).__name__}")
+    if rule not in TURN_RULES:
+        raise ValueError(f"unknown turn rule {rule!r}; choose one of {', '.join(TURN_RULES)}")
     turns: list[dict[str, str]] = []
     for line in text.splitlines():
         line = line.strip()
         if not line or line.startswith("["):
             continue
         if line.startswith("Doctor:"):
-            turns.append({"role": "assistant", "content": line[len("Doctor:"):].strip()})
+            words = line.replace("Doctor:", "") if rule == "authors" else line[len("Doctor:"):]
+            turns.append({"role": "assistant", "content": words.strip()})
         elif ": " in line:
             turns.append({"role": "user", "content": line.split(": ", 1)[1].strip()})
         else:
             turns.append({"role": "user", "content": line})
-    return [turn for turn in turns if turn["content"]]
+    return turns if rule == "authors" else [turn for turn in turns if turn["content"]]
 
 
-def normalise_notechat(raw: dict, row: Any) -> dict:
-    return {"id": str(raw.get("id") or f"notechat-{row}"), "source": "notechat",
-            "messages": split_notechat_conversation(raw["conversation"]), "note": raw.get("data", "")}
+def normalise_notechat(rule: str = "medlib") -> Callable[[Any, Any], dict]:
+    def normalise(raw: dict, row: Any) -> dict:
+        record = {"id": str(raw.get("id") or f"notechat-{row}"), "source": "notechat",
+                  "messages": split_notechat_conversation(raw["conversation"], rule), "note": raw.get("data", "")}
+        if rule == "authors":
+            record["turn_rule"] = "authors"  # empty turns are kept, as the authors kept them
+        return record
+
+    return normalise
 
 
 def normalise_chatdoctor(source: str) -> Callable[[Any, Any], dict]:
@@ -293,7 +309,7 @@ def _rows_from_hub(source: str, split: str, mirror: str | Path | None = None) ->
     return origin, rows()
 
 
-def _normaliser(source: str, split: str) -> Callable[[Any, Any], dict]:
+def _normaliser(source: str, split: str, turn_rule: str = "medlib") -> Callable[[Any, Any], dict]:
     if source == "medqa":
         return lambda raw, row: normalise_medqa(raw, row, split)
     if source in ("medmcqa", "mmlu_med"):
@@ -301,14 +317,15 @@ def _normaliser(source: str, split: str) -> Callable[[Any, Any], dict]:
     if source == "pubmedqa":
         return normalise_pubmedqa
     if source == "notechat":
-        return normalise_notechat
+        return normalise_notechat(turn_rule)
     return normalise_chatdoctor(source)
 
 
 def load_published(source: str, split: str, data_dir: str | Path | None = None, strict: bool = True,
-                   hub: bool = False, hub_mirror: str | Path | None = None) -> LoadResult:
+                   hub: bool = False, hub_mirror: str | Path | None = None, turn_rule: str = "medlib") -> LoadResult:
     """Read one published source/split from a local folder (default) or the Hub (hub=True; from
-    hub_mirror, a folder laid out like the Hub, when given)."""
+    hub_mirror, a folder laid out like the Hub, when given). turn_rule: how NoteChat's text becomes turns
+    (split_notechat_conversation)."""
     if source not in SOURCES:
         raise DataError("<sources>", source, f"unknown source; known: {', '.join(SOURCES)}")
     if hub:
@@ -324,7 +341,7 @@ def load_published(source: str, split: str, data_dir: str | Path | None = None, 
             counter["n"] += 1
             yield item
 
-    records = list(validated(counted(), origin, strict, report, _normaliser(source, split)))
+    records = list(validated(counted(), origin, strict, report, _normaliser(source, split, turn_rule)))
     return LoadResult(source, split, origin, records, report, counter["n"])
 
 
@@ -355,12 +372,13 @@ def medmcqa_in_train_part(record_id: str) -> bool:
 
 
 def load_source(source: str, split: str, data_dir: str | Path | None = None, strict: bool = True,
-                hub: bool = False, chat_holdout: int = CHAT_EVAL_HOLDOUT, hub_mirror: str | Path | None = None) -> LoadResult:
+                hub: bool = False, chat_holdout: int = CHAT_EVAL_HOLDOUT, hub_mirror: str | Path | None = None,
+                turn_rule: str = "medlib") -> LoadResult:
     """Any published or derived split, as validated records."""
     if (source, split) not in DERIVED_SPLITS:
-        return load_published(source, split, data_dir, strict, hub, hub_mirror)
+        return load_published(source, split, data_dir, strict, hub, hub_mirror, turn_rule)
     base_split, rule = DERIVED_SPLITS[(source, split)]
-    base = load_published(source, base_split, data_dir, strict, hub, hub_mirror)
+    base = load_published(source, base_split, data_dir, strict, hub, hub_mirror, turn_rule)
     if rule in ("in_test", "not_in_test"):
         truth = pubmedqa_test_ids(data_dir)
         records = [r for r in base.records if (r["id"] in truth) == (rule == "in_test")]

@@ -80,7 +80,8 @@ def eval_index(recipe: TrainRecipe, eval_recipe: EvalRecipe, with_chat: bool) ->
 
 def _load_training_source(spec: SourceSpec, data: DataSettings, report: ValidationReport):
     result = load_source(spec.source, spec.split, data.data_dir, strict=data.strict,
-                         hub=data.data_dir is None and (data.hub or data.hub_mirror is not None), hub_mirror=data.hub_mirror)
+                         hub=data.data_dir is None and (data.hub or data.hub_mirror is not None), hub_mirror=data.hub_mirror,
+                         turn_rule=data.turn_rule)
     report.extend(result.report)
     return result
 

@@ -60,8 +60,10 @@ def dialogue_problem(record: Mapping[str, Any]) -> str | None:
             return f"message {i} is not a mapping"
         if message.get("role") not in ROLES:
             return f"message {i} has role {message.get('role')!r}, expected user or assistant"
-        if not isinstance(message.get("content"), str) or not message["content"].strip():
-            return f"message {i} ({message.get('role')}) is empty or not a string"
+        if not isinstance(message.get("content"), str):
+            return f"message {i} ({message.get('role')}) is not a string"
+        if not message["content"].strip() and record.get("turn_rule") != "authors":  # the authors kept empty turns
+            return f"message {i} ({message.get('role')}) is empty"
     roles = {m["role"] for m in messages}
     if roles != set(ROLES):
         return "a dialogue needs at least one user and one assistant turn"

@@ -13,7 +13,7 @@ from typing import Any
 from medlib.config import EvalRecipe
 from medlib.models import adapter_chain, load_for_inference, resolve_dtype
 from medlib.paths import default_data_dir, resolve
-from medlib.prompts import effective_system_prompt
+from medlib.prompts import apply_chat_template_choice, effective_system_prompt
 from medlib.runs import RunRecord, load_run
 
 log = logging.getLogger(__name__)
@@ -45,7 +45,8 @@ class EvaluatedModel:
         return cls(recipe=recipe, adapter=adapter, label=label, display_name=display_name,
                    stage=int(record.metadata.get("stage", 2)) if record else 0,
                    system_prompt=effective_system_prompt(prompt),
-                   mcq_format=(record.mcq_format if record and record.mcq_format else "medlib"),
+                   # the base row is asked as the recipe's prompt says (paper: the runs' chatml and format)
+                   mcq_format=(record.mcq_format if record and record.mcq_format else recipe.prompt.mcq_format),
                    load_in_4bit=recipe.model.load_in_4bit,
                    dtype=resolve_dtype(recipe.model.dtype),
                    fidelity=record.metadata.get("fidelity") if record else None)
@@ -88,8 +89,11 @@ def load_evaluated(recipe: EvalRecipe, adapter: Any = None) -> tuple[Any, Any]:
     chain = adapter_chain(adapter)
     if len(chain) > 1:  # an explicit chain of adapters, applied in order on the recipe's base
         return load_for_inference(recipe.model.name, chain, recipe.model.load_in_4bit, recipe.model.dtype)
-    return load_run(recipe.model.name, chain[0] if chain else None, recipe.model.load_in_4bit, recipe.model.dtype,
-                    recipe.model.weights)
+    model, tokenizer = load_run(recipe.model.name, chain[0] if chain else None, recipe.model.load_in_4bit,
+                                recipe.model.dtype, recipe.model.weights)
+    if not chain:  # a run's tokenizer carries the template it trained with; the base gets the recipe's
+        tokenizer = apply_chat_template_choice(tokenizer, recipe.prompt.chat_template)
+    return model, tokenizer
 
 
 def eval_folders(recipe: EvalRecipe) -> list[Path | None]:

@@ -20,13 +20,13 @@ import logging
 import os
 import re
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
 from medlib.config import EvalRecipe, RecipeError
-from medlib.data.eval_sets import load_eval_set
-from medlib.data.io import write_jsonl
+from medlib.data.eval_sets import eval_set_origin, load_eval_set
+from medlib.data.io import records_sha256, write_jsonl
 from medlib.data.mixtures import seeded_subset
 from medlib.data.validate import mcq_problem
 from medlib.evaluate import common
@@ -140,14 +140,13 @@ def parse_answer(text: str, options: Mapping[str, str]) -> str | None:
     return inside[0] if len(inside) == 1 else None
 
 
-_AUTHORS_ANSWER = re.compile(r"Answer: ([A-E])")
-
-
-def parse_answer_authors(text: str) -> str | None:
-    """The authors' evaluation rule (../shared/reference/authors_notebooks.md): every "Answer: X" in the
-    reply, joined. One match is that letter; two or more give a several-letter prediction, which can
-    never equal the gold letter and so counts as wrong; none is None (wrong, and counted as unparseable)."""
-    found = "".join(_AUTHORS_ANSWER.findall(text))
+def parse_answer_authors(text: str, letters: Iterable[str]) -> str | None:
+    """The authors' evaluation rule, as their notebook cells run it (commit ed892cf): for each of the set's
+    option letters in order, `if f"Answer: {letter}" in text: pred += letter`, over the decoded prompt and
+    reply. So a letter counts once however often it appears ("Answer: B … Answer: B" is B), a letter outside
+    the set is ignored, two different letters give a two-letter prediction that can never equal the gold
+    letter (wrong), and no match is None (wrong, and counted as unparseable)."""
+    found = "".join(letter for letter in letters if f"Answer: {letter}" in text)
     return found or None
 
 
@@ -335,6 +334,7 @@ def evaluate_records(model: Any, tokenizer: Any, records: Sequence[Mapping[str, 
                 allowed = {L: letter_scores[L] for L in options}
                 row["prediction"] = max(allowed, key=allowed.get)
                 row["logprobs"] = {L: round(v, 4) for L, v in allowed.items()}
+                row["gold_logprob"] = letter_scores.get(row["answer"])
         else:
             if settings.sampling:
                 import torch
@@ -342,11 +342,14 @@ def evaluate_records(model: Any, tokenizer: Any, records: Sequence[Mapping[str, 
                 torch.manual_seed(settings.seed)  # sampled replies repeat with the same seed
             replies = generate_replies(model, tokenizer, prompts, settings.batch_size, settings.max_new_tokens,
                                        desc=f"{set_name} generate", **settings.sampling)
-            for idx, reply in zip(scorable, replies):
+            for idx, prompt, reply in zip(scorable, prompts, replies):
                 row = predictions[idx]
                 row["reply"] = reply
-                row["prediction"] = (parse_answer(reply, records[idx]["options"]) if settings.parse == "medlib"
-                                     else parse_answer_authors(reply))
+                options = records[idx]["options"]
+                if settings.parse == "medlib":
+                    row["prediction"] = parse_answer(reply, options)
+                else:  # theirs reads the decoded prompt and reply together, special tokens kept
+                    row["prediction"] = parse_answer_authors(tokenizer.decode(prompt) + reply, options)
                 if row["prediction"] is None:
                     row["status"] = "unparseable"
                     n_unparseable += 1
@@ -365,6 +368,9 @@ def evaluate_records(model: Any, tokenizer: Any, records: Sequence[Mapping[str, 
         "seconds": round(time.perf_counter() - started, 2),
     }
     summary["diagnostics"] = letter_diagnostics([predictions[i] for i in scorable])
+    if settings.method == "loglik" and scorable:  # continuous: moves where accuracy at 135M parameters cannot
+        gold = [predictions[i]["gold_logprob"] for i in scorable]
+        summary["gold_logprob_mean"] = sum(gold) / len(gold)
     if settings.method == "generate":
         summary["n_unparseable"] = n_unparseable
         summary["unparseable_share"] = n_unparseable / len(scorable) if scorable else float("nan")
@@ -392,6 +398,9 @@ def run_mcq(recipe: EvalRecipe, out_dir: str | Path, adapter: Any = None, *, lab
     evaluated = common.EvaluatedModel.of(recipe, adapter, label)
     settings = settings_from_recipe(recipe, evaluated.system_prompt, evaluated.mcq_format)
     m = recipe.mcq
+    if m.runs < 1 or (m.runs > 1 and not (m.method == "generate" and m.generation.do_sample)):
+        raise RecipeError(f"{recipe.meta.recipe_file}: mcq.runs is {m.runs}; more than one run needs sampled generation "
+                          "(mcq.method=generate, mcq.generation.do_sample=true), and at least one is needed")
     unknown = [name for name in m.sets if name not in recipe.sets]
     if unknown:
         raise RecipeError(f"{recipe.meta.recipe_file}: mcq.sets names {', '.join(unknown)}, which the recipe's sets: "
@@ -402,6 +411,9 @@ def run_mcq(recipe: EvalRecipe, out_dir: str | Path, adapter: Any = None, *, lab
                                                         hub_mirror=recipe.data.hub_mirror),
                                           m.limit or None, m.sample_seed)
                       for name in m.sets}  # load every set first: a bad set fails before the model loads
+    set_identity = {name: {"origin": eval_set_origin(recipe.sets[name], folders, recipe.data.hub_mirror),
+                           "content_sha256": records_sha256(records_by_set[name]), "n_questions": len(records_by_set[name])}
+                    for name in m.sets}
     started = time.perf_counter()
     lm, tokenizer, chain = evaluated.load(loaded)
     load_seconds = time.perf_counter() - started
@@ -409,19 +421,24 @@ def run_mcq(recipe: EvalRecipe, out_dir: str | Path, adapter: Any = None, *, lab
     results: dict[str, Any] = {
         "kind": "mcq", **evaluated.identity(lm, chain), "settings": asdict(settings),
         "limit_per_set": m.limit, "sample_seed": m.sample_seed,
-        "sets_source": {name: recipe.sets[name].to_dict() for name in m.sets},
+        "sets_source": {name: {**recipe.sets[name].to_dict(), **set_identity[name]} for name in m.sets},
         "data_dir": str(folders[0]) if folders[0] else None,
         "environment": common.environment(), "load_seconds": round(load_seconds, 2), "sets": {},
     }
-    correct_by_set: dict[str, list[bool]] = {}
+    correct_by_set: dict[str, list[float]] = {}
     for name, records in records_by_set.items():
-        log.info("%s: %d questions (%s)", name, len(records), settings.method)
-        summary, predictions = evaluate_records(lm, tokenizer, records, settings, set_name=name)
-        predictions_file = run_dir / f"predictions_{name}.jsonl"
-        write_jsonl(predictions_file, predictions)
-        summary["predictions_file"] = str(predictions_file)
+        log.info("%s: %d questions (%s%s)", name, len(records), settings.method, f", {m.runs} runs" if m.runs > 1 else "")
+        runs = []
+        for k in range(m.runs):  # sampled runs differ only by their seed
+            summary, predictions = evaluate_records(lm, tokenizer, records, replace(settings, seed=settings.seed + k),
+                                                    set_name=name)
+            predictions_file = run_dir / (f"predictions_{name}.jsonl" if k == 0 else f"predictions_{name}_run{k + 1}.jsonl")
+            write_jsonl(predictions_file, predictions)
+            summary["predictions_file"] = str(predictions_file)
+            runs.append((summary, [row["correct"] for row in predictions if not row["status"].startswith("bad item")]))
+        summary, correct = runs[0] if m.runs == 1 else mean_of_runs(runs, settings)
         results["sets"][name] = summary
-        correct_by_set[name] = [row["correct"] for row in predictions if not row["status"].startswith("bad item")]
+        correct_by_set[name] = correct
         log.info("%s: accuracy %.3f [%.3f, %.3f] over %d (bad %d, truncated %d)", name, summary["accuracy"],
                  *summary["ci95"], summary["n_scored"], summary["n_bad"], summary["n_truncated"])
     results["average"] = average_of(correct_by_set, m.sets, settings)
@@ -432,6 +449,29 @@ def run_mcq(recipe: EvalRecipe, out_dir: str | Path, adapter: Any = None, *, lab
     if write_tables:
         results["table3"] = [str(p) for p in write_table3(out_dir=Path(out_dir))]
     return results
+
+
+def mean_of_runs(runs: Sequence[tuple[dict[str, Any], list[bool]]], settings: MCQSettings) -> tuple[dict[str, Any], list[float]]:
+    """Several sampled runs of one set as one cell: the mean accuracy ± its SD over runs, and a bootstrap CI
+    over questions of each question's share of runs answered right. The first run's predictions file stays
+    the set's (paired comparisons read it); every run's file and accuracy are listed."""
+    import statistics
+
+    accuracies = [summary["accuracy"] for summary, _ in runs]
+    per_question = [sum(c) / len(c) for c in zip(*(correct for _, correct in runs))]
+    summary = dict(runs[0][0])
+    summary.update({
+        "accuracy": statistics.fmean(accuracies), "accuracy_sd": statistics.stdev(accuracies),
+        "ci95": list(bootstrap_ci(per_question, settings.bootstrap_samples, settings.seed)),
+        "n_correct": sum(s["n_correct"] for s, _ in runs) / len(runs),
+        "runs": [{"seed": settings.seed + k, "accuracy": s["accuracy"], "n_correct": s["n_correct"],
+                  "unparseable_share": s.get("unparseable_share"), "predictions_file": s["predictions_file"]}
+                 for k, (s, _) in enumerate(runs)],
+        "seconds": round(sum(s["seconds"] for s, _ in runs), 2),
+    })
+    if "unparseable_share" in summary:
+        summary["unparseable_share"] = statistics.fmean(s["unparseable_share"] for s, _ in runs)
+    return summary, per_question
 
 
 def average_of(correct_by_set: Mapping[str, Sequence[bool]], names: Sequence[str], settings: MCQSettings) -> dict[str, Any] | None:

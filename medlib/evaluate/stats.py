@@ -61,19 +61,25 @@ def compare_mcq(first: Sequence[Mapping[str, Any]], second: Sequence[Mapping[str
             "p_mcnemar": mcnemar_exact(only_first, only_second)}
 
 
-def compare_bertscore(first: Sequence[Mapping[str, Any]], second: Sequence[Mapping[str, Any]],
-                      samples: int = 1000, seed: int = 3407) -> dict[str, Any]:
-    """Two models' per-query BERTScore F1, paired by query id: second minus first, paired-bootstrap CI
-    and a two-sided sign-flip permutation p-value (exact over the bootstrap's resolution)."""
+def compare_values(first: Sequence[Mapping[str, Any]], second: Sequence[Mapping[str, Any]], value: str,
+                   samples: int = 1000, seed: int = 3407) -> dict[str, Any]:
+    """Two models' per-item values (BERTScore F1, a validation loss), paired by item id: second minus first,
+    paired-bootstrap CI and a two-sided sign-flip permutation p-value (exact over the bootstrap's resolution)."""
     key = lambda r: str(r.get("id", r.get("query")))  # noqa: E731
-    a = {key(r): float(r["f1"]) for r in first}
-    b = {key(r): float(r["f1"]) for r in second}
+    a = {key(r): float(r[value]) for r in first}
+    b = {key(r): float(r[value]) for r in second}
     ids = sorted(set(a) & set(b))
     d = [b[i] - a[i] for i in ids]
     diff, lo, hi = paired_bootstrap(d, samples, seed)
     rng = random.Random(seed)
     observed = abs(sum(d))
     extreme = sum(1 for _ in range(samples) if abs(sum(x if rng.random() < 0.5 else -x for x in d)) >= observed - 1e-12)
-    return {"n_paired": len(ids), "f1_first": sum(a[i] for i in ids) / len(ids) if ids else float("nan"),
-            "f1_second": sum(b[i] for i in ids) / len(ids) if ids else float("nan"),
+    return {"n_paired": len(ids), f"{value}_first": sum(a[i] for i in ids) / len(ids) if ids else float("nan"),
+            f"{value}_second": sum(b[i] for i in ids) / len(ids) if ids else float("nan"),
             "difference": diff, "ci95": [lo, hi], "p_permutation": (extreme + 1) / (samples + 1) if ids else 1.0}
+
+
+def compare_bertscore(first: Sequence[Mapping[str, Any]], second: Sequence[Mapping[str, Any]],
+                      samples: int = 1000, seed: int = 3407) -> dict[str, Any]:
+    """Two models' per-query BERTScore F1, paired by query id (compare_values on "f1")."""
+    return compare_values(first, second, "f1", samples, seed)

@@ -66,7 +66,8 @@ def _ours_cell(entry: Mapping[str, Any] | None) -> str:
         return NOT_RUN
     lo, hi = entry["ci95"]
     n = f", n={entry['n_scored']}" if "n_scored" in entry else ""
-    return f"{_pct(entry['accuracy'])} ({_pct(lo)}–{_pct(hi)}{n})"
+    spread = f" ± {_pct(entry['accuracy_sd'])} SD of {len(entry['runs'])} runs" if entry.get("runs") else ""
+    return f"{_pct(entry['accuracy'])}{spread} ({_pct(lo)}–{_pct(hi)}{n})"
 
 
 def _ref_cell(row: Mapping[str, Any], key: str, scale: str = "{:.1f}", transcribed: bool = True) -> str:
@@ -205,10 +206,31 @@ def write_table3(results: Sequence[Mapping[str, Any]] | None = None, out_dir: st
             extra.append(f"unparseable replies {unparse}")
         if r.get("training_fidelity"):
             extra.append("trained with " + fidelity_text(r["training_fidelity"]))
+        if r.get("weights"):
+            extra.append(f"weights scored: {r['weights']}")
+        gold = {k: f"{v['gold_logprob_mean']:.3f}" for k, v in r.get("sets", {}).items() if "gold_logprob_mean" in v}
+        if gold:
+            extra.append(f"mean log-probability of the gold letter {gold}")
         notes.append(f"{r.get('display_name', r['label'])}: " + "; ".join(extra) + ".")
+    notes += _sets_notes(results)
     extra = _diagnostics_md(results) + "\n\n" + _paired_mcq_md(results, out_dir)
     return _write(out_dir, "table3", header, md_rows, csv_header, csv_rows,
                   "Table 3 — multiple-choice accuracy", notes, extra)
+
+
+def _sets_notes(results: Sequence[Mapping[str, Any]]) -> list[str]:
+    """Each evaluated set's source (file or Hub id) and the content hash of the questions scored, once per
+    distinct set; a set scored from different questions by different rows is listed once per version."""
+    seen: dict[tuple, list[str]] = {}
+    for r in results:
+        for name, source in (r.get("sets_source") or {}).items():
+            if "origin" in source:
+                key = (name, source["origin"], source["content_sha256"], source["n_questions"])
+                seen.setdefault(key, []).append(r.get("display_name", r["label"]))
+    versions = [key[0] for key in seen]
+    return [f"Set {name}: {n} questions from {origin} (content sha256 {digest[:16]}…)"
+            + (f", scored for {', '.join(who)}" if versions.count(name) > 1 else "")
+            for (name, origin, digest, n), who in seen.items()]
 
 
 def write_table4(results: Sequence[Mapping[str, Any]] | None = None, out_dir: str | Path = ".",
