@@ -15,7 +15,7 @@ PRESET ?=
 # pip on these machines warns about every missing local index; keep the log readable.
 QUIET := grep -v "^WARNING: Location" || true
 
-.PHONY: install install-gpu check-gpu browser jemalloc reproduce smoke study study-handoff test serve data bench clean-outputs
+.PHONY: install install-gpu check-gpu browser jemalloc reproduce smoke study study-handoff gpu-check test serve data bench clean-outputs
 
 $(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -78,6 +78,12 @@ study: install jemalloc
 # Beyond the paper: the handoff study (notebook 08; about 35 minutes on the local profile's 2 cores).
 study-handoff: install jemalloc
 	$(WITH_JEMALLOC) $(BIN)/medlib reproduce --profile $(PROFILE) --only 08_handoff_study
+
+# The prepared GPU check of the paper profile (benchmarks/gpu_paper_check.py; about 8 minutes on one H100):
+# prepares what it needs from ../shared/data, runs every phase, and writes outputs/gpu_check/gpu_check.{json,md}.
+gpu-check: install install-gpu
+	$(BIN)/python benchmarks/gpu_paper_check.py prepare --carry outputs/gpu_check/carry
+	$(GPU_VENV)/bin/python benchmarks/gpu_paper_check.py run --carry outputs/gpu_check/carry --work /tmp/gpu_paper_check --out outputs/gpu_check
 
 test: install browser
 	$(BIN)/python -m pytest -q -p no:cacheprovider --durations=15
