@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     from medlib.data.validate import mcq_problem
     from medlib.evaluate import common
     from medlib.evaluate.crosscheck import lm_eval_letter_predictions
-    from medlib.evaluate.mcq import MCQSettings, encode_prompt, evaluate_records
+    from medlib.evaluate.mcq import encode_prompt, evaluate_records
     from medlib.models import SMOLLM2, load_for_inference, resolve_dtype
     from medlib.prompts import SYSTEM_PROMPT
 
@@ -70,13 +70,13 @@ def main(argv: list[str] | None = None) -> int:
         + [("loglik", fast_dtype, False)] + ([] if args.skip_generate else [("generate", fast_dtype, True)])
     for method, dtype, prefix_cache in runs:
         name = f"medlib {method} {dtype}" + ("" if prefix_cache else " no prefix cache")
-        settings = MCQSettings(method=method, batch_size=args.batch_size, max_length=args.max_length,
-                               max_new_tokens=args.max_new_tokens, bootstrap_samples=200, system_prompt=SYSTEM_PROMPT,
-                               prefix_cache=prefix_cache)
+        settings = eval_recipe.mcq.replace(method=method, batch_size=args.batch_size, max_length=args.max_length,
+                                           bootstrap_samples=200, prefix_cache=prefix_cache, generation=eval_recipe.mcq.generation
+                                           .replace(max_new_tokens=args.max_new_tokens))
         seconds, correct, scored, unparse = 0.0, 0, 0, 0
         for s, recs in records.items():
             started = time.perf_counter()
-            summary, predictions = evaluate_records(models[dtype], tokenizer, recs, settings, set_name=s)
+            summary, predictions = evaluate_records(models[dtype], tokenizer, recs, settings, SYSTEM_PROMPT, set_name=s)
             seconds += time.perf_counter() - started
             correct += summary["n_correct"]
             scored += summary["n_scored"]

@@ -47,7 +47,8 @@ def measure(mode: str, overrides: list[str], steps: int, warmup: int, workdir: P
     from transformers import TrainerCallback
 
     from medlib.config import load_train
-    from medlib.pipeline import ensure_mixture, layout
+    from medlib.data.mixtures import ensure_mixture
+    from medlib.runs import layout
     from medlib.training import train
 
     class Meter(TrainerCallback):

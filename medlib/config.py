@@ -224,6 +224,8 @@ class LoraSettings(Section):
 
 @dataclass(frozen=True)
 class TrainingSettings(Section):
+    """Every key but those in MEDLIB_ONLY is an SFTConfig argument of the same name, passed as it is (after the
+    machine fallbacks medlib.training.arguments records); `sft:` passes any other SFTConfig argument through."""
     learning_rate: float
     per_device_train_batch_size: int
     max_steps: int                     # -1: num_train_epochs full epochs
@@ -249,6 +251,13 @@ class TrainingSettings(Section):
     padding_free: bool = False
     export_merged_16bit: bool = False
     export_gguf: str | None = None
+    sft: dict[str, Any] = field(default_factory=dict)   # any other SFTConfig argument, by its own name (checked
+                                       # against SFTConfig's fields when the recipe loads)
+
+
+# TrainingSettings keys that are medlib's, not SFTConfig's: medlib acts on them before the trainer is built.
+MEDLIB_ONLY = ("max_train_samples", "max_eval_samples", "precision", "packing_strategy", "loss_on",
+               "export_merged_16bit", "export_gguf", "sft")
 
 
 @dataclass(frozen=True)
@@ -525,7 +534,24 @@ def load_train(profile: str, name: str | int, overrides: Iterable[str] = (), pre
         if int(name) not in (1, 2):
             raise RecipeError(f"unknown stage {name!r}; choose 1 or 2")
         name = f"stage{int(name)}"
-    return load_recipe(profile, str(name), overrides, preset, kind="train")
+    recipe = load_recipe(profile, str(name), overrides, preset, kind="train")
+    check_sft_arguments(recipe.training.sft, recipe.meta.recipe_file)
+    return recipe
+
+
+def check_sft_arguments(sft: dict[str, Any], source: str) -> None:
+    """training.sft's keys must be SFTConfig's own (TRL is imported only when there is something to check)."""
+    if not sft:
+        return
+    from trl import SFTConfig
+
+    known = {f.name for f in dataclasses.fields(SFTConfig)}
+    typed = {f.name for f in fields(TrainingSettings)}
+    for key in sft:
+        if key not in known:
+            raise RecipeError(f"{source}: training.sft.{key} is not an SFTConfig argument (TRL's SFTConfig has no field {key!r})")
+        if key in typed:
+            raise RecipeError(f"{source}: training.sft.{key}: set it as training.{key}, its typed key")
 
 
 def load_eval(profile: str, overrides: Iterable[str] = (), preset: str | None = None) -> EvalRecipe:
@@ -553,6 +579,9 @@ def parse_value(text: str) -> Any:
     return value
 
 
+PASS_THROUGH = ("sft", "sets")   # open mappings: --set training.sft.max_grad_norm=0.5 or --set sets.toy={...} adds a key
+
+
 def apply_overrides(mapping: dict[str, Any], overrides: Iterable[str], source: str = "recipe") -> dict[str, Any]:
     """`key.sub=value` edits of a recipe's YAML mapping (the CLI's --set); an unknown key is an error."""
     out = copy.deepcopy(mapping)
@@ -563,7 +592,8 @@ def apply_overrides(mapping: dict[str, Any], overrides: Iterable[str], source: s
         parts = key.strip().split(".")
         node = out
         for i, part in enumerate(parts):
-            if not isinstance(node, dict) or part not in node:
+            open_mapping = i > 0 and parts[i - 1] in PASS_THROUGH and isinstance(node, dict)
+            if not isinstance(node, dict) or (part not in node and not open_mapping):
                 where = ".".join(parts[:i]) or "<top>"
                 known = ", ".join(sorted(node)) if isinstance(node, dict) else "(not a mapping)"
                 raise RecipeError(f"unknown recipe key {key!r} in {source}: no {part!r} under {where}; known: {known}")

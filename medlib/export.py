@@ -33,8 +33,7 @@ from medlib.chat.session import find_adapter, model_and_prompt
 from medlib.config import load_chat
 from medlib.models import ModelNotFoundError, load_tokenizer
 from medlib.paths import cache_dir
-from medlib.pipeline import layout
-from medlib.runs import load_run
+from medlib.runs import layout, load_run
 
 log = logging.getLogger(__name__)
 

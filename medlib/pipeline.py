@@ -1,6 +1,7 @@
-"""The reproduction as steps: what each numbered notebook calls, one function per notebook.
+"""The reproduction as steps: what each numbered notebook calls, one function per notebook. The roof:
+only the notebooks, `medlib.study` and `medlib.reproduce` import it.
 
-Recipes say what to do; the Layout says where. Every step writes under one output root (default
+Recipes say what to do; the Layout (medlib.runs) says where. Every step writes under one output root (default
 outputs/<profile>/), laid out as:
   data/<mixture>/    mixtures + manifest.json          <run_name>/   training runs (med-mix/, med-nirvana/)
   eval/              table3/table4 (md+csv), samples.md, per-question predictions
@@ -12,93 +13,18 @@ A notebook run with out_dir=/tmp/x therefore never touches outputs/.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 from medlib import config, plots
+from medlib.chat.session import ChatSession, run_script
 from medlib.config import EvalRecipe, TrainRecipe
-from medlib.data.mixtures import MIXTURE_FILES, build_mixture
-from medlib.paths import outputs_dir, resolve
-from medlib.training import train, train_or_resume
-
-
-@dataclass(frozen=True)
-class Layout:
-    """Where a profile's runs write, derived from the output root and the recipes' names."""
-    profile: str
-    root: Path
-
-    def mixture(self, name: str) -> Path:
-        return self.root / "data" / name
-
-    def run(self, name: str) -> Path:
-        return self.root / name
-
-    @property
-    def eval(self) -> Path:
-        return self.root / "eval"
-
-    @property
-    def figures(self) -> Path:
-        return self.root / "figures"
-
-    @property
-    def notebooks(self) -> Path:
-        return self.root / "notebooks"
-
-    @property
-    def chat(self) -> Path:
-        return self.root / "chat"
-
-    def study(self, name: str = "dmt") -> Path:
-        return self.root / "study" / name
-
-    @property
-    def report(self) -> Path:
-        return self.root / "REPORT.md"
-
-    def export(self, name: str) -> Path:
-        return self.root / "export" / name
-
-
-def layout(profile: str = "local", out_dir: str | Path | None = None) -> Layout:
-    return Layout(profile, resolve(out_dir) if out_dir else outputs_dir() / profile)
-
-
-def with_data_dir(recipe: Any, data_dir: str | Path | None) -> Any:
-    """The recipe reading its published files from data_dir (None: unchanged)."""
-    return recipe if data_dir is None else recipe.replace(data=recipe.data.replace(data_dir=str(data_dir)))
-
-
-def stage_recipes(profile: str, data_dir: str | None = None, preset: str | None = None,
-                  overrides: Iterable[str] = ()) -> dict[int, TrainRecipe]:
-    """The profile's stage-1 and stage-2 recipes (a preset and --set overrides applied to both)."""
-    return {stage: with_data_dir(config.load_train(profile, stage, overrides, preset), data_dir) for stage in (1, 2)}
-
-
-def stage1_of(recipe: TrainRecipe) -> TrainRecipe:
-    """The stage-1 recipe a stage-2 recipe starts from and replays (its from_run), same data folder."""
-    stage1 = config.load_train(recipe.profile, 1)
-    if recipe.from_run != stage1.run_name:
-        raise config.RecipeError(f"{recipe.meta.recipe_file}: from_run {recipe.from_run!r} is not the profile's stage-1 "
-                                 f"run {stage1.run_name!r}; pass the stage-1 run folder (--from) instead")
-    return stage1.replace(data=stage1.data.replace(data_dir=recipe.data.data_dir, strict=recipe.data.strict,
-                                                   hub=recipe.data.hub, hub_mirror=recipe.data.hub_mirror))
-
-
-def ensure_mixture(recipe: TrainRecipe, lay: Layout, eval_recipe: EvalRecipe | None = None) -> Path:
-    """The recipe's mixture folder in the layout, built when missing (a stage-2 replay mixture's
-    stage-1 mixture first). Built mixtures are read as they are."""
-    target = lay.mixture(recipe.mixture)
-    if all((target / name).exists() for name in MIXTURE_FILES):
-        return target
-    eval_recipe = eval_recipe or config.load_eval(recipe.profile)
-    stage1_mixture = None
-    if recipe.data.replay is not None:
-        stage1 = stage1_of(recipe)
-        stage1_mixture = ensure_mixture(stage1, lay, eval_recipe)
-    return build_mixture(recipe, target, eval_recipe, stage1_mixture)
+from medlib.data.mixtures import build_mixture
+from medlib.evaluate.suite import run_all
+from medlib.evaluate.tables import write_table3, write_table4
+from medlib.report import write_report
+from medlib.runs import layout, stage_recipes, with_data_dir
+from medlib.training.run import train_run
 
 
 # ------------------------------------------------------------------------------------------ steps
@@ -112,21 +38,6 @@ def build_data(profile: str = "local", out_dir: str | Path | None = None, data_d
     stage1 = build_mixture(recipes[1], lay.mixture(recipes[1].mixture), eval_recipe)
     stage2 = build_mixture(recipes[2], lay.mixture(recipes[2].mixture), eval_recipe, stage1_mixture=stage1)
     return {1: stage1, 2: stage2}
-
-
-def train_run(recipe: TrainRecipe, lay: Layout, resume: bool | None = None, overwrite: bool = False,
-              stage1_run: str | Path | None = None, run_dir: str | Path | None = None, plan: bool = True) -> Path:
-    """Train any training recipe inside the layout: its mixture (built when missing), its run folder,
-    and for stage 2 the stage-1 run it names (from_run), unless stage1_run / run_dir say otherwise.
-    plan=True (notebooks): resume, keep or refuse as medlib.training.plan_run decides and says;
-    plan=False (the CLI): train now, an existing run being an error unless resume or overwrite."""
-    mixture = ensure_mixture(recipe, lay)
-    if recipe.uses_stage1 and stage1_run is None:
-        stage1_run = lay.run(recipe.from_run) if recipe.from_run else None
-    run_dir = resolve(run_dir) if run_dir else lay.run(recipe.run_name)
-    if plan:
-        return train_or_resume(recipe, run_dir, mixture, stage1_run, resume, overwrite)
-    return train(recipe, run_dir, mixture, stage1_run, resume=bool(resume), overwrite=overwrite)
 
 
 def train_stage(stage: int, profile: str = "local", out_dir: str | Path | None = None, data_dir: str | None = None,
@@ -155,8 +66,6 @@ def evaluate_mcq(profile: str = "local", out_dir: str | Path | None = None, data
                  limit: int | None = None, sets: Sequence[str] | None = None, overrides: Iterable[str] = (),
                  preset: str | None = None) -> Path:
     """03: Table 3 for the base model and every run of the eval recipe. Returns table3.md."""
-    from medlib.evaluate import run_all, write_table3  # lazy: medlib.evaluate.cli imports this module
-
     lay = layout(profile, out_dir)
     recipe = eval_recipe_for(profile, data_dir, preset, overrides)
     mcq = recipe.mcq
@@ -172,8 +81,6 @@ def evaluate_bertscore(profile: str = "local", out_dir: str | Path | None = None
                        n_queries: int | None = None, max_new_tokens: int | None = None,
                        overrides: Iterable[str] = (), preset: str | None = None) -> Path:
     """04: Table 4 and side-by-side samples. Returns table4.md."""
-    from medlib.evaluate import run_all, write_table4  # lazy: medlib.evaluate.cli imports this module
-
     lay = layout(profile, out_dir)
     recipe = eval_recipe_for(profile, data_dir, preset, overrides)
     bs = recipe.bertscore
@@ -208,8 +115,6 @@ def loss_figure_name(recipe: TrainRecipe) -> str:
 def chat_demo(profile: str = "local", out_dir: str | Path | None = None, script: Sequence[str] = (),
               max_new_tokens: int | None = None, adapter: str | Path | None = None, preset: str | None = None) -> Path:
     """06: a scripted conversation with the chatbot (the chat recipe's run in this layout, else the base model)."""
-    from medlib.chat.session import ChatSession, run_script  # lazy: the session imports this module
-
     lay = layout(profile, out_dir)
     recipe = config.load_chat(profile, preset=preset)
     if max_new_tokens is not None:
@@ -232,8 +137,6 @@ def chat_demo(profile: str = "local", out_dir: str | Path | None = None, script:
 
 
 def report(profile: str = "local", out_dir: str | Path | None = None, preset: str | None = None) -> Path:
-    from medlib.report import write_report  # lazy: the report imports this module
-
     lay = layout(profile, out_dir)
     figures(profile, out_dir, preset)
     return write_report(lay, preset)

@@ -8,7 +8,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from medlib.evaluate.tables import TABLE3_COLUMNS, TABLE4_METRICS
+from medlib.evaluate.tables import COLUMNS_FILE, TABLE4_METRICS
 
 
 def _pyplot():
@@ -104,8 +104,9 @@ def _grouped_bars(ax, groups: list[str], series: list[tuple[str, list[float | No
 def plot_mcq_bars(table3_csv: str | Path, path: str | Path) -> Path:
     with open(table3_csv) as f:
         rows = list(csv.DictReader(f))
-    keys = [k for k, _ in TABLE3_COLUMNS]
-    titles = [t.split(" (")[0] for _, t in TABLE3_COLUMNS]
+    columns = json.loads((Path(table3_csv).parent / COLUMNS_FILE).read_text())  # written beside it by write_table3
+    keys = [k for k, _ in columns]
+    titles = [t.replace(", extra)", ")") for _, t in columns]
     series = []
     for row in rows:
         if "comparison" in row["source"]:  # the tables hold every paper row; the figure, the paper's own models

@@ -10,8 +10,8 @@ from typing import Any
 
 from medlib import config
 from medlib.evaluate.tables import collect_results
-from medlib.pipeline import stage_recipes
 from medlib.plots import read_log_history
+from medlib.runs import stage_recipes
 
 
 def _json(path: Path) -> dict[str, Any] | None:

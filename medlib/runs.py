@@ -1,4 +1,7 @@
-"""The run folder, the contract between training and everything after it.
+"""The floor every step stands on: where a profile's runs write (Layout), which recipes a profile's stages
+use, and the run folder, the contract between training and everything after it.
+
+Nothing here imports a step (data building, training, evaluation, chat, report); every step imports this.
 
 A training run folder holds an adapter (adapter_model.safetensors + adapter_config.json), the tokenizer it
 trained with, recipe.resolved.yaml and run_metadata.json. Evaluation, the chatbot, `medlib serve` and
@@ -15,10 +18,13 @@ import logging
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Iterable, Literal
 
+from medlib import config
+from medlib.config import TrainRecipe
 from medlib.data.io import file_sha256
 from medlib.models import dequantize_exactly, load_for_inference, load_hf_model, load_tokenizer
+from medlib.paths import outputs_dir, resolve
 
 log = logging.getLogger(__name__)
 
@@ -27,6 +33,75 @@ MERGED_DIR = "merged_16bit"          # the merged 16-bit model inside a run fold
 MERGED_RECORD = "merged_from.json"   # which adapter and base a merged folder was made from
 NF4_BLOCKSIZE = 64                   # bitsandbytes' default, and the Hub's -bnb-4bit checkpoints'
 Weights = Literal["as_trained", "requantized_merge"]
+
+
+# --------------------------------------------------------------------------------- where runs write
+
+@dataclass(frozen=True)
+class Layout:
+    """Where a profile's runs write, derived from the output root and the recipes' names."""
+    profile: str
+    root: Path
+
+    def mixture(self, name: str) -> Path:
+        return self.root / "data" / name
+
+    def run(self, name: str) -> Path:
+        return self.root / name
+
+    @property
+    def eval(self) -> Path:
+        return self.root / "eval"
+
+    @property
+    def figures(self) -> Path:
+        return self.root / "figures"
+
+    @property
+    def notebooks(self) -> Path:
+        return self.root / "notebooks"
+
+    @property
+    def chat(self) -> Path:
+        return self.root / "chat"
+
+    def study(self, name: str = "dmt") -> Path:
+        return self.root / "study" / name
+
+    @property
+    def report(self) -> Path:
+        return self.root / "REPORT.md"
+
+    def export(self, name: str) -> Path:
+        return self.root / "export" / name
+
+
+def layout(profile: str = "local", out_dir: str | Path | None = None) -> Layout:
+    return Layout(profile, resolve(out_dir) if out_dir else outputs_dir() / profile)
+
+
+def with_data_dir(recipe: Any, data_dir: str | Path | None) -> Any:
+    """The recipe reading its published files from data_dir (None: unchanged)."""
+    return recipe if data_dir is None else recipe.replace(data=recipe.data.replace(data_dir=str(data_dir)))
+
+
+def stage_recipes(profile: str, data_dir: str | None = None, preset: str | None = None,
+                  overrides: Iterable[str] = ()) -> dict[int, TrainRecipe]:
+    """The profile's stage-1 and stage-2 recipes (a preset and --set overrides applied to both)."""
+    return {stage: with_data_dir(config.load_train(profile, stage, overrides, preset), data_dir) for stage in (1, 2)}
+
+
+def stage1_of(recipe: TrainRecipe) -> TrainRecipe:
+    """The stage-1 recipe a stage-2 recipe starts from and replays (its from_run), same data folder."""
+    stage1 = config.load_train(recipe.profile, 1)
+    if recipe.from_run != stage1.run_name:
+        raise config.RecipeError(f"{recipe.meta.recipe_file}: from_run {recipe.from_run!r} is not the profile's stage-1 "
+                                 f"run {stage1.run_name!r}; pass the stage-1 run folder (--from) instead")
+    return stage1.replace(data=stage1.data.replace(data_dir=recipe.data.data_dir, strict=recipe.data.strict,
+                                                   hub=recipe.data.hub, hub_mirror=recipe.data.hub_mirror))
+
+
+# ------------------------------------------------------------------------------------ the run folder
 
 
 def merge_dtype(precision: str) -> Any:

@@ -40,9 +40,9 @@ from medlib.evaluate.bertscore import run_bertscore
 from medlib.evaluate.common import load_evaluated
 from medlib.evaluate.mcq import run_mcq
 from medlib.evaluate.retention import record_losses
-from medlib.pipeline import Layout, layout, stage1_of, train_stage, with_data_dir
+from medlib.pipeline import train_stage
 from medlib.plots import _pyplot, _save
-from medlib.runs import RunRecord
+from medlib.runs import Layout, RunRecord, layout, stage1_of, with_data_dir
 from medlib.training import train_or_resume
 
 PAPER_SHARE = 33_333 / (100_000 + 33_333)   # Table 2: replayed stage-1 rows among stage-2 training rows

@@ -4,6 +4,7 @@ file, the key, the expected type and the value; no library code branches on a pr
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 import pytest
 
@@ -73,3 +74,25 @@ def test_no_library_code_branches_on_a_profile_name():
             if pattern.search(line):
                 offenders.append(f"{path.relative_to(PACKAGE_DIR)}:{number}: {line.strip()}")
     assert not offenders, offenders
+
+
+def test_training_keys_are_sft_configs_own_and_sft_passes_any_other_through():
+    """A new TRL argument needs no medlib code: the typed keys are SFTConfig's names, and training.sft passes the rest."""
+    import dataclasses
+
+    from trl import SFTConfig
+
+    from medlib.config import MEDLIB_ONLY, TrainingSettings, load_train
+    from medlib.training.arguments import sft_config, trainer_settings
+
+    sft_fields = {f.name for f in dataclasses.fields(SFTConfig)}
+    typed = {f.name for f in dataclasses.fields(TrainingSettings)} - set(MEDLIB_ONLY)
+    assert typed <= sft_fields, typed - sft_fields
+    recipe = load_train("local", 1, ["training.sft.max_grad_norm=0.25", "training.sft.neftune_noise_alpha=5"])
+    settings, _ = trainer_settings(recipe, "hf", [])
+    config = sft_config(settings, Path("/tmp/unused"), has_validation=True)
+    assert config.max_grad_norm == 0.25 and config.neftune_noise_alpha == 5 and config.learning_rate == 3e-4
+    with pytest.raises(RecipeError, match="training.sft.warp_speed is not an SFTConfig argument"):
+        load_train("local", 1, ["training.sft.warp_speed=9"])
+    with pytest.raises(RecipeError, match="set it as training.max_steps, its typed key"):
+        load_train("local", 1, ["training.sft.max_steps=9"])

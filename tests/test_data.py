@@ -264,7 +264,7 @@ def test_cli_build_prints_a_summary(tmp_path):
 
 
 def test_notechat_turns_follow_the_authors_speaker_rule():
-    from medlib.data.loaders import split_notechat_conversation
+    from medlib.data.sources import split_notechat_conversation
 
     text = ("[The patient is in the ward.]\nDoctor: Good morning. How are you feeling?\n"
             "Patient: Not great, my chest hurts.\nPatient’s Family: He has had it since yesterday.\n\n"

@@ -12,14 +12,14 @@ import random
 import pytest
 import yaml
 
-from medlib.config import load_eval
+from medlib.config import McqSettings, RecipeError, load_eval
 from medlib.data.eval_sets import load_eval_set
 from medlib.data.mixtures import seeded_subset
 from medlib.data.validate import mcq_problem
 from medlib.evaluate import common, tables
 from medlib.evaluate.bertscore import run_bertscore
 from medlib.evaluate.mcq import (
-    MIN_SHARED_PREFIX, MCQSettings, bootstrap_ci, cached_prefix_length, encode_prompt, evaluate_records,
+    MIN_SHARED_PREFIX, bootstrap_ci, cached_prefix_length, encode_prompt, evaluate_records,
     loglik_letter_scores, parse_answer, run_mcq, shared_prefix_length,
 )
 from medlib.models import SMOLLM2, SMOLLM2_NF4, adapter_chain, load_for_inference
@@ -99,8 +99,8 @@ def test_the_authors_parse_rule_and_answer_cue(tokenizer):
     text = tokenizer.decode(ids)
     assert "D. Diuretic" in text and "Answer:<|im_end|>" in text   # the cue ends the user turn
     assert text.endswith("<|im_start|>assistant\n")
-    with pytest.raises(ValueError, match="unknown parse rule"):
-        MCQSettings(parse="vote")
+    with pytest.raises(RecipeError, match="parse must be one of 'medlib', 'authors'"):
+        McqSettings(sets=()).replace(parse="vote")
 
 
 def test_long_context_is_cut_from_its_start(tokenizer):
@@ -175,12 +175,14 @@ def test_table3_every_row_and_column_and_reference_numbers(tmp_path):
     reference = tables.load_reference()
     assert [r["model"] for r in rows] == ["Base", "Med-Mix", "Med-Nirvana"] + [
         f"{r['model']} {r['size']}" if r["size"] else r["model"] for r in reference["table3"]["rows"]]
-    for key, _ in tables.TABLE3_COLUMNS:
+    columns = tables.table3_columns(results)
+    assert [k for k, _ in columns] == ["medqa", "medmcqa", "pubmedqa", "average", "mmlu_med"]
+    for key, _ in columns:
         assert f"{key}_accuracy" in rows[0]
     assert rows[1]["medqa_accuracy"] == "30.0" and rows[1]["medqa_ci95_low"] == "25.0"
     text = md.read_text()
     header = text.splitlines()[2]
-    for title in tables.TABLE3_ID_COLUMNS + [t for _, t in tables.TABLE3_COLUMNS]:
+    for title in tables.TABLE3_ID_COLUMNS + [t for _, t in columns]:
         assert title in header
     # Every transcribed paper row is in the table, with its numbers, "–" where the paper reports none.
     assert reference["table3"]["status"] == "transcribed"
@@ -282,10 +284,10 @@ def test_adapter_trained_on_one_item_picks_its_letter(tmp_path, data_dir, smollm
     import torch
 
     record = dict(local_eval_set("medqa", data_dir)[0])
-    settings = MCQSettings(method="loglik", bootstrap_samples=100, system_prompt=SYSTEM_PROMPT)
+    settings = McqSettings(sets=(), method="loglik", bootstrap_samples=100)
     model, tokenizer = load_for_inference(SMOLLM2, None, dtype="float32")
     common.prepare_tokenizer(tokenizer)
-    _, base_pred = evaluate_records(model, tokenizer, [record], settings, "one")
+    _, base_pred = evaluate_records(model, tokenizer, [record], settings, SYSTEM_PROMPT, set_name="one")
     # Ask for a letter the base model does NOT pick, so only the adapter can make it right.
     target = next(L for L in "DCBA" if L != base_pred[0]["prediction"])
     record["answer"] = target
@@ -303,13 +305,13 @@ def test_adapter_trained_on_one_item_picks_its_letter(tmp_path, data_dir, smollm
     with torch.no_grad():
         torch.testing.assert_close(tuned(**ids).logits, unmerged.eval()(**ids).logits, atol=1e-4, rtol=1e-4)
     bad_items = [dict(record, id="no-options", options={}), dict(record, id="bad-letter", answer="F")]
-    summary, predictions = evaluate_records(tuned, tokenizer, [record] + bad_items, settings, "one")
+    summary, predictions = evaluate_records(tuned, tokenizer, [record] + bad_items, settings, SYSTEM_PROMPT, set_name="one")
     assert predictions[0]["prediction"] == target and predictions[0]["correct"]
     assert summary["accuracy"] == 1.0 and summary["n_scored"] == 1 and summary["n_total"] == 3
     assert {b["id"]: b["reason"] for b in summary["bad_items"]} == {
         "no-options": "fewer than 2 options (0)", "bad-letter": "answer 'F' is not among the options ['A', 'B', 'C', 'D']"}
-    gen_summary, gen_pred = evaluate_records(tuned, tokenizer, [record], MCQSettings(method="generate", max_new_tokens=4,
-                                             system_prompt=SYSTEM_PROMPT, bootstrap_samples=100), "one")
+    generate = settings.replace(method="generate", generation=settings.generation.replace(max_new_tokens=4))
+    gen_summary, gen_pred = evaluate_records(tuned, tokenizer, [record], generate, SYSTEM_PROMPT, set_name="one")
     assert gen_pred[0]["prediction"] == target, gen_pred[0]["reply"]
 
 
@@ -327,7 +329,7 @@ def test_prefix_cache_gives_the_uncached_letter_scores(data_dir, smollm2_dir):
     cached = loglik_letter_scores(model, tokenizer, prompts, batch_size=3, prefix_cache=True)
     assert max(abs(a[L] - b[L]) for a, b in zip(plain, cached) for L in a) < 1e-3
     assert [max(a, key=a.get) for a in plain] == [max(b, key=b.get) for b in cached]
-    summary, _ = evaluate_records(model, tokenizer, records, MCQSettings(bootstrap_samples=10, system_prompt=SYSTEM_PROMPT))
+    summary, _ = evaluate_records(model, tokenizer, records, McqSettings(sets=(), bootstrap_samples=10), SYSTEM_PROMPT)
     assert summary["cached_prefix_tokens"] == shared
 
 
@@ -356,8 +358,8 @@ def test_loglik_agrees_with_lm_eval(data_dir, smollm2_dir):
     model, tokenizer = load_for_inference(SMOLLM2, None, dtype="float32")
     common.prepare_tokenizer(tokenizer)
     records = [r for name in ("medqa", "pubmedqa") for r in seeded_subset(local_eval_set(name, data_dir), 5, 1)]
-    settings = MCQSettings(method="loglik", bootstrap_samples=100, system_prompt=SYSTEM_PROMPT)
-    _, ours = evaluate_records(model, tokenizer, records, settings, "mixed")
+    settings = McqSettings(sets=(), method="loglik", bootstrap_samples=100)
+    _, ours = evaluate_records(model, tokenizer, records, settings, SYSTEM_PROMPT, set_name="mixed")
     prompts = [encode_prompt(tokenizer, r, SYSTEM_PROMPT, settings.max_length)[0] for r in records]
     theirs, _ = lm_eval_letter_predictions(model, tokenizer, prompts, records, batch_size=4)
     assert [p["prediction"] for p in ours] == theirs

@@ -199,7 +199,7 @@ AWKWARD_REPLIES = ["Answer: B) Ceftriaxone", "Answer: B. Actually, to be sure, A
 
 def test_authors_mode_is_the_authors_own_code_on_awkward_rows():
     """Against their notebook cells themselves (tests/authors_code.py), not a description of them."""
-    from medlib.data.loaders import normalise_medqa, normalise_notechat
+    from medlib.data.sources import normalise_medqa, normalise_notechat
     from medlib.data.validate import record_problem
     from medlib.evaluate.mcq import parse_answer_authors
 

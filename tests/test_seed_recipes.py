@@ -21,9 +21,9 @@ def test_paper_recipes_name_the_seeds_models_and_data():
     assert chatdoctor.model.name == "meta-llama/Llama-2-7b-chat-hf"
     assert chatdoctor.data.sources[0].source == "healthcaremagic"
     assert chatdoctor.handoff == "from_base" and chatdoctor.data.replay is None and not chatdoctor.uses_stage1
-    from medlib.data.loaders import HUB
+    from medlib.data.sources import get_source
 
-    assert HUB["healthcaremagic"]["id"] == "lavita/ChatDoctor-HealthCareMagic-100k"
+    assert get_source("healthcaremagic").hub_id == "lavita/ChatDoctor-HealthCareMagic-100k"
     llama3 = config.load_train("paper", "llama3_chatbot")
     assert llama3.model.name == "meta-llama/Meta-Llama-3-8B-Instruct" and llama3.model.load_in_4bit
     assert llama3.lora.target_modules == ("q_proj", "k_proj", "v_proj", "o_proj")   # attention projections

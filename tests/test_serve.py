@@ -280,7 +280,7 @@ def test_nothing_typed_is_written_to_disk(server):
 # ---------------------------------------------------------------------- limits, in process
 @pytest.fixture(scope="module")
 def app_factory():
-    from medlib.chat.serve import ChatServer, ServeSettings, create_app
+    from medlib.chat.serve import ChatServer, create_app
     from medlib.chat.session import ChatSession
 
     session = ChatSession.from_profile("local", overrides=["generation.max_new_tokens=8", "run=null"])
@@ -288,9 +288,8 @@ def app_factory():
     def make(**changes):
         from fastapi.testclient import TestClient
 
-        settings = ServeSettings(host="127.0.0.1", port=0, max_request_bytes=65536, rate_limit_per_minute=60,
-                                 max_queue=8, transcript=None, api_key=None)
-        settings = ServeSettings(**{**settings.__dict__, **changes})
+        settings = session.recipe.serve.replace(port=0, max_queue=8, **{k: str(v) if k == "transcript" else v
+                                                                          for k, v in changes.items()})
         return TestClient(create_app(ChatServer(session, settings), with_page=False))
 
     return make

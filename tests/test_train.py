@@ -391,7 +391,8 @@ def test_errors_before_heavy_work(tmp_path, monkeypatch, stage1_mixture):
     from medlib.models import ModelNotFoundError
     from medlib.config import load_train
     from medlib.data.validate import DataError
-    from medlib.pipeline import Layout, train_run
+    from medlib.runs import Layout
+    from medlib.training.run import train_run
     from medlib.training import TrainError, train
 
     monkeypatch.setattr(backends, "load_for_training", lambda *a, **k: pytest.fail("loaded a model"))

@@ -27,13 +27,12 @@ import threading
 import time
 import uuid
 from collections import defaultdict, deque
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
 from medlib.chat import guardrails
 from medlib.chat.session import ChatSession
-from medlib.config import ChatRecipe
+from medlib.config import ServeSettings
 
 log = logging.getLogger(__name__)
 API_KEY_ENV = "MEDLIB_API_KEY"
@@ -51,28 +50,6 @@ class RequestError(Exception):
                  headers: dict[str, str] | None = None):
         super().__init__(message)
         self.status, self.message, self.kind, self.param, self.headers = status, message, kind, param, headers or {}
-
-
-@dataclass(frozen=True)
-class ServeSettings:
-    host: str
-    port: int
-    max_request_bytes: int
-    rate_limit_per_minute: int
-    max_queue: int
-    transcript: Path | None
-    api_key: str | None
-
-    @classmethod
-    def from_recipe(cls, recipe: ChatRecipe, host: str | None = None, port: int | None = None,
-                    transcript: str | None = None) -> "ServeSettings":
-        s = recipe.serve
-        path = transcript or s.transcript
-        return cls(host=host or s.host, port=port if port is not None else s.port,
-                   max_request_bytes=s.max_request_bytes,
-                   rate_limit_per_minute=s.rate_limit_per_minute, max_queue=s.max_queue,
-                   transcript=Path(path) if path else None,
-                   api_key=os.environ.get(API_KEY_ENV) or None)
 
 
 class RateLimiter:
@@ -157,9 +134,13 @@ def served_model_id(profile: str, adapter: str | None) -> str:
 class ChatServer:
     """One ChatSession shared by the page and the API; requests take turns on the model."""
 
-    def __init__(self, session: Any, settings: ServeSettings):
+    def __init__(self, session: Any, settings: ServeSettings, api_key: str | None = None):
+        """settings: the chat recipe's `serve:` section (host, port and transcript as the command line set them);
+        api_key: the key every request must carry (from the MEDLIB_API_KEY environment variable), or None."""
         self.session = session
         self.settings = settings
+        self.api_key = api_key
+        self.transcript = Path(settings.transcript) if settings.transcript else None
         self.limiter = RateLimiter(settings.rate_limit_per_minute)
         self._model_lock = threading.Lock()
         self._waiting = 0
@@ -186,10 +167,10 @@ class ChatServer:
 
     def record(self, interface: str, text: str, reply: Any) -> None:
         """Append the turn to the transcript, only when the operator asked for one."""
-        if self.settings.transcript is None:
+        if self.transcript is None:
             return
-        self.settings.transcript.parent.mkdir(parents=True, exist_ok=True)
-        with self._transcript_lock, open(self.settings.transcript, "a", encoding="utf-8") as f:
+        self.transcript.parent.mkdir(parents=True, exist_ok=True)
+        with self._transcript_lock, open(self.transcript, "a", encoding="utf-8") as f:
             f.write(json.dumps({"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "interface": interface,
                                 "user": text, "kind": reply.kind, "red_flags": reply.red_flags,
                                 "reply": reply.text}, ensure_ascii=False) + "\n")
@@ -275,11 +256,11 @@ def create_app(server: ChatServer, with_page: bool = True):
         return error_response(500, f"internal error ({type(exc).__name__}); see the server log", "server_error")
 
     def authorize(request: Request) -> None:
-        if settings.api_key is None:
+        if server.api_key is None:
             return
         header = request.headers.get("authorization", "")
         given = header[7:] if header.lower().startswith("bearer ") else ""
-        if not hmac.compare_digest(given.encode(), settings.api_key.encode()):
+        if not hmac.compare_digest(given.encode(), server.api_key.encode()):
             raise RequestError(401, f"missing or wrong API key: send 'Authorization: Bearer <{API_KEY_ENV}>'",
                                kind="authentication_error")
 
@@ -368,9 +349,9 @@ def create_app(server: ChatServer, with_page: bool = True):
         import gradio as gr
 
         auth = None
-        if settings.api_key is not None:
+        if server.api_key is not None:
             def auth(username: str, password: str) -> bool:
-                return hmac.compare_digest(password.encode(), settings.api_key.encode())
+                return hmac.compare_digest(password.encode(), server.api_key.encode())
         app = gr.mount_gradio_app(app, build_page(server), path="/", auth=auth, ssr_mode=False,
                                   footer_links=[], auth_message="Password: this server's MEDLIB_API_KEY "
                                                                 "(any user name).")
@@ -414,7 +395,7 @@ def build_page(server: ChatServer):
         yield shown + f"\n\n*route: {route_label(stream.reply)}*"
 
     logged = (f"This server keeps a transcript of every conversation (at the operator's request: "
-              f"{server.settings.transcript.name})." if server.settings.transcript else
+              f"{server.transcript.name})." if server.transcript else
               "Nothing you type is written to disk by this server.")
     description = (f"{NOT_A_DEVICE}\n\nModel: {server.session.describe()}. {logged} "
                    "Each reply ends with the route it took: medical (the model answered), greeting, fallback "
@@ -460,8 +441,9 @@ def run(args: argparse.Namespace) -> int:
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
     session = ChatSession.from_profile(args.profile, adapter=args.adapter, overrides=args.overrides)
-    settings = ServeSettings.from_recipe(session.recipe, args.host, args.port, args.transcript)
-    server = ChatServer(session, settings)
+    given = {"host": args.host, "port": args.port, "transcript": args.transcript}
+    settings = session.recipe.serve.replace(**{k: v for k, v in given.items() if v is not None})
+    server = ChatServer(session, settings, api_key=os.environ.get(API_KEY_ENV) or None)
     app = create_app(server, with_page=not args.no_page)
     sock = socket.socket(socket.AF_INET6 if ":" in settings.host else socket.AF_INET)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -470,8 +452,8 @@ def run(args: argparse.Namespace) -> int:
     print(f"[medlib serve] {session.describe()}", flush=True)
     for notice in session.startup_notices:
         print(f"[medlib serve] {notice}", flush=True)
-    print(f"[medlib serve] API key {'required' if settings.api_key else f'not required (set {API_KEY_ENV} to require one)'}; "
-          f"transcript {settings.transcript or 'off: nothing typed is written to disk'}", flush=True)
+    print(f"[medlib serve] API key {'required' if server.api_key else f'not required (set {API_KEY_ENV} to require one)'}; "
+          f"transcript {server.transcript or 'off: nothing typed is written to disk'}", flush=True)
     print(f"[medlib serve] listening on http://{host}:{port}/ (page{'' if not args.no_page else ' off'}) "
           f"and http://{host}:{port}/v1", flush=True)
     uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False)).run(sockets=[sock])

@@ -28,9 +28,8 @@ from medlib.chat.router import RouteDecision, Router
 from medlib.config import ChatRecipe, load_chat
 from medlib.models import ModelNotFoundError
 from medlib.paths import resolve
-from medlib.pipeline import layout
 from medlib.prompts import effective_system_prompt, render_chat
-from medlib.runs import METADATA_FILE, RunRecord, load_run
+from medlib.runs import METADATA_FILE, RunRecord, layout, load_run
 
 log = logging.getLogger(__name__)
 StreamFn = Callable[[str], None]

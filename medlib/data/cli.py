@@ -9,8 +9,9 @@ from collections import Counter
 from medlib import config
 from medlib.cli_common import add_common_args
 from medlib.data.loaders import load_source
-from medlib.data.mixtures import build_mixture, summary_lines
-from medlib.pipeline import ensure_mixture, layout, stage1_of, with_data_dir
+from medlib.data.mixtures import build_mixture, ensure_mixture, summary_lines
+from medlib.data.sources import get_source, source_names
+from medlib.runs import layout, stage1_of, with_data_dir
 from medlib.prompts import record_to_messages
 
 
@@ -24,7 +25,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     which.add_argument("--recipe", default=None, metavar="NAME", help="another training recipe, e.g. chatdoctor")
     build.set_defaults(func=cmd_build)
     inspect = sub.add_parser("inspect", help="counts and one formatted prompt of a source")
-    inspect.add_argument("source", help="medqa, medmcqa, pubmedqa, mmlu_med, notechat, genmedgpt, healthcaremagic, icliniq")
+    inspect.add_argument("source", choices=source_names(), help="a registered source (medlib.data.sources)")
     inspect.add_argument("--split", default=None, help="default: the source's evaluation or training split")
     inspect.add_argument("--data-dir", default=None, help="folder of published files ('samples' for the shipped samples)")
     inspect.add_argument("--hub", action="store_true", help="read from the Hugging Face Hub instead of a folder")
@@ -41,12 +42,8 @@ def cmd_build(args: argparse.Namespace) -> int:
     return 0
 
 
-DEFAULT_SPLITS = {"medqa": "test", "medmcqa": "validation", "pubmedqa": "pqa_labeled", "mmlu_med": "test",
-                  "notechat": "train", "genmedgpt": "train", "healthcaremagic": "train", "icliniq": "train"}
-
-
 def cmd_inspect(args: argparse.Namespace) -> int:
-    split = args.split or DEFAULT_SPLITS.get(args.source, "train")
+    split = args.split or get_source(args.source).default_split
     result = load_source(args.source, split, args.data_dir, strict=False, hub=args.hub)
     print(json.dumps(result.summary(), indent=1))
     if result.records and "options" in result.records[0]:

@@ -8,15 +8,16 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from medlib.config import EvalSetSpec
-from medlib.data.loaders import DERIVED_SPLITS, HUB, LOCAL_FILES, chat_holdout_ids, load_source, resolve_data_dir
+from medlib.data.loaders import chat_holdout_ids, derived_split, load_source, published_split, resolve_data_dir
+from medlib.data.sources import get_source
 
 
 def locate(spec: EvalSetSpec, folders: Sequence[str | Path | None]) -> Path | None:
     """The first folder holding the set's file, or None (then only the Hub has it)."""
-    base_split = DERIVED_SPLITS.get((spec.source, spec.split), (spec.split,))[0]
+    files = get_source(spec.source).local_files.get(published_split(spec.source, spec.split), ())
     for folder in folders:
         path = resolve_data_dir(folder)
-        if any((path / f).exists() for f in LOCAL_FILES.get((spec.source, base_split), [])):
+        if any((path / f).exists() for f in files):
             return path
     return None
 
@@ -34,7 +35,7 @@ def load_eval_set(spec: EvalSetSpec, folders: Sequence[str | Path | None], hub: 
     n = n or spec.holdout
     records = load_source(spec.source, spec.split, folder, strict=strict, hub=folder is None, hub_mirror=hub_mirror,
                           **({"chat_holdout": n} if n else {})).records
-    if n and (spec.source, spec.split) not in DERIVED_SPLITS:
+    if n and derived_split(spec.source, spec.split) is None:
         held = chat_holdout_ids(records, n)
         records = [r for r in records if r["id"] in held]
     return records
@@ -43,11 +44,11 @@ def load_eval_set(spec: EvalSetSpec, folders: Sequence[str | Path | None], hub: 
 def eval_set_origin(spec: EvalSetSpec, folders: Sequence[str | Path | None], hub_mirror: str | Path | None = None) -> str:
     """Where load_eval_set reads the set: the file (in the first folder that has it), or the Hub id
     (`mirror:` for a folder laid out like the Hub), with the derived split it takes when it takes one."""
-    base_split = DERIVED_SPLITS.get((spec.source, spec.split), (spec.split,))[0]
-    derived = f" [{spec.split}]" if (spec.source, spec.split) in DERIVED_SPLITS else ""
+    base_split = published_split(spec.source, spec.split)
+    derived = f" [{spec.split}]" if derived_split(spec.source, spec.split) else ""
     folder = None if hub_mirror else locate(spec, folders)
     if folder is not None:
-        path = next(folder / f for f in LOCAL_FILES[(spec.source, base_split)] if (folder / f).exists())
+        path = next(folder / f for f in get_source(spec.source).local_files[base_split] if (folder / f).exists())
         return f"{path}{derived}"
-    hub_id = HUB.get(spec.source, {}).get("id", spec.source)
+    hub_id = get_source(spec.source).hub_id or spec.source
     return f"{'mirror' if hub_mirror else 'hub'}:{hub_id}:{base_split}{derived}"

@@ -22,10 +22,11 @@ from medlib.data.decontam import EvalIndex, decontaminate
 from medlib.data.eval_sets import load_eval_set
 from medlib.data.io import file_sha256, read_jsonl, write_jsonl
 from medlib.data.loaders import load_source
+from medlib.data.sources import get_source, source_names
 from medlib.data.validate import DataError, ValidationReport, record_problem
 from medlib.paths import default_data_dir
+from medlib.runs import Layout, stage1_of
 
-DECONTAMINATION_SETS = ("medqa", "medmcqa", "pubmedqa", "mmlu_med")
 MIXTURE_FILES = ("train.jsonl", "validation.jsonl", "manifest.json")
 
 log = logging.getLogger(__name__)
@@ -69,8 +70,9 @@ def eval_index(recipe: TrainRecipe, eval_recipe: EvalRecipe, with_chat: bool) ->
     data = recipe.data
     folders = [folder for folder in (data.eval_data_dir, data.data_dir) if folder] + [default_data_dir()]
     index = EvalIndex()
-    for name in DECONTAMINATION_SETS:
-        index.add(name, load_eval_set(eval_recipe.sets[name], folders, data.hub, name, hub_mirror=data.hub_mirror))
+    for name, spec in eval_recipe.sets.items():  # every evaluation set of the eval recipe, whatever its name
+        if get_source(spec.source).kind == "mcq":
+            index.add(name, load_eval_set(spec, folders, data.hub, name, hub_mirror=data.hub_mirror))
     if with_chat:
         for spec in eval_recipe.chat_sets:
             index.add("chat_eval", load_eval_set(spec, folders, data.hub, "chat_sets", strict=False,
@@ -232,10 +234,11 @@ def build_stage2(recipe: TrainRecipe, eval_recipe: EvalRecipe | None,
                 rows.extend(_shuffled(pool, data.seed)[:k])
             else:
                 rows.extend(_take(pool, k, f"replay from stage-1 {split}", strict, rng, notes))
+        mcq_sources = set(source_names("mcq"))
         sources.append({"source": "stage1_replay", "origin": str(stage1_dir),
                         "stage1_content_hash": manifest1.get("content_hash"),
-                        "taken": {"train": sum(r.get("source") in _mcq_sources() for r in train),
-                                  "validation": sum(r.get("source") in _mcq_sources() for r in validation)}})
+                        "taken": {"train": sum(r.get("source") in mcq_sources for r in train),
+                                  "validation": sum(r.get("source") in mcq_sources for r in validation)}})
     if not train:
         raise DataError("stage 2 mixture", "sources", "no rows left: the mixture would be empty")
     if authors:
@@ -247,10 +250,6 @@ def build_stage2(recipe: TrainRecipe, eval_recipe: EvalRecipe | None,
 
 def _data_origin(data: DataSettings) -> str:
     return data.data_dir or (f"hub mirror {data.hub_mirror}" if data.hub_mirror else "hub")
-
-
-def _mcq_sources() -> set[str]:
-    return {"medqa", "medmcqa", "pubmedqa", "mmlu_med"}
 
 
 def _brief(decon: dict[str, Any] | None) -> dict[str, Any] | None:
@@ -357,3 +356,17 @@ def seeded_subset(records: list[dict], n: int | None, seed: int) -> list[dict]:
         return records
     rng = random.Random(seed)
     return [records[i] for i in sorted(rng.sample(range(len(records)), n))]
+
+
+def ensure_mixture(recipe: TrainRecipe, lay: Layout, eval_recipe: EvalRecipe | None = None) -> Path:
+    """The recipe's mixture folder in the layout, built when missing (a stage-2 replay mixture's
+    stage-1 mixture first). Built mixtures are read as they are."""
+    target = lay.mixture(recipe.mixture)
+    if all((target / name).exists() for name in MIXTURE_FILES):
+        return target
+    eval_recipe = eval_recipe or config.load_eval(recipe.profile)
+    stage1_mixture = None
+    if recipe.data.replay is not None:
+        stage1 = stage1_of(recipe)
+        stage1_mixture = ensure_mixture(stage1, lay, eval_recipe)
+    return build_mixture(recipe, target, eval_recipe, stage1_mixture)

@@ -1,4 +1,4 @@
-"""`medlib eval mcq|bertscore|all|tables`, and run_all: the base model and every run of the eval recipe."""
+"""`medlib eval mcq|bertscore|all|tables`."""
 
 from __future__ import annotations
 
@@ -10,40 +10,14 @@ from typing import Any
 from medlib import config
 from medlib.cli_common import add_common_args
 from medlib.config import EvalRecipe
+from medlib.data.sources import source_names
 from medlib.evaluate.bertscore import run_bertscore
-from medlib.evaluate.common import load_evaluated
 from medlib.evaluate.mcq import run_mcq
 from medlib.evaluate.tables import collect_results, write_samples, write_table3, write_table4
-from medlib.pipeline import layout, with_data_dir
+from medlib.evaluate.suite import run_all
+from medlib.runs import layout, with_data_dir
 
 log = logging.getLogger(__name__)
-
-
-def run_all(recipe: EvalRecipe, out_dir: str | Path, runs_root: str | Path, *, include_missing: bool = False,
-            mcq: bool = True, bertscore: bool = True) -> dict[str, Any]:
-    """The base model plus every run the recipe names (folders under runs_root): MCQ and BERTScore.
-
-    Each model is loaded once for both evaluations. A run whose folder has no adapter_config.json is
-    skipped with a logged reason (an error with include_missing=True).
-    """
-    models: list[tuple[str, Any]] = [("base", None)]
-    skipped = {}
-    for name in recipe.runs:
-        folder = Path(runs_root) / name
-        if (folder / "adapter_config.json").exists() or include_missing:
-            models.append((name, folder))
-        else:
-            skipped[name] = f"{folder} has no adapter_config.json (not trained yet?)"
-            log.warning("skipping %s: %s", name, skipped[name])
-    out: dict[str, Any] = {"mcq": {}, "bertscore": {}, "skipped": skipped}
-    for name, adapter in models:
-        loaded = load_evaluated(recipe, adapter)
-        if mcq:
-            out["mcq"][name] = run_mcq(recipe, out_dir, adapter, loaded=loaded)
-        if bertscore:
-            out["bertscore"][name] = run_bertscore(recipe, out_dir, adapter, loaded=loaded)
-        del loaded
-    return out
 
 
 def recipe_from_args(args: argparse.Namespace) -> EvalRecipe:
@@ -143,7 +117,8 @@ def register(subparsers: Any) -> None:
 
     mcq = sub.add_parser("mcq", help="multiple-choice accuracy with bootstrap CIs; writes predictions and table3")
     _model_args(mcq)
-    mcq.add_argument("--sets", default=None, help="comma-separated: medqa,medmcqa,pubmedqa,pubmedqa_test,mmlu_med")
+    mcq.add_argument("--sets", default=None, help="comma-separated names under the eval recipe's sets: (each a "
+                     f"source/split; MCQ sources: {', '.join(source_names('mcq'))})")
     mcq.add_argument("--method", choices=["loglik", "generate"], default=None)
     mcq.add_argument("--limit", type=int, default=None, help="questions per set (0 = all; default: the recipe's)")
     mcq.set_defaults(func=cmd_mcq)

@@ -20,14 +20,14 @@ import logging
 import os
 import re
 import time
-from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
-from medlib.config import EvalRecipe, RecipeError
+from medlib.config import EvalRecipe, McqSettings, RecipeError
 from medlib.data.eval_sets import eval_set_origin, load_eval_set
 from medlib.data.io import records_sha256, write_jsonl
 from medlib.data.mixtures import seeded_subset
+from medlib.data.sources import paper_columns
 from medlib.data.validate import mcq_problem
 from medlib.evaluate import common
 from medlib.evaluate.stats import letter_diagnostics
@@ -38,31 +38,18 @@ log = logging.getLogger(__name__)
 
 METHODS = ("loglik", "generate")
 PARSE_RULES = ("medlib", "authors")
-PAPER_SETS = ("medqa", "medmcqa", "pubmedqa")  # the paper's Table 3 columns; mmlu_med is our extra
-SET_TITLES = {"medqa": "MedQA", "medmcqa": "MedMCQA", "pubmedqa": "PubMedQA", "pubmedqa_test": "PubMedQA (test 500)",
-              "mmlu_med": "MMLU-med"}
 
 
-@dataclass
-class MCQSettings:
-    method: str = "loglik"
-    batch_size: int = 8
-    max_length: int = 512
-    bootstrap_samples: int = 1000
-    seed: int = 3407
-    max_new_tokens: int = 16
-    system_prompt: str | None = None
-    prefix_cache: bool = True  # loglik: run the prompts' shared prefix once
-    answer_cue: str = ""       # appended to the question's user turn (the authors': "\nAnswer:")
-    parse: str = "medlib"      # generate: medlib's lenient reading, or the authors' "Answer: X" substring rule
-    mcq_format: str = "medlib"  # the question's user turn, as the evaluated run was trained (medlib.prompts)
-    sampling: dict[str, Any] = field(default_factory=dict)  # generate: do_sample/temperature/top_p (empty: greedy)
+def sampling_of(mcq: McqSettings) -> dict[str, Any]:
+    """generate's decoding arguments: sampled as mcq.generation says, or {} (greedy)."""
+    g = mcq.generation
+    return {"do_sample": True, "temperature": g.temperature, "top_p": g.top_p} if g.do_sample else {}
 
-    def __post_init__(self) -> None:
-        if self.method not in METHODS:
-            raise ValueError(f"unknown MCQ method {self.method!r}; choose one of {', '.join(METHODS)}")
-        if self.parse not in PARSE_RULES:
-            raise ValueError(f"unknown parse rule {self.parse!r}; choose one of {', '.join(PARSE_RULES)}")
+
+def settings_record(mcq: McqSettings, system_prompt: str | None, mcq_format: str) -> dict[str, Any]:
+    """What results.json says about how questions were asked and scored (Table 3 prints it)."""
+    return {**mcq.to_dict(), "system_prompt": system_prompt, "mcq_format": mcq_format,
+            "max_new_tokens": mcq.generation.max_new_tokens, "sampling": sampling_of(mcq)}
 
 
 # ---------------------------------------------------------------- items and prompts
@@ -292,9 +279,14 @@ def generate_replies(model: Any, tokenizer: Any, prompts: Sequence[Sequence[int]
     return out  # type: ignore[return-value]
 
 
-def evaluate_records(model: Any, tokenizer: Any, records: Sequence[Mapping[str, Any]], settings: MCQSettings,
-                     set_name: str = "set") -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """Score one set. Returns (summary, per-question predictions); every record appears in the predictions."""
+def evaluate_records(model: Any, tokenizer: Any, records: Sequence[Mapping[str, Any]], mcq: McqSettings,
+                     system_prompt: str | None = None, mcq_format: str = "medlib", set_name: str = "set",
+                     seed: int | None = None) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Score one set as `mcq` says, each question asked with the evaluated model's system prompt and MCQ format;
+    seed (default mcq.seed) seeds sampled replies and the bootstrap. Returns (summary, per-question predictions);
+    every record appears in the predictions."""
+    seed = mcq.seed if seed is None else seed
+    sampling = sampling_of(mcq)
     started = time.perf_counter()
     predictions: list[dict[str, Any]] = []
     prompts: list[list[int]] = []
@@ -308,8 +300,8 @@ def evaluate_records(model: Any, tokenizer: Any, records: Sequence[Mapping[str, 
                                "correct": False, "status": "ok"}
         if problem is None:
             try:
-                ids, truncated = encode_prompt(tokenizer, record, settings.system_prompt, settings.max_length,
-                                               settings.answer_cue, settings.mcq_format)
+                ids, truncated = encode_prompt(tokenizer, record, system_prompt, mcq.max_length,
+                                               mcq.answer_cue, mcq_format)
             except ValueError as exc:
                 problem = str(exc)
             else:
@@ -325,9 +317,9 @@ def evaluate_records(model: Any, tokenizer: Any, records: Sequence[Mapping[str, 
 
     n_unparseable = 0
     if prompts:
-        if settings.method == "loglik":
-            scores = loglik_letter_scores(model, tokenizer, prompts, settings.batch_size, desc=f"{set_name} loglik",
-                                          prefix_cache=settings.prefix_cache)
+        if mcq.method == "loglik":
+            scores = loglik_letter_scores(model, tokenizer, prompts, mcq.batch_size, desc=f"{set_name} loglik",
+                                          prefix_cache=mcq.prefix_cache)
             for idx, letter_scores in zip(scorable, scores):
                 row = predictions[idx]
                 options = list(records[idx]["options"])
@@ -336,17 +328,17 @@ def evaluate_records(model: Any, tokenizer: Any, records: Sequence[Mapping[str, 
                 row["logprobs"] = {L: round(v, 4) for L, v in allowed.items()}
                 row["gold_logprob"] = letter_scores.get(row["answer"])
         else:
-            if settings.sampling:
+            if sampling:
                 import torch
 
-                torch.manual_seed(settings.seed)  # sampled replies repeat with the same seed
-            replies = generate_replies(model, tokenizer, prompts, settings.batch_size, settings.max_new_tokens,
-                                       desc=f"{set_name} generate", **settings.sampling)
+                torch.manual_seed(seed)  # sampled replies repeat with the same seed
+            replies = generate_replies(model, tokenizer, prompts, mcq.batch_size, mcq.generation.max_new_tokens,
+                                       desc=f"{set_name} generate", **sampling)
             for idx, prompt, reply in zip(scorable, prompts, replies):
                 row = predictions[idx]
                 row["reply"] = reply
                 options = records[idx]["options"]
-                if settings.parse == "medlib":
+                if mcq.parse == "medlib":
                     row["prediction"] = parse_answer(reply, options)
                 else:  # theirs reads the decoded prompt and reply together, special tokens kept
                     row["prediction"] = parse_answer_authors(tokenizer.decode(prompt) + reply, options)
@@ -358,20 +350,20 @@ def evaluate_records(model: Any, tokenizer: Any, records: Sequence[Mapping[str, 
 
     correct = [predictions[i]["correct"] for i in scorable]
     accuracy = sum(correct) / len(correct) if correct else float("nan")
-    lo, hi = bootstrap_ci(correct, settings.bootstrap_samples, settings.seed) if correct else (float("nan"),) * 2
+    lo, hi = bootstrap_ci(correct, mcq.bootstrap_samples, seed) if correct else (float("nan"),) * 2
     summary = {
-        "set": set_name, "method": settings.method, "n_total": len(records), "n_scored": len(scorable),
+        "set": set_name, "method": mcq.method, "n_total": len(records), "n_scored": len(scorable),
         "n_correct": sum(correct), "accuracy": accuracy, "ci95": [lo, hi],
         "n_bad": len(bad), "bad_items": bad,
-        "n_truncated": n_truncated, "max_length": settings.max_length,
-        "cached_prefix_tokens": cached_prefix_length(prompts, settings.prefix_cache) if settings.method == "loglik" else 0,
+        "n_truncated": n_truncated, "max_length": mcq.max_length,
+        "cached_prefix_tokens": cached_prefix_length(prompts, mcq.prefix_cache) if mcq.method == "loglik" else 0,
         "seconds": round(time.perf_counter() - started, 2),
     }
     summary["diagnostics"] = letter_diagnostics([predictions[i] for i in scorable])
-    if settings.method == "loglik" and scorable:  # continuous: moves where accuracy at 135M parameters cannot
+    if mcq.method == "loglik" and scorable:  # continuous: moves where accuracy at 135M parameters cannot
         gold = [predictions[i]["gold_logprob"] for i in scorable]
         summary["gold_logprob_mean"] = sum(gold) / len(gold)
-    if settings.method == "generate":
+    if mcq.method == "generate":
         summary["n_unparseable"] = n_unparseable
         summary["unparseable_share"] = n_unparseable / len(scorable) if scorable else float("nan")
     summary["questions_per_second"] = round(len(scorable) / summary["seconds"], 3) if summary["seconds"] else None
@@ -380,23 +372,12 @@ def evaluate_records(model: Any, tokenizer: Any, records: Sequence[Mapping[str, 
 
 # ---------------------------------------------------------------- a whole run
 
-def settings_from_recipe(recipe: EvalRecipe, system_prompt: str, mcq_format: str = "medlib") -> MCQSettings:
-    m = recipe.mcq
-    return MCQSettings(method=m.method, batch_size=m.batch_size, max_length=m.max_length,
-                       bootstrap_samples=m.bootstrap_samples, seed=m.seed, max_new_tokens=m.generation.max_new_tokens,
-                       system_prompt=system_prompt, prefix_cache=m.prefix_cache, answer_cue=m.answer_cue,
-                       parse=m.parse, mcq_format=mcq_format,
-                       sampling=({"do_sample": True, "temperature": m.generation.temperature, "top_p": m.generation.top_p}
-                                 if m.generation.do_sample else {}))
-
-
 def run_mcq(recipe: EvalRecipe, out_dir: str | Path, adapter: Any = None, *, label: str | None = None,
             write_tables: bool = True, loaded: tuple[Any, Any] | None = None) -> dict[str, Any]:
     """Evaluate the recipe's base model (+ an optional adapter or run folder) on its MCQ sets; write
     predictions and results.json in <out_dir>/mcq/<label>/, then table3. Returns the results dict.
     `loaded=(model, tokenizer)` reuses an already loaded model."""
     evaluated = common.EvaluatedModel.of(recipe, adapter, label)
-    settings = settings_from_recipe(recipe, evaluated.system_prompt, evaluated.mcq_format)
     m = recipe.mcq
     if m.runs < 1 or (m.runs > 1 and not (m.method == "generate" and m.generation.do_sample)):
         raise RecipeError(f"{recipe.meta.recipe_file}: mcq.runs is {m.runs}; more than one run needs sampled generation "
@@ -419,7 +400,8 @@ def run_mcq(recipe: EvalRecipe, out_dir: str | Path, adapter: Any = None, *, lab
     load_seconds = time.perf_counter() - started
 
     results: dict[str, Any] = {
-        "kind": "mcq", **evaluated.identity(lm, chain), "settings": asdict(settings),
+        "kind": "mcq", **evaluated.identity(lm, chain),
+        "settings": settings_record(m, evaluated.system_prompt, evaluated.mcq_format),
         "limit_per_set": m.limit, "sample_seed": m.sample_seed,
         "sets_source": {name: {**recipe.sets[name].to_dict(), **set_identity[name]} for name in m.sets},
         "data_dir": str(folders[0]) if folders[0] else None,
@@ -427,23 +409,23 @@ def run_mcq(recipe: EvalRecipe, out_dir: str | Path, adapter: Any = None, *, lab
     }
     correct_by_set: dict[str, list[float]] = {}
     for name, records in records_by_set.items():
-        log.info("%s: %d questions (%s%s)", name, len(records), settings.method, f", {m.runs} runs" if m.runs > 1 else "")
+        log.info("%s: %d questions (%s%s)", name, len(records), m.method, f", {m.runs} runs" if m.runs > 1 else "")
         runs = []
         for k in range(m.runs):  # sampled runs differ only by their seed
-            summary, predictions = evaluate_records(lm, tokenizer, records, replace(settings, seed=settings.seed + k),
-                                                    set_name=name)
+            summary, predictions = evaluate_records(lm, tokenizer, records, m, evaluated.system_prompt,
+                                                    evaluated.mcq_format, name, seed=m.seed + k)
             predictions_file = run_dir / (f"predictions_{name}.jsonl" if k == 0 else f"predictions_{name}_run{k + 1}.jsonl")
             write_jsonl(predictions_file, predictions)
             summary["predictions_file"] = str(predictions_file)
             runs.append((summary, [row["correct"] for row in predictions if not row["status"].startswith("bad item")]))
-        summary, correct = runs[0] if m.runs == 1 else mean_of_runs(runs, settings)
+        summary, correct = runs[0] if m.runs == 1 else mean_of_runs(runs, m)
         results["sets"][name] = summary
         correct_by_set[name] = correct
         log.info("%s: accuracy %.3f [%.3f, %.3f] over %d (bad %d, truncated %d)", name, summary["accuracy"],
                  *summary["ci95"], summary["n_scored"], summary["n_bad"], summary["n_truncated"])
-    results["average"] = average_of(correct_by_set, m.sets, settings)
-    results["average_paper_sets"] = average_of(correct_by_set, PAPER_SETS, settings) \
-        if all(s in m.sets for s in PAPER_SETS) else None
+    results["average"] = average_of(correct_by_set, m.sets, m)
+    results["average_paper_sets"] = average_of(correct_by_set, paper_columns(), m) \
+        if all(s in m.sets for s in paper_columns()) else None
     results["seconds"] = round(time.perf_counter() - started, 2)
     common.write_json(run_dir / "results.json", results)
     if write_tables:
@@ -451,7 +433,7 @@ def run_mcq(recipe: EvalRecipe, out_dir: str | Path, adapter: Any = None, *, lab
     return results
 
 
-def mean_of_runs(runs: Sequence[tuple[dict[str, Any], list[bool]]], settings: MCQSettings) -> tuple[dict[str, Any], list[float]]:
+def mean_of_runs(runs: Sequence[tuple[dict[str, Any], list[bool]]], mcq: McqSettings) -> tuple[dict[str, Any], list[float]]:
     """Several sampled runs of one set as one cell: the mean accuracy ± its SD over runs, and a bootstrap CI
     over questions of each question's share of runs answered right. The first run's predictions file stays
     the set's (paired comparisons read it); every run's file and accuracy are listed."""
@@ -462,9 +444,9 @@ def mean_of_runs(runs: Sequence[tuple[dict[str, Any], list[bool]]], settings: MC
     summary = dict(runs[0][0])
     summary.update({
         "accuracy": statistics.fmean(accuracies), "accuracy_sd": statistics.stdev(accuracies),
-        "ci95": list(bootstrap_ci(per_question, settings.bootstrap_samples, settings.seed)),
+        "ci95": list(bootstrap_ci(per_question, mcq.bootstrap_samples, mcq.seed)),
         "n_correct": sum(s["n_correct"] for s, _ in runs) / len(runs),
-        "runs": [{"seed": settings.seed + k, "accuracy": s["accuracy"], "n_correct": s["n_correct"],
+        "runs": [{"seed": mcq.seed + k, "accuracy": s["accuracy"], "n_correct": s["n_correct"],
                   "unparseable_share": s.get("unparseable_share"), "predictions_file": s["predictions_file"]}
                  for k, (s, _) in enumerate(runs)],
         "seconds": round(sum(s["seconds"] for s, _ in runs), 2),
@@ -474,11 +456,11 @@ def mean_of_runs(runs: Sequence[tuple[dict[str, Any], list[bool]]], settings: MC
     return summary, per_question
 
 
-def average_of(correct_by_set: Mapping[str, Sequence[bool]], names: Sequence[str], settings: MCQSettings) -> dict[str, Any] | None:
+def average_of(correct_by_set: Mapping[str, Sequence[bool]], names: Sequence[str], mcq: McqSettings) -> dict[str, Any] | None:
     """Unweighted mean of the sets' accuracies, with a bootstrap CI that resamples each set."""
     names = [n for n in names if correct_by_set.get(n)]
     if not names:
         return None
     per_set = [correct_by_set[n] for n in names]
-    lo, hi = bootstrap_average_ci(per_set, settings.bootstrap_samples, settings.seed)
+    lo, hi = bootstrap_average_ci(per_set, mcq.bootstrap_samples, mcq.seed)
     return {"sets": list(names), "accuracy": sum(sum(c) / len(c) for c in per_set) / len(per_set), "ci95": [lo, hi]}

@@ -18,6 +18,7 @@ from typing import Any, Iterable, Mapping, Sequence
 import yaml
 
 from medlib.data.io import read_jsonl
+from medlib.data.sources import REGISTRY, paper_columns, set_title
 from medlib.evaluate import stats
 from medlib.paths import PACKAGE_DIR
 
@@ -28,12 +29,23 @@ REFERENCE_LABELS = ("model", "size", "table", "own")  # the non-numeric keys of 
 NOT_IN_PAPER = "— (not in paper)"
 NOT_RUN = "not run"
 
-TABLE3_SETS = ("medqa", "medmcqa", "pubmedqa")
-TABLE3_COLUMNS = [("medqa", "MedQA"), ("medmcqa", "MedMCQA"), ("pubmedqa", "PubMedQA"),
-                  ("average", "Average (MedQA, MedMCQA, PubMedQA)"), ("mmlu_med", "MMLU-med (extra)")]
+COLUMNS_FILE = "table3_columns.json"   # Table 3's columns as [key, title], for its figure
 TABLE3_ID_COLUMNS = ["Source", "Model", "Profile", "Base model", "Adapter", "Method", "Questions/set", "Weights"]
 TABLE4_METRICS = [("precision", "Precision"), ("recall", "Recall"), ("f1", "F1")]
 TABLE4_ID_COLUMNS = ["Source", "Model", "Profile", "Base model", "Adapter", "BERTScore model", "N", "Decoding"]
+
+
+def table3_columns(results: Sequence[Mapping[str, Any]]) -> list[tuple[str, str]]:
+    """The paper's columns (medlib.data.sources: paper_column), their average, then every other set the results
+    scored, in the order first seen, each titled by its source."""
+    paper = [(key, next(s.title for s in REGISTRY.values() if s.paper_column == key)) for key in paper_columns()]
+    columns = paper + [("average", f"Average ({', '.join(title for _, title in paper)})")]
+    for r in results:
+        for name in r.get("sets", {}):
+            if name not in {key for key, _ in columns}:
+                source = (r.get("sets_source") or {}).get(name, {}).get("source", name)
+                columns.append((name, set_title(name, source)))
+    return columns
 
 
 def load_reference(path: str | Path | None = None) -> dict[str, Any]:
@@ -163,8 +175,9 @@ def write_table3(results: Sequence[Mapping[str, Any]] | None = None, out_dir: st
     out_dir = Path(out_dir)
     results = list(results) if results is not None else collect_results(out_dir, "mcq")
     reference = load_reference(reference_file)
-    keys = [k for k, _ in TABLE3_COLUMNS]
-    header = TABLE3_ID_COLUMNS + [title for _, title in TABLE3_COLUMNS]
+    columns = table3_columns(results)
+    keys = [k for k, _ in columns]
+    header = TABLE3_ID_COLUMNS + [title for _, title in columns]
     csv_header = ["source", "model", "profile", "base_model", "adapter", "method", "questions_per_set", "weights"]
     for key in keys:
         csv_header += [f"{key}_accuracy", f"{key}_ci95_low", f"{key}_ci95_high", f"{key}_n"]
@@ -214,6 +227,8 @@ def write_table3(results: Sequence[Mapping[str, Any]] | None = None, out_dir: st
         notes.append(f"{r.get('display_name', r['label'])}: " + "; ".join(extra) + ".")
     notes += _sets_notes(results)
     extra = _diagnostics_md(results) + "\n\n" + _paired_mcq_md(results, out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / COLUMNS_FILE).write_text(json.dumps(columns))
     return _write(out_dir, "table3", header, md_rows, csv_header, csv_rows,
                   "Table 3 — multiple-choice accuracy", notes, extra)
 

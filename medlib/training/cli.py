@@ -21,9 +21,9 @@ import os
 
 from medlib import config
 from medlib.cli_common import CLIError, add_common_args
-from medlib.pipeline import layout, train_run, with_data_dir
+from medlib.runs import layout, with_data_dir
 from medlib.training.card import PushError, push_to_hub
-from medlib.training.run import TrainError
+from medlib.training.run import TrainError, train_run
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

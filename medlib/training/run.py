@@ -31,10 +31,11 @@ from typing import Any, Sequence
 
 from medlib.config import TrainRecipe, load_resolved
 from medlib.data.io import file_sha256
-from medlib.data.mixtures import read_mixture, seeded_subset
+from medlib.data.mixtures import ensure_mixture, read_mixture, seeded_subset
 from medlib.models import name_adapter_base, resolve_available_model
 from medlib.prompts import effective_system_prompt
-from medlib.runs import MERGED_RECORD, ensure_merged
+from medlib.paths import resolve
+from medlib.runs import MERGED_RECORD, Layout, ensure_merged
 from medlib.training import handoff as handoffs
 from medlib.training import metadata
 from medlib.training.adapters import combine_adapters
@@ -346,3 +347,18 @@ def train_or_resume(recipe: TrainRecipe, run_dir: str | Path, mixture_dir: str |
     if action == "keep":
         return Path(run_dir)
     return train(recipe, run_dir, mixture_dir, stage1_run, resume=action == "resume", overwrite=action == "overwrite")
+
+
+def train_run(recipe: TrainRecipe, lay: Layout, resume: bool | None = None, overwrite: bool = False,
+              stage1_run: str | Path | None = None, run_dir: str | Path | None = None, plan: bool = True) -> Path:
+    """Train any training recipe inside the layout: its mixture (built when missing), its run folder,
+    and for stage 2 the stage-1 run it names (from_run), unless stage1_run / run_dir say otherwise.
+    plan=True (notebooks): resume, keep or refuse as medlib.training.plan_run decides and says;
+    plan=False (the CLI): train now, an existing run being an error unless resume or overwrite."""
+    mixture = ensure_mixture(recipe, lay)
+    if recipe.uses_stage1 and stage1_run is None:
+        stage1_run = lay.run(recipe.from_run) if recipe.from_run else None
+    run_dir = resolve(run_dir) if run_dir else lay.run(recipe.run_name)
+    if plan:
+        return train_or_resume(recipe, run_dir, mixture, stage1_run, resume, overwrite)
+    return train(recipe, run_dir, mixture, stage1_run, resume=bool(resume), overwrite=overwrite)
