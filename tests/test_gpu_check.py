@@ -30,7 +30,9 @@ def test_every_phase_runs_on_the_tiny_model(check):
     failed = {k: v.get("error") for k, v in report["phases"].items() if not v["ok"]}
     assert proc.returncode == 0 and not failed, (failed, proc.stderr[-3000:])
     phases = report["phases"]
-    assert list(phases) == ["build_base", "stage1_bf16", "stage1_fp16", "kill_resume", "handoff", "stage2", "table3_generate"]
+    assert list(phases) == ["build_base", "stage1_bf16", "stage1_bf16_8x2", "stage1_fp16", "kill_resume", "handoff",
+                            "stage2", "table3_generate"]
+    assert phases["stage1_bf16_8x2"]["steps"] == 3
     stage1 = phases["stage1_bf16"]
     assert stage1["steps"] == 3 and stage1["loss_finite"] and stage1["tokens_per_s"] > 0
     assert stage1["handoff_measure"]["all"]["matrices"] == 14           # what the requantized merge keeps, recorded
