@@ -42,7 +42,8 @@ from medlib.evaluate.mcq import run_mcq
 from medlib.evaluate.retention import record_losses
 from medlib.pipeline import train_stage
 from medlib.plots import _pyplot, _save
-from medlib.runs import Layout, RunRecord, layout, stage1_of, with_data_dir
+from medlib.models import load_tokenizer
+from medlib.runs import Layout, RunRecord, layout, load_run, stage1_of, with_data_dir
 from medlib.training import train_or_resume
 
 PAPER_SHARE = 33_333 / (100_000 + 33_333)   # Table 2: replayed stage-1 rows among stage-2 training rows
@@ -214,6 +215,15 @@ def run_study(name: str = "dmt", profile: str = "local", out_dir: str | Path | N
                                     bertscore=evaluation.bertscore.replace(n_queries=study.bertscore.n_queries))
     retention = _retention_records(stage1_mixture, study.retention_rows, stage1.seed)
     med_mix_record = RunRecord.read(med_mix)
+    # every model's retention is scored on the same token ids: stage 1's tokenizer, its template as trained
+    retention_tokenizer = load_tokenizer(str(med_mix))
+
+    def score_retention(label: str, model: Any) -> list[dict[str, Any]]:
+        scored = record_losses(model, retention_tokenizer, retention, stage1.model.max_seq_length,
+                               med_mix_record.system_prompt, stage1.prompt.target_style, stage1.prompt.mcq_format)
+        write_jsonl(study_dir / "eval" / "retention" / f"{label}.jsonl", scored)
+        return scored
+
     models = {"med-mix": med_mix, **runs}
     mcq, chat, losses = {}, {}, {}
     for label, run in models.items():
@@ -221,10 +231,17 @@ def run_study(name: str = "dmt", profile: str = "local", out_dir: str | Path | N
         loaded = load_evaluated(evaluation, run)
         mcq[label] = run_mcq(evaluation, study_dir / "eval", run, label=label, write_tables=False, loaded=loaded)
         chat[label] = run_bertscore(evaluation, study_dir / "eval", run, label=label, write_tables=False, loaded=loaded)
-        losses[label] = record_losses(loaded[0], loaded[1], retention, stage1.model.max_seq_length,
-                                      med_mix_record.system_prompt, stage1.prompt.target_style, stage1.prompt.mcq_format)
-        write_jsonl(study_dir / "eval" / "retention" / f"{label}.jsonl", losses[label])
+        losses[label] = score_retention(label, loaded[0])
         del loaded
+    # the two ends stage 1's gain is measured between, and the authors' handoff point (Med-Mix merged in 16-bit,
+    # reloaded in 4-bit), scored for retention only
+    m = evaluation.model
+    for label, weights in (("base", None), ("med-mix-requantized", "requantized_merge")):
+        say(f"[{name} study] retention of {label}")
+        model, _ = load_run(m.name, med_mix if weights else None, m.load_in_4bit, m.dtype, weights or "as_trained")
+        losses[label] = score_retention(label, model)
+        del model
+    survival = _survival(losses)
 
     reference = arms[0]
     med_mix_meta = {**med_mix_record.metadata, "stage2_handoff": stage2.handoff}
@@ -248,6 +265,7 @@ def run_study(name: str = "dmt", profile: str = "local", out_dir: str | Path | N
                "retention_loss": loss, "retention_loss_ci95": [loss_lo, loss_hi], "retention_n": len(scored),
                "retention_unscored": len(losses[label]) - len(scored),
                "delta_w1_kept": _delta_w1_kept(arm, med_mix_meta),
+               "stage1_gain_kept": survival.get(label),
                "f1": f1, "f1_ci95": [f1_lo, f1_hi], "f1_n": len(f1s)}
         if label != reference.slug:
             row["vs_reference"] = {
@@ -263,7 +281,11 @@ def run_study(name: str = "dmt", profile: str = "local", out_dir: str | Path | N
                "recipe": {"recipe_file": study.meta.recipe_file, "overrides": list(study.meta.overrides)},
                "paper_share": PAPER_SHARE, "dialogue_rows": {"train": counts[0], "validation": counts[1]},
                "med_mix": str(med_mix), "med_mix_handoff_measure": med_mix_record.metadata.get("handoff_measure"),
-               "rows": rows, "findings": findings(rows, reference.name)}
+               "retention_references": {label: _mean_loss(losses[label]) for label in ("base", "med-mix-requantized")},
+               "gain_kept_at_the_handoff": {"requantized_merge": survival["med-mix-requantized"],
+                                            "stacked": [1.0, 1.0, 1.0], "continue": [1.0, 1.0, 1.0]},
+               "rows": rows}
+    summary["findings"] = findings(rows, reference.name, summary["gain_kept_at_the_handoff"])
     study_dir.mkdir(parents=True, exist_ok=True)
     (study_dir / "study.json").write_text(json.dumps(summary, indent=1))
     write_table(summary, study_dir)
@@ -274,6 +296,21 @@ def run_study(name: str = "dmt", profile: str = "local", out_dir: str | Path | N
     for line in summary["findings"]:
         say(f"[{name} study] {line}")
     return summary
+
+
+def _mean_loss(scored: Sequence[dict[str, Any]]) -> float:
+    values = [r["loss"] for r in scored if r["loss"] is not None]
+    return sum(values) / len(values) if values else float("nan")
+
+
+def _survival(losses: dict[str, list[dict[str, Any]]]) -> dict[str, list[float]]:
+    """Each model's share of Med-Mix's stage-1 validation-loss gain over the base, with a bootstrap 95% CI, on
+    the records every model scored."""
+    by_label = {label: {r["id"]: r["loss"] for r in rows if r["loss"] is not None} for label, rows in losses.items()}
+    ids = sorted(set.intersection(*(set(v) for v in by_label.values())))
+    column = lambda label: [by_label[label][i] for i in ids]  # noqa: E731
+    return {label: list(stats.share_of_gain(column("base"), column(label), column("med-mix")))
+            for label in by_label if label != "base"}
 
 
 def run_dmt_study(profile: str = "local", out_dir: str | Path | None = None, data_dir: str | None = None,
@@ -294,9 +331,20 @@ def _verdict(p: float, alpha: float) -> str:
     return "a difference" if p < alpha else "no significant difference"
 
 
-def findings(rows: Sequence[dict[str, Any]], reference: str, alpha: float = 0.05) -> list[str]:
-    """Each arm against the reference arm, stated only as far as the paired tests go (no multiplicity correction)."""
+def findings(rows: Sequence[dict[str, Any]], reference: str, at_handoff: dict[str, list[float]] | None = None,
+             alpha: float = 0.05) -> list[str]:
+    """How much of stage 1 each model keeps, then each arm against the reference arm, stated only as far as the
+    intervals and paired tests go (no multiplicity correction)."""
     out = []
+    kept = (at_handoff or {}).get("requantized_merge")
+    if kept:
+        out.append(f"At the handoff, the authors' requantized merge keeps {100 * kept[0]:.0f}% [{100 * kept[1]:.0f}, "
+                   f"{100 * kept[2]:.0f}] of Med-Mix's stage-1 validation-loss gain over the base (the stacked and "
+                   "continued adapters keep all of it, by construction).")
+    for row in rows:
+        if row["share"] is not None and row.get("stage1_gain_kept"):
+            g = row["stage1_gain_kept"]
+            out.append(f"After stage 2, {row['arm']} keeps {100 * g[0]:.0f}% [{100 * g[1]:.0f}, {100 * g[2]:.0f}] of it.")
     for row in rows:
         if "vs_reference" not in row:
             continue
@@ -309,7 +357,9 @@ def findings(rows: Sequence[dict[str, Any]], reference: str, alpha: float = 0.05
                    f"{f['p_permutation']:.3g}: {_verdict(f['p_permutation'], alpha)}")
         out.append(f"{row['arm']} vs {reference}, on {m['n_paired']} questions, {r['n_paired']} stage-1 validation "
                    f"records and {f['n_paired']} queries: {mcq_says}; {loss_says}; {f1_says}.")
-    out.append(f"Significance at p < {alpha} per comparison, without correction for the {3 * len(out)} comparisons made.")
+    compared = sum("vs_reference" in row for row in rows)
+    out.append(f"Intervals: bootstrap 95% over the stage-1 validation records. Significance at p < {alpha} per "
+               f"comparison, without correction for the {3 * compared} comparisons made.")
     return out
 
 
@@ -328,14 +378,16 @@ def write_table(summary: dict[str, Any], study_dir: Path) -> tuple[Path, Path]:
                   f"is the stage-1 rows among all stage-2 training rows (the paper's is {summary['paper_share']:.2f}: 33,333 "
                   "beside 100,000).")
     md = [title, "", summary["note"] + ".", "", design + " MCQ: mean accuracy over " + ", ".join(sets) + " with a "
-          "bootstrap 95% CI, and the mean log-probability of the gold letter; retention: the answer loss of "
+          "bootstrap 95% CI, and the mean log-probability of the gold letter; stage-1 gain kept: the share of Med-Mix's "
+          "validation-loss gain over the base that the model keeps; retention: the answer loss of "
           f"{rows[0]['retention_n'] + rows[0]['retention_unscored']} stage-1 validation records (lower keeps more of "
           "stage 1); ΔW1 kept: the share of Med-Mix's update the arm starts stage 2 from; BERTScore F1 on the dialogue "
           f"hold-out with a bootstrap 95% CI. Differences are paired, against {reference}.", "",
-          "| Model | Handoff | Replay share | Train rows | ΔW1 kept | MCQ accuracy | 95% CI | " + " | ".join(sets)
+          "| Model | Handoff | Replay share | Train rows | ΔW1 kept | Stage-1 gain kept [95% CI] | MCQ accuracy | 95% CI | "
+          + " | ".join(sets)
           + " | Gold-letter log-prob | Stage-1 val loss | 95% CI | BERTScore F1 | 95% CI | MCQ vs ref (p) | "
           "Loss vs ref (p) | F1 vs ref (p) |",
-          "|---|---|---|---|---|---|---|" + "---|" * len(sets) + "---|---|---|---|---|---|---|---|"]
+          "|---|---|---|---|---|---|---|---|" + "---|" * len(sets) + "---|---|---|---|---|---|---|---|"]
     for r in rows:
         vs = r.get("vs_reference")
         mcq_vs = f"{100 * vs['mcq']['difference']:+.1f} ({vs['mcq']['p_mcnemar']:.3g})" if vs else "–"
@@ -344,7 +396,9 @@ def write_table(summary: dict[str, Any], study_dir: Path) -> tuple[Path, Path]:
         share = "–" if r["share"] is None else f"{r['share']:.2f}"
         kept = "–" if r["delta_w1_kept"] is None else f"{100 * r['delta_w1_kept']:.1f}%"
         gold = "–" if r["gold_logprob"] is None else f"{r['gold_logprob']:.3f}"
-        md.append(f"| {r['arm']} | {r['handoff'] or '–'} | {share} | {r['train_rows']} | {kept} | {100 * r['mcq_accuracy']:.1f} | "
+        g = r.get("stage1_gain_kept")
+        gain = "–" if not g else f"{100 * g[0]:.0f}% [{100 * g[1]:.0f}, {100 * g[2]:.0f}]"
+        md.append(f"| {r['arm']} | {r['handoff'] or '–'} | {share} | {r['train_rows']} | {kept} | {gain} | {100 * r['mcq_accuracy']:.1f} | "
                   f"[{100 * r['mcq_ci95'][0]:.1f}, {100 * r['mcq_ci95'][1]:.1f}] | "
                   + " | ".join(f"{100 * r['mcq_by_set'][s]:.1f}" for s in sets)
                   + f" | {gold} | {r['retention_loss']:.3f} | [{r['retention_loss_ci95'][0]:.3f}, {r['retention_loss_ci95'][1]:.3f}]"

@@ -77,7 +77,9 @@ def test_study_writes_its_table_figure_and_findings(study):
         assert row["f1_ci95"][0] <= row["f1"] <= row["f1_ci95"][1]
         assert ("vs_reference" in row) == (row["label"] != "replay-00")
         assert row["retention_n"] + row["retention_unscored"] == 6 and row["retention_loss"] > 0
-    assert len(summary["findings"]) == 4 and "without correction" in summary["findings"][-1]
+    # the requantized merge at the handoff, each arm after stage 2, 3 comparisons, and how to read them
+    assert len(summary["findings"]) == 8 and "without correction for the 9 comparisons" in summary["findings"][-1]
+    assert summary["findings"][0].startswith("At the handoff, the authors' requantized merge keeps")
     assert "not the paper's" in summary["note"]
     table = (study_dir / "table.md").read_text()
     assert "## Findings" in table and "no replay (k = 0)" in table and "stage-2 data alone" in table
@@ -109,8 +111,14 @@ def test_handoff_study_trains_each_handoff_on_the_same_rows_and_compares_with_th
         vs = rows[label]["vs_reference"]
         assert vs["mcq"]["n_paired"] == 12 and vs["retention_loss"]["n_paired"] == 6 and vs["f1"]["n_paired"] == 2
         assert vs["retention_loss"]["ci95"][0] <= vs["retention_loss"]["difference"] <= vs["retention_loss"]["ci95"][1]
-    assert "vs_reference" not in rows[slugs[0]] and len(summary["findings"]) == 4
+    assert "vs_reference" not in rows[slugs[0]] and len(summary["findings"]) == 8
     assert "without correction for the 9 comparisons" in summary["findings"][-1]
+    # stage 1's gain over the base: all of it for Med-Mix itself; what the requantized merge keeps, with a CI
+    assert rows["med-mix"]["stage1_gain_kept"][0] == pytest.approx(1.0)
+    kept, low, high = summary["gain_kept_at_the_handoff"]["requantized_merge"]
+    assert low <= kept <= high and summary["gain_kept_at_the_handoff"]["stacked"] == [1.0, 1.0, 1.0]
+    assert all(len(rows[label]["stage1_gain_kept"]) == 3 for label in slugs)
+    assert (study_dir / "eval" / "retention" / "med-mix-requantized.jsonl").exists()
     table = (study_dir / "table.md").read_text()
     assert "# Handoff study" in table and "| q_proj |" in table and "requantized merge (the authors')" in table
     png = (study_dir / "handoffs.png").read_bytes()

@@ -83,3 +83,23 @@ def compare_bertscore(first: Sequence[Mapping[str, Any]], second: Sequence[Mappi
                       samples: int = 1000, seed: int = 3407) -> dict[str, Any]:
     """Two models' per-query BERTScore F1, paired by query id (compare_values on "f1")."""
     return compare_values(first, second, "f1", samples, seed)
+
+
+def share_of_gain(base: Sequence[float], model: Sequence[float], reference: Sequence[float], samples: int = 1000,
+                  seed: int = 3407) -> tuple[float, float, float]:
+    """(share, 95% CI low, high) of the reference's gain over the base that a model keeps, on paired items:
+    (mean base - mean model) / (mean base - mean reference), with losses (lower is better); 1 keeps all of
+    it, 0 none. The CI resamples the items, the three values of an item together."""
+    n = len(base)
+    if not n or len(model) != n or len(reference) != n:
+        return float("nan"), float("nan"), float("nan")
+
+    def share(idx: Sequence[int]) -> float:
+        gain = sum(base[i] - reference[i] for i in idx)
+        return sum(base[i] - model[i] for i in idx) / gain if gain else float("nan")
+
+    rng = random.Random(seed)
+    draws = sorted(x for x in (share([rng.randrange(n) for _ in range(n)]) for _ in range(samples)) if x == x)
+    if not draws:
+        return share(range(n)), float("nan"), float("nan")
+    return share(range(n)), draws[int(0.025 * len(draws))], draws[min(len(draws) - 1, int(0.975 * len(draws)))]
