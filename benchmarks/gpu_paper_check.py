@@ -272,7 +272,7 @@ def planted_survival(base: Path) -> dict[str, Any]:
                 w = checkpoint.dequantized(key).to(device)
                 g = torch.Generator(device=device).manual_seed(i)
                 delta = torch.randn(w.shape[0], 16, generator=g, device=device) @ torch.randn(16, w.shape[1], generator=g, device=device)
-                yield key, w, delta * ratio * w.norm() / delta.norm()
+                yield key[: -len(".weight")], w, delta * ratio * w.norm() / delta.norm()
 
         report = requantization_of(pairs(), torch.bfloat16)
         out[f"{ratio:g}"] = {m: round(r["kept_share"], 4) for m, r in report["by_module"].items()}
@@ -368,11 +368,10 @@ def run(work: Path, out: Path, carry: Path | None, tiny: bool) -> dict[str, Any]
 def fp16_refused(base: Path, backend: str, tiny: bool) -> dict[str, Any]:
     """On a CPU the fp16 path cannot run; the check is that it is refused with a clear error, not half-run."""
     from medlib.config import load_train
-    from medlib.training import train
+    from medlib.training.arguments import trainer_settings
 
-    try:
-        train(load_train("paper", 1, _overrides(base, backend, tiny, 1, "training.precision=fp16")),
-              Path("/nonexistent-run"), Path("/nonexistent-mixture"))
+    try:  # what train() asks first about precision, before any model or data is loaded
+        trainer_settings(load_train("paper", 1, _overrides(base, backend, tiny, 1, "training.precision=fp16")), backend, [])
     except Exception as exc:
         return {"skipped": "no CUDA device", "refused_with": str(exc)[:300], "ok": "needs a CUDA GPU" in str(exc)}
     return {"ok": False, "error": "fp16 on a CPU was not refused"}
@@ -426,14 +425,16 @@ def markdown(report: dict[str, Any]) -> str:
     p = report["phases"]
     where = f"measured on {report['device']}, {report['date']}" + (" (--tiny: CPU, tiny model; times mean nothing)" if report["tiny"] else "")
     gb = lambda mb: f"{(mb or 0) / 1024:.1f} GiB"  # noqa: E731
+    mem = lambda m: (f"peak CUDA {gb(m.get('peak_cuda_allocated_mb'))}" if "peak_cuda_allocated_mb" in m  # noqa: E731
+                     else f"peak RSS {gb(m.get('peak_rss_mb'))}")
     rows = [
-        ("stage 1, bf16", _cell(p.get("stage1_bf16"), lambda r: (
-            f"{r['s_per_step']:.3f} s/step, {r['tokens_per_s']:,.0f} tokens/s"
+        ("stage 1, 4 x 4 (the recipe's precision: bf16 on a GPU)", _cell(p.get("stage1_bf16"), lambda r: (
+            f"{r['precision']['mode']}: {r['s_per_step']:.3f} s/step, {r['tokens_per_s']:,.0f} tokens/s"
             + (f", MFU {100 * r['mfu']:.1f}%" if "mfu" in r else "")
-            + f", peak CUDA {gb(r['memory'].get('peak_cuda_allocated_mb'))}"
+            + f", {mem(r['memory'])}"
             + (f"; epoch of 404,269 samples {r['projected_epoch_h']:.1f} h" if "projected_epoch_h" in r else "")))),
-        ("stage 1, bf16, 8 x 2 (same 16 rows per step)", _cell(p.get("stage1_bf16_8x2"), lambda r: (
-            f"{r['s_per_step']:.3f} s/step, {r['tokens_per_s']:,.0f} tokens/s"
+        ("stage 1, 8 x 2 (the same 16 rows per step)", _cell(p.get("stage1_bf16_8x2"), lambda r: (
+            f"{r['precision']['mode']}: {r['s_per_step']:.3f} s/step, {r['tokens_per_s']:,.0f} tokens/s"
             + (f", MFU {100 * r['mfu']:.1f}%" if "mfu" in r else "")
             + (f"; epoch {r['projected_epoch_h']:.1f} h" if "projected_epoch_h" in r else "")))),
         ("stage 1, fp16 forced (T4 path)", _cell(p.get("stage1_fp16"), lambda r: r.get("refused_with") and
@@ -444,10 +445,10 @@ def markdown(report: dict[str, Any]) -> str:
         ("handoff: merged 16-bit save", _cell(p.get("handoff"), lambda r: f"{r['seconds']:.0f} s, peak host RAM "
             f"{r['peak_host_ram_gb']:.1f} GB (fits a free Colab's 12.7 GB: {r['fits_free_colab_12_7_gb']})")),
         ("handoff: planted ΔW kept", _cell(p.get("handoff"), lambda r: "; ".join(
-            f"|ΔW|/|W'| {100 * float(k):g}%: " + ", ".join(f"{m} {100 * v:.0f}%" for m, v in kept.items())
+            f"‖ΔW‖/‖W'‖ {100 * float(k):g}%: " + ", ".join(f"{m} {100 * v:.0f}%" for m, v in kept.items())
             for k, kept in r["kept_share_by_planted_size"].items()))),
-        ("stage 2", _cell(p.get("stage2"), lambda r: f"{r['s_per_step']:.3f} s/step, handoff {r['handoff']}, peak CUDA "
-            f"{gb(r['memory'].get('peak_cuda_allocated_mb'))}")),
+        ("stage 2", _cell(p.get("stage2"), lambda r: f"{r['s_per_step']:.3f} s/step, handoff {r['handoff']}, "
+            f"{mem(r['memory'])}")),
         ("Table 3, authors' generation", _cell(p.get("table3_generate"), lambda r: f"{r['questions_per_s']:.2f} "
             f"questions/s on {r['questions']} MedQA questions ({r['max_new_tokens']} new tokens, sampled)")),
     ]
@@ -462,6 +463,7 @@ def markdown(report: dict[str, Any]) -> str:
 
 def render_readme(report: dict[str, Any], readme: Path) -> None:
     """Replace the README's block between the gpu_check markers with this check's table."""
+    report = {**report, "projections_t4": projections(report)}  # from the figures, as they stand in the JSON
     text = readme.read_text()
     if README_BEGIN not in text or README_END not in text:
         raise SystemExit(f"{readme} has no {README_BEGIN} ... {README_END} block")

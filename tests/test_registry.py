@@ -1,5 +1,6 @@
-"""The source registry (issue 23): adding an evaluation set is one registry entry and one eval.yaml line, and
-the set then appears in Table 3, its figure and the training mixtures' decontamination, with no other edit."""
+"""The source registry (issue 23): adding an evaluation set is one registry entry and its line under `sets:` in
+eval.yaml (its name in `mcq.sets` scores it), and the set then appears in Table 3, its figure and the training
+mixtures' decontamination, with no other edit."""
 
 from __future__ import annotations
 
@@ -33,7 +34,7 @@ def toy_set(tmp_path):
 def test_a_registered_set_is_decontaminated_against(toy_set):
     from medlib.data.mixtures import eval_index
 
-    eval_recipe = load_eval("local", ["sets.toyqa={source: toyqa, split: test}"])
+    eval_recipe = load_eval("local", ["sets.toyqa={source: toyqa, split: test}", "mcq.sets=[medqa, toyqa]"])
     recipe = load_train("local", 1, [f"data.eval_data_dir={toy_set}"])
     index = eval_index(recipe, eval_recipe, with_chat=False)
     assert index.sizes["toyqa"] == 3

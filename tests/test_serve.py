@@ -288,8 +288,8 @@ def app_factory():
     def make(**changes):
         from fastapi.testclient import TestClient
 
-        settings = session.recipe.serve.replace(port=0, max_queue=8, **{k: str(v) if k == "transcript" else v
-                                                                          for k, v in changes.items()})
+        changes = {"port": 0, "max_queue": 8, **{k: str(v) if k == "transcript" else v for k, v in changes.items()}}
+        settings = session.recipe.serve.replace(**changes)
         return TestClient(create_app(ChatServer(session, settings), with_page=False))
 
     return make

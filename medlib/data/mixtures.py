@@ -22,7 +22,7 @@ from medlib.data.decontam import EvalIndex, decontaminate
 from medlib.data.eval_sets import load_eval_set
 from medlib.data.io import file_sha256, read_jsonl, write_jsonl
 from medlib.data.loaders import load_source
-from medlib.data.sources import get_source, source_names
+from medlib.data.sources import source_names
 from medlib.data.validate import DataError, ValidationReport, record_problem
 from medlib.paths import default_data_dir
 from medlib.runs import Layout, stage1_of
@@ -70,9 +70,8 @@ def eval_index(recipe: TrainRecipe, eval_recipe: EvalRecipe, with_chat: bool) ->
     data = recipe.data
     folders = [folder for folder in (data.eval_data_dir, data.data_dir) if folder] + [default_data_dir()]
     index = EvalIndex()
-    for name, spec in eval_recipe.sets.items():  # every evaluation set of the eval recipe, whatever its name
-        if get_source(spec.source).kind == "mcq":
-            index.add(name, load_eval_set(spec, folders, data.hub, name, hub_mirror=data.hub_mirror))
+    for name in eval_recipe.mcq.sets:  # every MCQ set the eval recipe scores, whatever its name
+        index.add(name, load_eval_set(eval_recipe.sets[name], folders, data.hub, name, hub_mirror=data.hub_mirror))
     if with_chat:
         for spec in eval_recipe.chat_sets:
             index.add("chat_eval", load_eval_set(spec, folders, data.hub, "chat_sets", strict=False,
