@@ -296,7 +296,8 @@ def table3_phase(work: Path, base: Path, carry: Path, stage2: Path, tiny: bool, 
             "unparseable_share": medqa.get("unparseable_share"), "accuracy_meaningless": medqa["accuracy"]}
 
 
-def run(work: Path, out: Path, carry: Path | None, tiny: bool) -> dict[str, Any]:
+def run(work: Path, out: Path, carry: Path | None, tiny: bool, steps: int | None = None,
+        skip: tuple[str, ...] = ()) -> dict[str, Any]:
     import torch
 
     if torch.cuda.is_available() and not tiny:
@@ -312,9 +313,15 @@ def run(work: Path, out: Path, carry: Path | None, tiny: bool) -> dict[str, Any]
     gpu = gpu_peak(torch.cuda.get_device_name(0)) if torch.cuda.is_available() else None
     report: dict[str, Any] = {"device": device_name(), "tiny": tiny, "backend": backend, "libraries": library_versions(),
                               "date": time.strftime("%Y-%m-%d"), "gpu_peak": gpu, "phases": {}}
-    steps, fp16_steps, warmup = (3, 2, 1) if tiny else (20, 10, 3)
+    # --steps trims the whole check to a short lease: fp16, kill-and-resume and stage 2 scale with it
+    steps = steps or (3 if tiny else 20)
+    fp16_steps, warmup, save_every = max(2, steps // 2), min(3, max(1, steps // 4)), max(2, steps // 4)
+    report["skipped"] = list(skip)
+    report["steps"] = {"stage1": steps, "stage1_timed_after": warmup, "fp16": fp16_steps, "kill_resume_save_every": save_every}
 
     def phase(name: str, fn: Callable[[], dict[str, Any]]) -> dict[str, Any] | None:
+        if name in skip:  # a rerun of the phases an earlier lease lost; --skip names the ones it has
+            return None
         started = time.time()
         try:
             result = fn()
@@ -354,14 +361,15 @@ def run(work: Path, out: Path, carry: Path | None, tiny: bool) -> dict[str, Any]
             peak = fp16["memory"].get("peak_cuda_reserved_mb", 0) / 1024
             fp16.update(peak_cuda_reserved_gb=round(peak, 2), under_15_gb=peak * 1.073741824 < T4_MEMORY_GB,
                         ok=fp16["loss_finite"] and peak * 1.073741824 < T4_MEMORY_GB)
-    phase("kill_resume", lambda: kill_and_resume(work, _overrides(base, backend, tiny, steps), mix / "stage1",
-                                                 save_every=2 if tiny else 5))
     if stage1:
         phase("handoff", lambda: {**merge_in_child(Path(stage1["run"]), backend), **planted_survival(base)})
-        stage2 = phase("stage2", lambda: train_phase(2, work, "stage2", _overrides(base, backend, tiny, 3 if tiny else 6),
+        stage2 = phase("stage2", lambda: train_phase(2, work, "stage2", _overrides(base, backend, tiny, min(steps, 6)),
                                                      mix / "stage2", Path(stage1["run"]), 1))
         if stage2:
             phase("table3_generate", lambda: table3_phase(work, base, carry, Path(stage2["run"]), tiny, 8 if tiny else 64))
+    # last: it works the same at any size (the CPU test runs it), so a short lease loses it first
+    phase("kill_resume", lambda: kill_and_resume(work, _overrides(base, backend, tiny, steps), mix / "stage1",
+                                                 save_every=save_every))
     return finish(report, out)
 
 
@@ -454,11 +462,37 @@ def markdown(report: dict[str, Any]) -> str:
     ]
     lines = [f"# GPU check of the paper profile ({where})", "", "| phase | result |", "|---|---|"]
     lines += [f"| {name} | {text} |" for name, text in rows]
+    if report.get("runs"):
+        lines += ["", "Runs: " + "; ".join(f"{r['run']} ({r['date']}, {r['steps']['stage1']} stage-1 steps, timed after "
+                                          f"{r['steps']['stage1_timed_after']}"
+                                          + (f", skipped {', '.join(r['skipped'])}" if r["skipped"] else "") + ")"
+                                          for r in report["runs"]) + "."]
+        lines += [f"Failed in {s['run']}, made good by a later run: {s['phase']} ({s['error'].strip().splitlines()[-1][:240]})."
+                  for s in report.get("superseded", [])]
     if report.get("projections_t4"):
         lines += ["", "Projected for a free Colab T4 (not measured):", "", "| what | measured | T4, projected | basis |",
                   "|---|---|---|---|"]
         lines += [f"| {r['what']} | {r['measured']} | {r['t4']} | {r['basis']} |" for r in report["projections_t4"]]
     return "\n".join(lines) + "\n"
+
+
+def combine(reports: list[dict[str, Any]], names: list[str]) -> dict[str, Any]:
+    """One report from the runs of one check: each phase from the first run where it passed (else the last that
+    ran it), named by its run; a failure a later run made good stays listed, with its error."""
+    if len({(r["device"], r["tiny"], r["backend"]) for r in reports}) > 1:
+        raise SystemExit("combine only runs on one device, backend and size: " + ", ".join(names))
+    phases: dict[str, Any] = {}
+    superseded = []
+    for name, report in zip(names, reports):
+        for phase, result in report["phases"].items():
+            earlier = phases.get(phase)
+            if earlier is None or not earlier.get("ok"):
+                if earlier is not None:
+                    superseded.append({"phase": phase, "run": earlier["from_run"], "error": earlier.get("error", "")[-600:]})
+                phases[phase] = {**result, "from_run": name}
+    return {**reports[-1], "phases": phases, "superseded": superseded,
+            "runs": [{"run": n, "date": r["date"], "steps": r.get("steps"), "skipped": r.get("skipped", [])}
+                     for n, r in zip(names, reports)]}
 
 
 def render_readme(report: dict[str, Any], readme: Path) -> None:
@@ -486,8 +520,11 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--work", type=Path, default=Path("/tmp/gpu_paper_check"))
     r.add_argument("--out", type=Path, required=True)
     r.add_argument("--tiny", action="store_true", help="medlib:tiny-llama on the hf backend, a few steps (CPU)")
+    r.add_argument("--steps", type=int, default=None, help="stage-1 steps per timed phase (default 20; 3 with --tiny)")
+    r.add_argument("--skip", default="", help="phases not to run, comma-separated (a rerun of what a lease lost)")
     m = sub.add_parser("readme", help="regenerate the README's GPU timings from a gpu_check.json")
-    m.add_argument("--json", type=Path, required=True)
+    m.add_argument("--json", type=Path, action="append", required=True,
+                   help="a run's gpu_check.json; several: the runs of one check, combined phase by phase")
     m.add_argument("--readme", type=Path, default=REPO / "README.md")
     t = sub.add_parser("_train")   # internal: the run that kill_and_resume kills
     t.add_argument("--run", type=Path, required=True)
@@ -507,9 +544,11 @@ def main(argv: list[str] | None = None) -> int:
                 raise SystemExit("run needs a CUDA GPU (or --tiny for the CPU version)")
             if args.carry is None:
                 raise SystemExit("run needs --carry (what `prepare` wrote on a machine with ../shared/data)")
-        return 0 if run(args.work, args.out, args.carry, args.tiny)["ok"] else 1
+        return 0 if run(args.work, args.out, args.carry, args.tiny, args.steps,
+                        tuple(filter(None, args.skip.split(","))))["ok"] else 1
     elif args.command == "readme":
-        render_readme(json.loads(args.json.read_text()), args.readme)
+        reports = [json.loads(path.read_text()) for path in args.json]
+        render_readme(reports[0] if len(reports) == 1 else combine(reports, [path.stem for path in args.json]), args.readme)
     elif args.command == "_train":
         if args.overrides and "model.backend=unsloth" in args.overrides:
             import unsloth  # noqa: F401

@@ -204,12 +204,22 @@ def write_merged(base: str, adapter_dir: Path, target: Path, backend: str, dtype
     target = Path(target)
     tmp = target.with_name(target.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
+    merged_by = backend
     if backend == "unsloth":
         from unsloth import FastLanguageModel
 
         model, tokenizer = FastLanguageModel.from_pretrained(model_name=str(adapter_dir), load_in_4bit=base_in_4bit)
-        model.save_pretrained_merged(str(tmp), tokenizer, save_method="merged_16bit")
-    else:
+        try:
+            model.save_pretrained_merged(str(tmp), tokenizer, save_method="merged_16bit")
+        except RuntimeError as exc:
+            # Unsloth merges into the 16-bit original it maps a Hub -bnb-4bit name to; a local NF4 checkpoint
+            # has none, and it refuses. Then merge as the hf backend does, into the NF4 weights de-quantised.
+            if "16bit" not in str(exc):
+                raise
+            log.warning("unsloth refused the 16-bit merge (%s); merging into the de-quantised NF4 base instead", exc)
+            del model
+            merged_by = "hf (unsloth refused: no 16-bit original of an NF4 base)"
+    if merged_by != "unsloth":
         import torch
         from peft import PeftModel
 
@@ -221,7 +231,7 @@ def write_merged(base: str, adapter_dir: Path, target: Path, backend: str, dtype
     (tmp / MERGED_RECORD).write_text(json.dumps({
         "base": base, "base_in_4bit": base_in_4bit, "dtype": str(dtype).replace("torch.", ""),
         "adapter": str(adapter_dir), "adapter_sha256": file_sha256(Path(adapter_dir) / "adapter_model.safetensors"),
-        "backend": backend}, indent=2))
+        "backend": merged_by}, indent=2))
     shutil.rmtree(target, ignore_errors=True)
     tmp.rename(target)
     return target

@@ -656,3 +656,38 @@ def test_run_metadata_records_the_precision(stage1_run):
     meta = json.loads((run_dir / "run_metadata.json").read_text())
     assert meta["precision"]["mode"] == "fp32" and "no CUDA" in meta["precision"]["reason"]
     assert meta["training_args"]["fp16"] is False and meta["training_args"]["bf16"] is False
+
+
+def test_unsloths_refusal_of_an_nf4_base_falls_back_to_the_exact_merge(stage1_run, tmp_path, monkeypatch):
+    """Unsloth 2026.10.9 merges into the 16-bit original of a Hub -bnb-4bit name and refuses a local NF4 checkpoint
+    (seen on an H200, 2026-11-26); the merge then runs as the hf backend's, and the record says which ran."""
+    import sys
+    import types
+
+    import torch
+    from safetensors.torch import load_file
+
+    from medlib.runs import MERGED_RECORD, RunRecord, write_merged
+
+    class Refusing:
+        def save_pretrained_merged(self, *args, **kwargs):
+            raise RuntimeError("Unsloth: base model should be a 16bit or mxfp4 base model for a 16bit merge, but it is nf4.")
+
+    fake = types.SimpleNamespace(FastLanguageModel=types.SimpleNamespace(from_pretrained=lambda **kw: (Refusing(), None)))
+    monkeypatch.setitem(sys.modules, "unsloth", fake)
+    record = RunRecord.read(stage1_run[0])
+    args = (record.weights_base, record.folder)
+    by_unsloth = write_merged(*args, tmp_path / "unsloth", "unsloth", torch.bfloat16, True, tokenizer_dir=record.folder)
+    by_hf = write_merged(*args, tmp_path / "hf", "hf", torch.bfloat16, True, tokenizer_dir=record.folder)
+    assert json.loads((by_unsloth / MERGED_RECORD).read_text())["backend"].startswith("hf (unsloth refused")
+    assert json.loads((by_hf / MERGED_RECORD).read_text())["backend"] == "hf"
+    a, b = load_file(str(by_unsloth / "model.safetensors")), load_file(str(by_hf / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+    class Broken:
+        def save_pretrained_merged(self, *args, **kwargs):
+            raise RuntimeError("CUDA out of memory")
+
+    monkeypatch.setattr(fake.FastLanguageModel, "from_pretrained", lambda **kw: (Broken(), None))
+    with pytest.raises(RuntimeError, match="out of memory"):   # any other failure is not papered over
+        write_merged(*args, tmp_path / "broken", "unsloth", torch.bfloat16, True, tokenizer_dir=record.folder)
