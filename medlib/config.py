@@ -208,6 +208,8 @@ class DataSettings(Section):
                                        # empty turns kept) | medlib (the prefix only; empty turns dropped)
     decontaminate: Literal["drop", "report", "off"] = "drop"   # training rows that repeat an evaluation item:
                                        # drop them (and say how many), only report them, or do not look
+    ngram_threshold: float | None = 0.5   # a row holding this share of an evaluation item's 13-grams repeats it
+                                       # (null: duplicates only)
     validation_fraction: float | None = None   # stage 1: share of the pool held out for validation loss
     replay: ReplaySettings | None = None
 
@@ -342,6 +344,10 @@ class McqSettings(Section):
     parse: Literal["medlib", "authors"] = "medlib"   # generate: medlib's reading, or the authors' "Answer: X" rule
     runs: int = 1                      # sampled generation: runs per model (seeds seed, seed+1, ...), reported as
                                        # mean ± SD (the paper's Med-Nirvana cells fit a mean of three)
+    other_protocol: int | None = None  # questions per set also scored by the other protocol (loglik <-> generate,
+                                       # generation as mcq.generation says); 0: every question; null: off
+    position_bias: int | None = None   # questions per set also scored under every cyclic permutation of their
+                                       # options (log-likelihood; 0: every question scored; null: off)
     generation: McqGeneration = McqGeneration()
 
 
@@ -602,6 +608,34 @@ def apply_overrides(mapping: dict[str, Any], overrides: Iterable[str], source: s
             else:
                 node = node[part]
     return out
+
+
+def _section(item: str) -> str:
+    return item.split("=", 1)[0].strip().split(".")[0]
+
+
+def overrides_for(kind: str, overrides: Iterable[str]) -> list[str]:
+    """The `key.sub=value` overrides a `kind` recipe (train, eval, chat, study) takes: those whose first key is
+    one of its sections. One list serves a notebook run of every kind: `data.data_dir=...` reaches the training
+    and evaluation recipes alike, `training.max_steps=4` the training recipes only."""
+    sections = {f.name for f in dataclasses.fields(RECIPE_CLASSES[kind])} - {"kind", "profile", "meta"}
+    return [item for item in overrides if _section(item) in sections]
+
+
+def check_overrides(overrides: Iterable[str], kinds: Iterable[str]) -> list[str]:
+    """The overrides as a list; one that no recipe of `kinds` takes is an error naming it and what would."""
+    if isinstance(overrides, str):
+        raise RecipeError(f"overrides must be a list of key=value strings, got the string {overrides!r}")
+    overrides, kinds = list(overrides), tuple(kinds)
+    for item in overrides:
+        if not isinstance(item, str) or "=" not in item:
+            raise RecipeError(f"override {item!r} must look like key.sub=value")
+        if not any(item in overrides_for(kind, [item]) for kind in kinds):
+            known = {kind: sorted({f.name for f in dataclasses.fields(RECIPE_CLASSES[kind])} - {"kind", "profile", "meta"})
+                     for kind in kinds}
+            raise RecipeError(f"override {item!r}: no {' or '.join(kinds)} recipe has a section {_section(item)!r}; "
+                              + "; ".join(f"{kind}: {', '.join(names)}" for kind, names in known.items()))
+    return overrides
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:

@@ -18,77 +18,64 @@ from typing import Any, Iterable, Sequence
 
 from medlib import config, plots
 from medlib.chat.session import ChatSession, run_script
-from medlib.config import EvalRecipe, TrainRecipe
+from medlib.config import TrainRecipe
 from medlib.data.mixtures import build_mixture
 from medlib.evaluate.suite import run_all
 from medlib.evaluate.tables import write_table3, write_table4
 from medlib.report import write_report
-from medlib.runs import layout, stage_recipes, with_data_dir
+from medlib.runs import layout, stage_recipes
 from medlib.training.run import train_run
 
 
 # ------------------------------------------------------------------------------------------ steps
+# Every step takes the same four: profile, out_dir, preset and overrides (key=value, the --set language; each
+# recipe takes the overrides of its own sections, config.overrides_for), plus resume/overwrite for training.
+STEP_KINDS = ("train", "eval", "chat")   # an override none of these recipes takes is an error at any step
 
-def build_data(profile: str = "local", out_dir: str | Path | None = None, data_dir: str | None = None,
-               overrides: Iterable[str] = (), preset: str | None = None) -> dict[int, Path]:
+
+def _checked(overrides: Iterable[str]) -> list[str]:
+    return config.check_overrides(overrides, STEP_KINDS)
+
+
+def build_data(profile: str = "local", out_dir: str | Path | None = None, preset: str | None = None,
+               overrides: Iterable[str] = ()) -> dict[int, Path]:
     """00: both stages' mixtures and manifests. Returns {stage: mixture folder}."""
+    overrides = _checked(overrides)
     lay = layout(profile, out_dir)
-    recipes = stage_recipes(profile, data_dir, preset, overrides)
-    eval_recipe = config.load_eval(profile)
+    recipes = stage_recipes(profile, preset=preset, overrides=config.overrides_for("train", overrides))
+    eval_recipe = config.load_eval(profile, config.overrides_for("eval", overrides))
     stage1 = build_mixture(recipes[1], lay.mixture(recipes[1].mixture), eval_recipe)
     stage2 = build_mixture(recipes[2], lay.mixture(recipes[2].mixture), eval_recipe, stage1_mixture=stage1)
     return {1: stage1, 2: stage2}
 
 
-def train_stage(stage: int, profile: str = "local", out_dir: str | Path | None = None, data_dir: str | None = None,
-                max_steps: int | None = None, overrides: Iterable[str] = (), resume: bool | None = None,
-                overwrite: bool = False, train_samples: int | None = None, preset: str | None = None) -> Path:
+def train_stage(stage: int, profile: str = "local", out_dir: str | Path | None = None, preset: str | None = None,
+                overrides: Iterable[str] = (), resume: bool | None = None, overwrite: bool = False) -> Path:
     """01 / 02: train Med-Mix (stage 1) or Med-Nirvana (stage 2 from the stage-1 run). Returns the run folder.
 
     A re-run never loses work: it resumes from the last checkpoint when there is one (resume=None or
     True), keeps a finished run with the same settings, and deletes a run only with overwrite=True;
-    it prints which it did (medlib.training.plan_run). train_samples: a seeded subset of the mixture."""
-    recipe = stage_recipes(profile, data_dir, preset, overrides)[stage]
-    training = recipe.training
-    if max_steps is not None:
-        training = training.replace(max_steps=max_steps)
-    if train_samples is not None:
-        training = training.replace(max_train_samples=train_samples)
-    return train_run(recipe.replace(training=training), layout(profile, out_dir), resume, overwrite)
+    it prints which it did (medlib.training.plan_run)."""
+    overrides = config.overrides_for("train", _checked(overrides))
+    return train_run(stage_recipes(profile, preset=preset, overrides=overrides)[stage], layout(profile, out_dir),
+                     resume, overwrite)
 
 
-def eval_recipe_for(profile: str, data_dir: str | None = None, preset: str | None = None,
-                    overrides: Iterable[str] = ()) -> EvalRecipe:
-    return with_data_dir(config.load_eval(profile, overrides, preset), data_dir)
-
-
-def evaluate_mcq(profile: str = "local", out_dir: str | Path | None = None, data_dir: str | None = None,
-                 limit: int | None = None, sets: Sequence[str] | None = None, overrides: Iterable[str] = (),
-                 preset: str | None = None) -> Path:
+def evaluate_mcq(profile: str = "local", out_dir: str | Path | None = None, preset: str | None = None,
+                 overrides: Iterable[str] = ()) -> Path:
     """03: Table 3 for the base model and every run of the eval recipe. Returns table3.md."""
     lay = layout(profile, out_dir)
-    recipe = eval_recipe_for(profile, data_dir, preset, overrides)
-    mcq = recipe.mcq
-    if limit is not None:
-        mcq = mcq.replace(limit=limit or None)
-    if sets:
-        mcq = mcq.replace(sets=tuple(sets))
-    run_all(recipe.replace(mcq=mcq), lay.eval, runs_root=lay.root, mcq=True, bertscore=False)
+    recipe = config.load_eval(profile, config.overrides_for("eval", _checked(overrides)), preset)
+    run_all(recipe, lay.eval, runs_root=lay.root, mcq=True, bertscore=False)
     return write_table3(out_dir=lay.eval)[0]
 
 
-def evaluate_bertscore(profile: str = "local", out_dir: str | Path | None = None, data_dir: str | None = None,
-                       n_queries: int | None = None, max_new_tokens: int | None = None,
-                       overrides: Iterable[str] = (), preset: str | None = None) -> Path:
+def evaluate_bertscore(profile: str = "local", out_dir: str | Path | None = None, preset: str | None = None,
+                       overrides: Iterable[str] = ()) -> Path:
     """04: Table 4 and side-by-side samples. Returns table4.md."""
     lay = layout(profile, out_dir)
-    recipe = eval_recipe_for(profile, data_dir, preset, overrides)
-    bs = recipe.bertscore
-    if n_queries is not None:
-        bs = bs.replace(n_queries=n_queries)
-    if max_new_tokens is not None:
-        bs = bs.replace(generation=bs.generation.replace(max_new_tokens=max_new_tokens))
-    run_all(recipe.replace(bertscore=bs), lay.eval, runs_root=lay.root, mcq=False, bertscore=True)
+    recipe = config.load_eval(profile, config.overrides_for("eval", _checked(overrides)), preset)
+    run_all(recipe, lay.eval, runs_root=lay.root, mcq=False, bertscore=True)
     return write_table4(out_dir=lay.eval)[0]
 
 
@@ -112,26 +99,24 @@ def loss_figure_name(recipe: TrainRecipe) -> str:
     return f"figure{10 + recipe.stage}_loss_stage{recipe.stage}_{recipe.run_name.replace('-', '_')}.png"
 
 
-def chat_demo(profile: str = "local", out_dir: str | Path | None = None, script: Sequence[str] = (),
-              max_new_tokens: int | None = None, adapter: str | Path | None = None, preset: str | None = None) -> Path:
+def chat_demo(profile: str = "local", out_dir: str | Path | None = None, preset: str | None = None,
+              overrides: Iterable[str] = (), script: Sequence[str] = (), adapter: str | Path | None = None) -> Path:
     """06: a scripted conversation with the chatbot (the chat recipe's run in this layout, else the base model)."""
     lay = layout(profile, out_dir)
-    recipe = config.load_chat(profile, preset=preset)
-    if max_new_tokens is not None:
-        recipe = recipe.replace(generation=recipe.generation.replace(max_new_tokens=max_new_tokens))
+    recipe = config.load_chat(profile, config.overrides_for("chat", _checked(overrides)), preset)
     # When the run is not trained yet the session says so once and runs the base model, so the chat
     # notebook works before any training.
     session = ChatSession.from_profile(profile, adapter=adapter, recipe=recipe, runs_root=lay.root)
     replies = run_script(session, list(script))
     lay.chat.mkdir(parents=True, exist_ok=True)
     path = lay.chat / "transcript.md"
-    lines = [f"# Scripted chat — {profile} profile", "", session.describe(), ""]
+    lines = [f"# Scripted chat — {profile} profile", "", session.public_description(), ""]
     for text, reply in zip(script, replies):
         flags = f", red flags: {', '.join(reply.red_flags)}" if reply.red_flags else ""
-        lines += [f"**User:** {text}", "", f"**Assistant ({reply.kind}{flags}):** {reply.text}", ""]
+        lines += [f"**User:** {text}", "", f"**Assistant ({reply.kind}, tier {reply.tier}{flags}):** {reply.text}", ""]
     path.write_text("\n".join(lines))
     (lay.chat / "transcript.json").write_text(json.dumps(
-        [{"user": t, "kind": r.kind, "red_flags": r.red_flags, "reply": r.text} for t, r in zip(script, replies)],
+        [{"user": t, "kind": r.kind, "tier": r.tier, "red_flags": r.red_flags, "reply": r.text} for t, r in zip(script, replies)],
         indent=1))
     return path
 

@@ -47,6 +47,15 @@ def findings(lay, caveat: str | None = None) -> list[str]:
                              f"{100 * d['top_prediction_share']:.0f}% of {name} questions** (gold {d['gold']}): its "
                              f"{100 * summary['accuracy']:.1f}% there measures a near-constant answer, not knowledge "
                              f"(the majority-class baseline scores {100 * d['majority_baseline']:.1f}%).")
+            b = summary.get("position_bias")
+            if b:
+                said += 1
+                verdict = ("prefers some positions whatever sits there: a difference this run supports"
+                           if b["position_biased"] else "spreads its answers over the positions as far as this run can tell")
+                lines.append(f"- {r.get('display_name', r['label'])} on {name}, every cyclic permutation of the options "
+                             f"({b['questions']} questions): right under all of them for {100 * b['right_under_all']:.1f}%, "
+                             f"{100 * b['accuracy_over_permutations']:.1f}% over permutations; it {verdict} "
+                             f"(chi-square p = {b['p']:.3g}).")
     for kind, verb in (("table3_paired.json", "accuracy"), ("table4_paired.json", "BERTScore F1")):
         path = lay.eval / kind
         for c in json.loads(path.read_text()) if path.exists() else []:

@@ -98,7 +98,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--out", default=None, help="output root (default outputs/<profile>)")
     parser.add_argument("--force", action="store_true", help="rerun notebooks that finished earlier")
     parser.add_argument("-p", "--param", dest="params", action="append", default=[], metavar="NAME=VALUE",
-                        help="notebook parameter, e.g. -p max_steps=10 -p mcq_limit=20 (repeatable)")
+                        help="notebook parameter, e.g. -p 'overrides=[training.max_steps=10, mcq.limit=20]' (repeatable)")
     parser.add_argument("--only", default=None, help="comma-separated notebook names (default: all, in order)")
     parser.add_argument("--smoke", action="store_true",
                         help="the paper profile's whole path on CPU in minutes: preset smoke (a tiny random Llama, the "

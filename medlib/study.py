@@ -43,7 +43,7 @@ from medlib.evaluate.retention import record_losses
 from medlib.pipeline import train_stage
 from medlib.plots import _pyplot, _save
 from medlib.models import load_tokenizer
-from medlib.runs import Layout, RunRecord, layout, load_run, stage1_of, with_data_dir
+from medlib.runs import Layout, RunRecord, layout, load_run, stage1_of
 from medlib.training import train_or_resume
 
 PAPER_SHARE = 33_333 / (100_000 + 33_333)   # Table 2: replayed stage-1 rows among stage-2 training rows
@@ -179,24 +179,31 @@ def _delta_w1_kept(arm: Arm | None, med_mix_meta: dict[str, Any]) -> float | Non
     return 1.0
 
 
-def run_study(name: str = "dmt", profile: str = "local", out_dir: str | Path | None = None, data_dir: str | None = None,
-              overrides: Iterable[str] = (), stage1_max_steps: int | None = None,
-              say: Callable[[str], None] = print, **settings: Any) -> dict[str, Any]:
+def run_study(name: str = "dmt", profile: str = "local", out_dir: str | Path | None = None,
+              overrides: Iterable[str] = (), say: Callable[[str], None] = print, **settings: Any) -> dict[str, Any]:
     """Train every arm (a finished arm with the same settings is kept), evaluate, compare, draw.
-    settings: typed study settings (see study_recipe). Returns the study summary (also study.json)."""
-    study = study_recipe(profile, overrides, name, **settings)
+
+    overrides: key=value, the --set language, each taken by the recipes that have its section: study_<name>.yaml
+    keys (max_steps, shares, mcq.limit, ...) by the study; training-recipe keys (training.max_steps, data.data_dir)
+    by Med-Mix and the arms' stage-2 recipe; data.* also by the evaluation recipe. settings: typed study settings
+    (see study_recipe). Returns the study summary (also study.json)."""
+    overrides = config.check_overrides(overrides, ("study", "train", "eval"))
+    study_overrides = config.overrides_for("study", overrides)
+    train_overrides = config.overrides_for("train", overrides)
+    eval_overrides = [o for o in config.overrides_for("eval", overrides) if o not in study_overrides]
+    study = study_recipe(profile, study_overrides, name, **settings)
     lay = layout(profile, out_dir)
     study_dir = lay.study(name)
     arms_layout = Layout(profile, study_dir)   # arms' mixtures in study/<name>/data/<arm>, runs in study/<name>/runs/...
     arms = study_arms(study)
     say(f"[{name} study] {profile} profile, arms {[a.slug for a in arms]}; writing {study_dir}")
-    med_mix = train_stage(1, profile, lay.root, data_dir, max_steps=stage1_max_steps)
-    stage2 = with_data_dir(config.load_train(profile, 2), data_dir)
+    med_mix = train_stage(1, profile, lay.root, overrides=train_overrides)
+    stage2 = config.load_train(profile, 2, train_overrides)
     stage1 = stage1_of(stage2)
     stage1_mixture = lay.mixture(stage1.mixture)
 
     runs: dict[str, Path] = {}
-    eval_recipe = config.load_eval(profile)
+    eval_recipe = config.load_eval(profile, eval_overrides)
     counts_recipe = arm_recipe(Arm(0.0), stage2, study, None)   # the dialogue rows alone give the counts
     counts_mixture = arms_layout.mixture(counts_recipe.mixture)
     if not (counts_mixture / "manifest.json").exists():
@@ -210,9 +217,8 @@ def run_study(name: str = "dmt", profile: str = "local", out_dir: str | Path | N
         runs[arm.slug] = train_or_resume(recipe, study_dir / "runs" / arm.slug, mixture,
                                          med_mix if recipe.uses_stage1 else None, say=say)
 
-    evaluation = with_data_dir(eval_recipe, data_dir)
-    evaluation = evaluation.replace(mcq=evaluation.mcq.replace(sets=study.mcq.sets, limit=study.mcq.limit),
-                                    bertscore=evaluation.bertscore.replace(n_queries=study.bertscore.n_queries))
+    evaluation = eval_recipe.replace(mcq=eval_recipe.mcq.replace(sets=study.mcq.sets, limit=study.mcq.limit),
+                                     bertscore=eval_recipe.bertscore.replace(n_queries=study.bertscore.n_queries))
     retention = _retention_records(stage1_mixture, study.retention_rows, stage1.seed)
     med_mix_record = RunRecord.read(med_mix)
     # every model's retention is scored on the same token ids: stage 1's tokenizer, its template as trained
@@ -313,18 +319,16 @@ def _survival(losses: dict[str, list[dict[str, Any]]]) -> dict[str, list[float]]
             for label in by_label if label != "base"}
 
 
-def run_dmt_study(profile: str = "local", out_dir: str | Path | None = None, data_dir: str | None = None,
-                  overrides: Iterable[str] = (), stage1_max_steps: int | None = None,
+def run_dmt_study(profile: str = "local", out_dir: str | Path | None = None, overrides: Iterable[str] = (),
                   say: Callable[[str], None] = print, **settings: Any) -> dict[str, Any]:
     """The DMT (replay) study: run_study("dmt", ...)."""
-    return run_study("dmt", profile, out_dir, data_dir, overrides, stage1_max_steps, say, **settings)
+    return run_study("dmt", profile, out_dir, overrides, say, **settings)
 
 
-def run_handoff_study(profile: str = "local", out_dir: str | Path | None = None, data_dir: str | None = None,
-                      overrides: Iterable[str] = (), stage1_max_steps: int | None = None,
+def run_handoff_study(profile: str = "local", out_dir: str | Path | None = None, overrides: Iterable[str] = (),
                       say: Callable[[str], None] = print, **settings: Any) -> dict[str, Any]:
     """The handoff study: run_study("handoff", ...)."""
-    return run_study("handoff", profile, out_dir, data_dir, overrides, stage1_max_steps, say, **settings)
+    return run_study("handoff", profile, out_dir, overrides, say, **settings)
 
 
 def _verdict(p: float, alpha: float) -> str:
@@ -490,13 +494,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         sub.add_argument("--out", default=None, help=f"output root (default outputs/<profile>); the study goes in study/{name}/")
         sub.add_argument("--data-dir", default=None, help="folder of the published data files (overrides the recipes)")
         sub.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                         help=f"override a study_{name}.yaml key, e.g. --set max_steps=20 (repeatable)")
+                         help=f"override a study_{name}.yaml key (e.g. --set max_steps=20) or a training or evaluation "
+                              "recipe key (e.g. --set training.max_steps=20); repeatable")
         sub.set_defaults(func=main)
 
 
 def main(args: argparse.Namespace) -> int:
     try:
-        run_study(args.study, args.profile, args.out, args.data_dir, args.overrides)
-    except StudyError as exc:
+        data_dir = [f"data.data_dir={args.data_dir}"] if args.data_dir else []
+        run_study(args.study, args.profile, args.out, [*data_dir, *args.overrides])
+    except (StudyError, config.RecipeError) as exc:
         raise CLIError(str(exc)) from None
     return 0

@@ -175,10 +175,12 @@ def test_session_turns_and_guardrails(session):
         prompt, _ = session.build_prompt("I have a cough")
         assert prompt.count("<|im_start|>system") == 1
         assert session.system_prompt == expected_system and expected_system in prompt.split("<|im_end|>")[0]
-    for text in ("J'ai mal à la tête depuis trois jours", "我头疼", "مرحبا", "🤒🤒"):
-        # handled, never a crash; the red-flag threshold is set for recall in English, so a language it
-        # was not trained on may get an urgent-care line it did not need (the safe direction)
-        assert session.reply(text).kind in ("medical", "fallback", "greeting", "urgent", "support")
+    # another language the detector reads: a routine message gets the short English-only reply, no emergency line
+    french = session.reply("J'ai mal à la tête depuis trois jours")
+    assert (french.kind, french.lang) == ("english_only", "fr") and guardrails.URGENT_MESSAGE not in french.text
+    for text in ("我头疼", "مرحبا", "🤒🤒"):
+        # scripts it was not trained on: handled, never a crash
+        assert session.reply(text).kind in ("medical", "fallback", "greeting", "urgent", "support", "safety_net")
 
 
 def test_history_truncation_drops_oldest_keeps_system(session):

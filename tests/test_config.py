@@ -96,3 +96,23 @@ def test_training_keys_are_sft_configs_own_and_sft_passes_any_other_through():
         load_train("local", 1, ["training.sft.warp_speed=9"])
     with pytest.raises(RecipeError, match="set it as training.max_steps, its typed key"):
         load_train("local", 1, ["training.sft.max_steps=9"])
+
+
+def test_one_override_list_reaches_each_recipe_by_its_sections():
+    """The notebooks' `overrides`: one key=value list for a whole run; each recipe takes its own sections."""
+    from medlib.config import check_overrides, overrides_for
+
+    given = ["training.max_steps=4", "mcq.limit=6", "generation.max_new_tokens=12", "data.data_dir=/d", "max_steps=2"]
+    assert overrides_for("train", given) == ["training.max_steps=4", "data.data_dir=/d"]
+    assert overrides_for("eval", given) == ["mcq.limit=6", "data.data_dir=/d"]
+    assert overrides_for("chat", given) == ["generation.max_new_tokens=12"]
+    assert overrides_for("study", given) == ["mcq.limit=6", "max_steps=2"]
+    assert check_overrides(given[:4], ("train", "eval", "chat")) == given[:4]
+    with pytest.raises(RecipeError, match="override 'max_steps=2': no train or eval or chat recipe has a section 'max_steps'"):
+        check_overrides(given, ("train", "eval", "chat"))
+    with pytest.raises(RecipeError, match="must look like key.sub=value"):
+        check_overrides(["training.max_steps"], ("train",))
+    with pytest.raises(RecipeError, match="a list of key=value strings"):
+        check_overrides("training.max_steps=4", ("train",))
+    recipe = config.load_train("local", 1, overrides_for("train", given))
+    assert recipe.training.max_steps == 4 and recipe.data.data_dir == "/d"

@@ -302,3 +302,29 @@ def test_decontamination_never_aborts_a_strict_build_and_can_only_report(tmp_pat
     assert reported["decontamination"]["exact"] == 2 and reported["decontamination"]["by_eval_set"] == {"medqa": 2}
     with pytest.raises(DataError, match="asked for 43 rows"):  # more than even decontamination explains: an error
         build("paper", "stage1", tmp_path / "bad", [f"data.data_dir={folder}", sources.replace('"n": 42', '"n": 43'), *corrected])
+
+
+def test_a_planted_13_gram_overlap_is_found_dropped_or_listed():
+    """A question pasted inside a longer training text is no duplicate, but it shares the item's 13-grams."""
+    from medlib.data.decontam import EvalIndex, decontaminate
+
+    question = ("A 45-year-old man presents with crushing substernal chest pain radiating to the left arm for two "
+                "hours and diaphoresis; which of the following is the most appropriate next step in management")
+    options = {"A": "Aspirin and an electrocardiogram", "B": "Discharge home", "C": "Oral antibiotics", "D": "Reassurance"}
+    index = EvalIndex()
+    index.add("medqa", [{"id": "q1", "source": "medqa", "question": question, "options": options}])
+    pasted = {"id": "t1", "source": "notechat", "messages": [
+        {"role": "user", "content": "My textbook asks: " + question + "? I am not sure what it wants."},
+        {"role": "assistant", "content": "Think about acute coronary syndrome first."}]}
+    unrelated = {"id": "t2", "source": "medmcqa", "question": "Which vitamin deficiency causes scurvy?",
+                 "options": {"A": "Vitamin C", "B": "Vitamin D", "C": "Vitamin A", "D": "Vitamin K"}}
+    kept, report = decontaminate([pasted, unrelated], index, drop=True)
+    assert [r["id"] for r in kept] == ["t2"] and report["dropped"] == 1
+    assert report["exact"] == report["normalised"] == 0          # no duplicate check would have caught it
+    assert report["ngram"]["rows"] == 1 and report["ngram"]["eval_items_by_set"] == {"medqa": 1}
+    [match] = report["matches"]
+    assert match["match"] == "13-gram" and match["ngram_items"][0]["id"] == "q1" and match["ngram_items"][0]["share"] >= 0.5
+    kept, report = decontaminate([pasted, unrelated], index, drop=False)   # report mode: listed, kept
+    assert [r["id"] for r in kept] == ["t1", "t2"] and report["dropped"] == 0 and report["matches"][0]["id"] == "t1"
+    kept, report = decontaminate([pasted, unrelated], index, drop=True, ngram_threshold=None)
+    assert len(kept) == 2 and report["ngram"]["rows"] == 0

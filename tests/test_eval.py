@@ -192,6 +192,9 @@ def test_table3_every_row_and_column_and_reference_numbers(tmp_path):
     assert "| paper (Table 3) |" in nirvana and "53.5" in nirvana and "71.7" in nirvana and "59.3" in nirvana
     human_pass = [l for l in paper_lines if "Human (pass)" in l][0]
     assert human_pass.count(tables.NOT_REPORTED) == 2 and "(Table 3, comparison)" in human_pass
+    # each row names its protocol; the note places loglik cells beside lm-eval's tasks, column by column
+    assert "MedQA = medqa_4options" in text and "PubMedQA = pubmedqa" in text and "mmlu_professional_medicine" in text
+    assert "compare a cell only with cells of its protocol" in text
 
     # A filled-in reference file renders its numbers.
     filled = yaml.safe_load(tables.REFERENCE_FILE.read_text())
@@ -245,14 +248,24 @@ def test_real_eval_each_set_accounts_for_every_question(tmp_path, data_dir, smol
     assert results["profile"] == "local" and results["model"] == SMOLLM2_NF4 and results["limit_per_set"] == limit
     text = (tmp_path / "table3.md").read_text()
     assert "| ours | Base | local | medlib:smollm2-bnb-4bit | none | loglik | 4 |" in text
+    # the other protocol (local: greedy generation on up to 20 per set) gets a row of its own, labelled with it
+    other = results["other_protocol"]
+    assert other["settings"]["method"] == "generate" and set(other["sets"]) == set(results["sets"])
+    assert all(s["n_scored"] == limit and 0 <= s["unparseable_share"] <= 1 for s in other["sets"].values())
+    assert "| ours | Base | local | medlib:smollm2-bnb-4bit | none | generate | 20 |" in text
 
-    recipe = eval_recipe(data_dir, ["mcq.bootstrap_samples=200", "mcq.limit=3", "mcq.sets=[pubmedqa]", "mcq.method=generate"])
+    recipe = eval_recipe(data_dir, ["mcq.bootstrap_samples=200", "mcq.limit=3", "mcq.sets=[pubmedqa]", "mcq.method=generate",
+                                    "mcq.position_bias=2", "mcq.other_protocol=null"])
     gen = run_mcq(recipe, tmp_path, label="base-generate")
     summary = gen["sets"]["pubmedqa"]
     assert summary["n_scored"] == 3 and 0 <= summary["unparseable_share"] <= 1
+    # the permutation check runs by log-likelihood beside a generation protocol: 2 questions x 3 orders
+    bias = summary["position_bias"]
+    assert (bias["questions"], bias["answers"]) == (2, 6) and abs(sum(bias["position_share"].values()) - 1) < 1e-9
+    assert "## Position bias" in (tmp_path / "table3.md").read_text()
     rows = [json.loads(line) for line in open(summary["predictions_file"])]
     assert all("reply" in r and (r["prediction"] is None) == (r["status"] == "unparseable") for r in rows)
-    assert len(list(csv.DictReader(open(tmp_path / "table3.csv")))) == 2 + len(tables.load_reference()["table3"]["rows"])
+    assert len(list(csv.DictReader(open(tmp_path / "table3.csv")))) == 3 + len(tables.load_reference()["table3"]["rows"])
 
 
 def _train_letter_adapter(model, tokenizer, record, steps=12):
@@ -392,3 +405,47 @@ def test_a_planted_constant_predictor_is_flagged_and_compared():
     assert c["ci95"][0] < c["difference"] < c["ci95"][1] and c["difference"] > 0
     same = compare_mcq(constant, constant)
     assert same["difference"] == 0 and same["p_mcnemar"] == 1.0
+
+
+def test_the_permutation_check_catches_a_position_biased_scorer_and_not_a_fair_one():
+    from medlib.evaluate.mcq import cyclic_permutations, position_bias
+
+    rng = random.Random(0)
+    records = [{"id": f"q{i}", "question": f"Question {i}?", "answer": rng.choice("ABCD"),
+                "options": {L: f"option {L} of {i}" for L in "ABCD"}} for i in range(40)]
+    right_text = {r["id"]: r["options"][r["answer"]] for r in records}
+    shifted = cyclic_permutations(records[0])
+    assert [p["options"][p["answer"]] for p in shifted] == [right_text["q0"]] * 4          # the gold text moves with it
+    assert sorted(p["answer"] for p in shifted) == ["A", "B", "C", "D"]                    # ... to every position once
+
+    def likes_a(permuted):        # always the first position
+        return [{L: (1.0 if L == "A" else 0.0) for L in p["options"]} for p in permuted]
+
+    def knows(permuted):          # the right text, wherever it is
+        return [{L: float(text == right_text[p["id"]]) for L, text in p["options"].items()} for p in permuted]
+
+    biased, fair = position_bias(records, likes_a), position_bias(records, knows)
+    assert biased["position_biased"] and biased["position_share"]["A"] == 1.0 and biased["right_under_all"] == 0.0
+    assert biased["accuracy_over_permutations"] == 0.25 and biased["p"] < 1e-10
+    assert not fair["position_biased"] and fair["right_under_all"] == 1.0 and fair["p"] == 1.0
+    assert fair["position_share"] == {L: 0.25 for L in "ABCD"}
+
+
+def test_the_two_protocols_agree_where_the_reply_starts_with_a_letter(data_dir, smollm2_dir):
+    """Greedy generation takes the most likely token at the answer position; log-likelihood compares the letters
+    there. So where the first generated token is an option letter, both protocols must pick that letter."""
+    import dataclasses
+
+    from medlib.evaluate.mcq import evaluate_records, other_protocol_settings
+
+    recipe = eval_recipe(data_dir, ["mcq.other_protocol=0"])
+    records = [r for r in local_eval_set("medqa", data_dir)[:12] if mcq_problem(r) is None]
+    model, tokenizer = load_for_inference(SMOLLM2_NF4, None, load_in_4bit=True)
+    loglik = dataclasses.replace(recipe.mcq, method="loglik")
+    generate = other_protocol_settings(loglik)
+    generate = generate.replace(generation=generate.generation.replace(max_new_tokens=1))
+    _, by_loglik = evaluate_records(model, tokenizer, records, loglik, SYSTEM_PROMPT)
+    _, by_reply = evaluate_records(model, tokenizer, records, generate, SYSTEM_PROMPT)
+    first_letter = [(a, b) for a, b in zip(by_loglik, by_reply) if b["reply"].strip() in a["logprobs"]]
+    assert len(first_letter) >= 3, [b["reply"] for b in by_reply]
+    assert all(a["prediction"] == b["prediction"] for a, b in first_letter)

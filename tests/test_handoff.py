@@ -52,7 +52,6 @@ def published_pair(tmp_path_factory):
     """A tiny pair built as the authors' is: a pre-quantised base (medlib:tiny-llama saved as -bnb-4bit
     checkpoints are) and a 'merged 16-bit' model = W' + a planted ΔW, in bfloat16, in several shards."""
     import torch
-    from transformers import AutoModelForCausalLM
 
     from medlib.models import ensure_tiny_llama, load_hf_model, save_prequantized
 

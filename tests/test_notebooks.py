@@ -14,7 +14,10 @@ from medlib.reproduce import NOTEBOOK_DIR, NOTEBOOKS, STUDY_NOTEBOOKS, Reproduce
 
 pytestmark = [pytest.mark.slow, pytest.mark.notebooks]
 
-TINY = {"max_steps": 4, "mcq_limit": 6, "n_queries": 3, "max_new_tokens": 12}
+# One override list, the --set language, for every notebook: each recipe takes the keys of its own sections.
+STEPS, QUESTIONS, QUERIES, OTHER = 4, 6, 3, 3
+TINY = {"overrides": [f"training.max_steps={STEPS}", f"mcq.limit={QUESTIONS}", f"bertscore.n_queries={QUERIES}",
+                      f"mcq.other_protocol={OTHER}", "bertscore.generation.max_new_tokens=12", "generation.max_new_tokens=12"]}
 
 
 def test_notebooks_are_committed_clean_with_a_parameters_cell():
@@ -50,7 +53,7 @@ def test_data_and_training_artifacts(reproduced):
         run = reproduced.run(recipe.run_name)
         assert (run / "adapter_model.safetensors").exists() and (run / "adapter_config.json").exists()
         meta = json.loads((run / "run_metadata.json").read_text())
-        assert meta["profile"] == "local" and meta["global_step"] == TINY["max_steps"]
+        assert meta["profile"] == "local" and meta["global_step"] == STEPS
         weights = [p.name for p in run.rglob("*") if p.suffix in (".bin", ".pt", ".pth", ".safetensors")
                    and ("model" in p.name or "adapter" in p.name)]
         assert weights and all(name.endswith(".safetensors") for name in weights), weights  # weights: safetensors only
@@ -60,16 +63,19 @@ def test_tables_hold_the_expected_rows(reproduced):
     with open(reproduced.eval / "table3.csv") as f:
         rows = list(csv.DictReader(f))
     ours = [r for r in rows if r["source"] == "ours"]
-    assert [r["model"] for r in ours] == ["Base", "Med-Mix", "Med-Nirvana"]
+    # every model by both protocols, each row labelled with its own
+    assert [(r["model"], r["method"]) for r in ours] == [(m, p) for m in ("Base", "Med-Mix", "Med-Nirvana")
+                                                         for p in ("loglik", "generate")]
     for r in ours:
         assert r["profile"] == "local"
         for key in ("medqa", "medmcqa", "pubmedqa", "mmlu_med"):
-            assert 0 <= float(r[f"{key}_accuracy"]) <= 100 and int(r[f"{key}_n"]) == TINY["mcq_limit"]
+            n = QUESTIONS if r["method"] == "loglik" else OTHER
+            assert 0 <= float(r[f"{key}_accuracy"]) <= 100 and int(r[f"{key}_n"]) == n
     assert sum(r["source"].startswith("paper") for r in rows) == 15  # every row of the paper's Table 3
     with open(reproduced.eval / "table4.csv") as f:
         table4 = [r for r in csv.DictReader(f) if r["source"] == "ours"]
     assert [r["model"] for r in table4] == ["Base", "Med-Mix", "Med-Nirvana"]
-    assert all(0 < float(r["f1"]) <= 1 and r["n"] == str(TINY["n_queries"]) for r in table4)
+    assert all(0 < float(r["f1"]) <= 1 and r["n"] == str(QUERIES) for r in table4)
     samples = (reproduced.eval / "samples.md").read_text()
     assert samples.count("Med-Nirvana") >= 1 and "hysician" in samples
 
@@ -106,9 +112,13 @@ def test_rerun_skips_finished_notebooks_and_failures_name_the_cell(reproduced, c
     reproduce("local", reproduced.root, params=TINY)
     assert capsys.readouterr().out.count("skipped") == len(NOTEBOOKS)
     with pytest.raises(ReproduceError, match=r"notebook 03_eval_mcq failed at cell \d+: .*nope"):
-        reproduce("local", reproduced.root, params={**TINY, "mcq_sets": ["nope"]}, notebooks=("03_eval_mcq",))
+        reproduce("local", reproduced.root, params={"overrides": [*TINY["overrides"], "mcq.sets=[nope]"]},
+                  notebooks=("03_eval_mcq",))
     assert (reproduced.notebooks / "03_eval_mcq.ipynb").exists()  # the executed copy is kept
     with pytest.raises(ReproduceError, match="no notebook has a parameter named typo"):
         reproduce("local", reproduced.root, params={"typo": 1})
+    # an override no recipe takes is an error at the first step, naming it and the sections there are
+    with pytest.raises(ReproduceError, match="override 'traning.max_steps=4': no train or eval or chat recipe has a section 'traning'"):
+        reproduce("local", reproduced.root, params={"overrides": ["traning.max_steps=4"]}, notebooks=("01_stage1_med_mix",))
     with pytest.raises(ReproduceError, match="no notebook named 07_typo"):
         reproduce("local", reproduced.root, notebooks=("07_typo",))

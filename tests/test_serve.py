@@ -26,6 +26,9 @@ KEY = "test-key-not-a-secret"
 MARKER = "Zorblax"  # typed into the page and the API; must not end up in any file the server can write
 RED_FLAG = f"crushing chest pain and I can't breathe ({MARKER})"
 MEDICAL = "What are the side effects of ibuprofen?"
+SAFETY_NET = "What are the warning signs of a stroke that I should know about?"
+SUPPORT = "I've been feeling really lonely since I moved to a new city for work."
+SPANISH_COLD = "Tengo un resfriado desde hace tres días, ¿qué puedo tomar?"
 
 
 @dataclass
@@ -122,9 +125,20 @@ def test_rate_limiter_allows_n_per_minute_per_client():
     assert limiter.check("a") is None          # the first request left the window
 
 
-def test_served_model_id_names_the_run():
+def test_served_model_id_and_the_public_description_name_the_run_never_a_path():
+    from medlib.chat.session import ChatSession
+    from medlib.config import load_chat
+
     assert served_model_id("local", None) == "medlib-local-base"
-    assert served_model_id("paper", "/x/outputs/paper/med-nirvana/adapter") == "medlib-paper-med-nirvana"
+    assert served_model_id("paper", "med-nirvana") == "medlib-paper-med-nirvana"
+    session = ChatSession.__new__(ChatSession)   # what the page and /v1/models show, without loading a model
+    session.recipe, session.temperature = load_chat("paper"), 0.0
+    session.adapter_used, session.model_name = Path("/srv/clinic/outputs/paper/med-nirvana/adapter"), "/srv/models/llama-8b"
+    public = session.public_description()
+    assert session.run_name == "med-nirvana" and "/srv" not in public
+    assert public == "profile paper, run med-nirvana, model llama-8b, temperature 0.0"
+    session.adapter_used, session.model_name = None, "unsloth/Meta-Llama-3.1-8B-Instruct-bnb-4bit"   # a Hub id stays
+    assert session.public_description().startswith("profile paper, run none (base model), model unsloth/Meta-Llama")
 
 
 # ---------------------------------------------------------------------- the running server
@@ -135,9 +149,11 @@ def test_starts_on_localhost_with_the_base_model_and_says_so_once(server):
     assert "API key required" in text and "nothing typed is written to disk" in text
 
 
-def test_models_lists_the_served_model(client):
+def test_models_lists_the_served_model_without_a_server_path(client, server):
     models = client.models.list().data
     assert [m.id for m in models] == ["medlib-local-base"]
+    assert models[0].description.startswith("profile local, run none (base model)")
+    assert str(server.workdir) not in models[0].description and "/" not in models[0].description
 
 
 def test_api_routes_like_the_chat_session(client):
@@ -146,15 +162,24 @@ def test_api_routes_like_the_chat_session(client):
         return r.choices[0].message.content, r.model_extra["medlib"]
 
     text, meta = ask("hello")
-    assert text == guardrails.GREETING_REPLY and meta["route"] == "greeting"
+    assert text == guardrails.GREETING_REPLY and (meta["route"], meta["tier"]) == ("greeting", "routine")
     text, meta = ask(RED_FLAG)
     assert text.startswith(guardrails.URGENT_MESSAGE) and meta["route"] == "urgent" and "cardiac" in meta["red_flags"]
+    assert (meta["tier"], meta["category"]) == ("urgent", "cardiac")
     assert guardrails.DISCLAIMER not in text          # the model was not asked
     text, meta = ask(MEDICAL, max_tokens=8)
-    assert meta["route"] == "medical" and text.startswith(guardrails.DISCLAIMER)
+    assert meta["route"] == "medical" and meta["tier"] == "routine" and text.startswith(guardrails.DISCLAIMER)
     assert len(text) > len(guardrails.DISCLAIMER) + 5
     text, meta = ask("who won the football match yesterday?")
     assert text == guardrails.FALLBACK_REPLY and meta["route"] == "fallback"
+    # each tier carries its tier and category
+    text, meta = ask(SAFETY_NET, max_tokens=8)
+    assert (meta["route"], meta["tier"], meta["category"]) == ("safety_net", "safety_net", "stroke")
+    assert text.endswith(guardrails.SAFETY_NETS["stroke"])       # the model answered, then the one-line safety net
+    text, meta = ask(SUPPORT)
+    assert (meta["route"], meta["tier"], meta["category"]) == ("support", "support", None) and text == guardrails.SUPPORT_REPLY
+    text, meta = ask(SPANISH_COLD)
+    assert (meta["route"], meta["lang"]) == ("english_only", "es") and text == guardrails.ENGLISH_ONLY_REPLY
 
 
 def test_history_from_the_client_keeps_the_disclaimer_to_the_first_answer(client):
@@ -243,7 +268,8 @@ def test_page_in_a_real_browser(server):
         browser.find_element(By.XPATH, "//button[normalize-space()='Login']").click()
         wait(60).until(lambda b: "Not a medical device" in b.find_element(By.TAG_NAME, "body").text)
         body = browser.find_element(By.TAG_NAME, "body").text
-        assert "Nothing you type is written to disk" in body and "adapter none (base model)" in body
+        assert "Nothing you type is written to disk" in body and "run none (base model)" in body
+        assert str(server.workdir) not in body
 
         def say(text: str) -> str:
             before = len(browser.find_elements(By.CSS_SELECTOR, "[data-testid=bot]"))
@@ -259,12 +285,16 @@ def test_page_in_a_real_browser(server):
             return wait(120).until(answered)
 
         greeting = say("hello there")
-        assert greeting.startswith(guardrails.GREETING_REPLY) and greeting.endswith("route: greeting")
+        assert greeting.startswith(guardrails.GREETING_REPLY) and greeting.endswith("route: greeting · tier routine")
         medical = say(MEDICAL)
-        assert medical.startswith(guardrails.DISCLAIMER) and medical.endswith("route: medical")
+        assert medical.startswith(guardrails.DISCLAIMER) and medical.endswith("route: medical · tier routine")
         urgent = say(RED_FLAG)
-        assert urgent.startswith(guardrails.URGENT_MESSAGE) and urgent.endswith("route: urgent (cardiac)")
+        assert urgent.startswith(guardrails.URGENT_MESSAGE) and urgent.endswith("route: urgent · tier urgent · cardiac")
         assert guardrails.DISCLAIMER not in urgent
+        net = say(SAFETY_NET)
+        assert guardrails.SAFETY_NETS["stroke"] in net and net.endswith("route: safety_net · tier safety_net · stroke")
+        support = say(SUPPORT)
+        assert support.startswith(guardrails.SUPPORT_REPLY) and support.endswith("route: support · tier support")
     finally:
         browser.quit()
 

@@ -13,8 +13,9 @@ from medlib.study import PAPER_SHARE, Arm, StudyError, replay_rows, study_recipe
 
 pytestmark = [pytest.mark.slow, pytest.mark.notebooks]
 
-TINY_STUDY = {"max_steps": 2, "mcq_limit": 4, "n_queries": 2, "shares": [0.0, 0.5], "from_base": True,
-              "dialogue_train": 12, "dialogue_validation": 4, "retention_rows": 6}
+# study_<name>.yaml keys and, for Med-Mix, the stage recipe's training.max_steps: one override list
+TINY_STUDY = ["max_steps=2", "training.max_steps=2", "mcq.limit=4", "bertscore.n_queries=2", "dialogue_train=12",
+              "dialogue_validation=4", "retention_rows=6"]
 
 
 def test_the_papers_share_and_replay_counts():
@@ -38,15 +39,15 @@ def test_the_papers_share_and_replay_counts():
 @pytest.fixture(scope="module")
 def study(tmp_path_factory):
     out = tmp_path_factory.mktemp("study")
-    reproduce("local", out, params=TINY_STUDY, notebooks=("07_dmt_study",))
+    reproduce("local", out, params={"overrides": [*TINY_STUDY, "shares=[0.0, 0.5]", "from_base=true"]},
+              notebooks=("07_dmt_study",))
     return out / "study" / "dmt", out
 
 
 @pytest.fixture(scope="module")
 def handoff_study(tmp_path_factory):
     out = tmp_path_factory.mktemp("handoff-study")
-    params = {k: v for k, v in TINY_STUDY.items() if k != "shares"}
-    reproduce("local", out, params={**params, "from_base": False}, notebooks=("08_handoff_study",))
+    reproduce("local", out, params={"overrides": [*TINY_STUDY, "from_base=false"]}, notebooks=("08_handoff_study",))
     return out / "study" / "handoff", out
 
 

@@ -31,7 +31,30 @@ URGENT_ACTIONS = {
     "seizure": (f"For a first seizure, one over 5 minutes, or someone who does not wake up: {_CALL}. "
                 "Lay them on their side and put nothing in their mouth."),
     "child_danger": f"A child with these signs needs urgent care: {_CALL} or go to the emergency department. Do not wait to see if it passes.",
+    "diabetic_emergency": (f"Very high or very low blood sugar with these signs is an emergency: {_CALL}. If they are awake and "
+                           "can swallow and the sugar is low, give sugar now; never give food or drink to someone drowsy."),
 }
+_NOW = "call 999 / 112 / your local emergency number now"
+# The safety-net tier: the model answers, and this one line follows (the category is the emergency the message
+# is about, though it is not happening now).
+SAFETY_NETS = {
+    "cardiac": f"If chest pain comes on and lasts more than a few minutes, or spreads to the arm, jaw or back, {_NOW}.",
+    "stroke": f"If a face droops, an arm goes weak or speech slurs, even for a moment, {_NOW} and note the time.",
+    "suicide_self_harm": ("If you or someone else is thinking about suicide or self-harm, call or text a crisis line "
+                          "(988 in the US; Samaritans 116 123 in the UK and Ireland) or your local emergency number now."),
+    "overdose_poisoning": f"If someone has taken too much of a medicine or swallowed something harmful, {_NOW} or poison control, even if they seem well.",
+    "anaphylaxis": f"If lips, tongue or throat swell or breathing gets hard after an allergen, use an adrenaline auto-injector and {_NOW}.",
+    "severe_bleeding": f"If bleeding is heavy or will not stop with firm pressure, or you vomit or cough up blood, {_NOW}.",
+    "breathing_collapse": f"If someone collapses, cannot be woken or is not breathing normally, {_NOW} and start CPR.",
+    "thunderclap_headache": f"If a sudden, severe headache peaks within a minute or comes with a stiff neck or confusion, {_NOW}.",
+    "seizure": f"If a seizure lasts more than 5 minutes, repeats, or is someone's first, {_NOW}.",
+    "child_danger": (f"If a baby under 3 months has a temperature of 38 C or more, or a child is floppy, hard to wake, "
+                     f"breathing hard or has a rash that does not fade under a glass, {_NOW}."),
+    "diabetic_emergency": f"If blood sugar is very high with vomiting or fast breathing, or low with confusion or drowsiness, {_NOW}.",
+}
+ENGLISH_ONLY_REPLY = ("I can only help in English. Please write your question in English. "
+                      "(Solo puedo ayudar en inglés. Je ne peux aider qu'en anglais. Ich kann nur auf Englisch helfen. "
+                      "Só posso ajudar em inglês.)")
 SUPPORT_REPLY = (
     "I'm sorry you are going through a hard time. Talking to someone can help: your doctor, someone you trust, "
     "or a support line (988 in the US; Samaritans 116 123 in the UK and Ireland), any time of day. "
@@ -85,7 +108,7 @@ RED_FLAG_PATTERNS: dict[str, list[tuple[re.Pattern[str], ...]]] = {
         r"face\s+(?:feels|is|went|has\s+gone)\s+numb",
         r"(?:weak|weakness|numb|numbness)\s+(?:\w+\s+){0,3}(?:one\s+side|left\s+side|right\s+side)",
         r"(?:one|left|right)\s+side\s+of\s+(?:my|his|her|the)\s+(?:face|body)\s+(?:is\s+)?(?:numb|weak|drooping|paraly)",
-        r"(?:having|had|think\s+(?:i|he|she)\s+(?:am|is|'m)\s+having)\s+a\s+stroke", r"signs?\s+of\s+(?:a\s+)?stroke"),)],
+        r"(?:having|think\s+(?:i|he|she)\s+(?:am|is|'m)\s+having)\s+a\s+stroke"),)],
     "suicide_self_harm": [(_rx(
         r"suicid", r"kill(?:ing)?\s+(?:my|him|her)sel(?:f|ves)", r"end(?:ing)?\s+(?:my|his|her)\s+(?:own\s+)?life", r"end(?:ing)?\s+it\s+all",
         r"take\s+my\s+(?:own\s+)?life", r"want\s+to\s+die", r"wish\s+i\s+(?:was|were)\s+dead",
@@ -226,3 +249,42 @@ def clean_input(text: str | None, max_chars: int, special_tokens: list[str] = ()
             text = text.replace(token, " ")
     text = text.strip()
     return CleanInput(text, notices, empty=not text)
+
+
+# Words frequent in each language the detector was trained to read and rare in the others: enough to tell a
+# message in Spanish, French, German or Portuguese from English without a language-identification model.
+_LANGUAGE_WORDS = {
+    "en": "the and is i i'm my to of in it have has with for on he she what how can this that was you do me "
+          "been feel after since about should does are not no just but got",
+    "es": "el los las que y en una un es mi mis por con para tengo tiene está estoy muy pero qué cómo cuánto cuánta "
+          "dolor hijo hija del al hace puedo debo mí mucho desde ayuda sangre pecho madre padre bebé niño niña años "
+          "días noche mejor ya se tomado caja entera cara cuesta respirar duermo últimamente vuelvo médico favor "
+          "cuando porque sin nada",
+    "fr": "le les des et est je j'ai mon ma mes une un pas qui avec pour dans il elle ai suis très mal fils fille ne "
+          "depuis mère père bébé sang poitrine jours ans c'est n'est sens mieux beaucoup combien faut boire par "
+          "jour comment faire sans médicaments du au aux d'eau ça vous nous quoi plus rien peux dois respire",
+    "de": "der die das und ist ich mein meine nicht mit ein eine habe hab bin sehr auf zu er sie seit kann wie "
+          "schmerzen hilfe meiner mutter vater blut brust tagen jahren keine noch nie im kam vor minuten mir geht's "
+          "schon viel besser wasser sollte am tag trinken kopfweh kind sohn tochter mann frau atmet arzt",
+    "pt": "o os que e em um uma é meu minha não com para estou tenho muito dor filho filha está do da na já "
+          "apliquei caneta mas marido continua sem conseguir respirar direito como faz quero caso dia precise "
+          "apareceram umas no braço outros quanta água devo beber por sentindo bem melhor bom café eu fico pouco "
+          "baixar remédio você mãe pai bebê sangue peito dias anos",
+}
+# Greetings and thanks that settle a short message on their own.
+_GREETINGS = {"es": "hola buenas gracias", "fr": "bonjour merci salut", "de": "hallo danke", "pt": "olá obrigado obrigada"}
+_LANGUAGE_SETS = {lang: set(words.split()) for lang, words in _LANGUAGE_WORDS.items()}
+_LETTERS = {"es": "ñ¿¡", "pt": "ãõ", "de": "ßäöü", "fr": "èêëàùœ"}
+
+
+def language_of(text: str) -> str:
+    """"en", "es", "fr", "de" or "pt": the language whose frequent words (and letters only it uses) the message has
+    most of. English unless another language has at least two such signs and more than English has."""
+    words = re.findall(r"[^\W\d_]+(?:'[^\W\d_]+)?", text.lower())
+    score = {lang: sum(w in vocabulary for w in words) for lang, vocabulary in _LANGUAGE_SETS.items()}
+    for lang, greetings in _GREETINGS.items():
+        score[lang] += 2 * sum(w in greetings.split() for w in words)
+    for lang, letters in _LETTERS.items():
+        score[lang] += 2 * sum(text.lower().count(ch) for ch in letters)
+    best = max(score, key=lambda lang: (score[lang], lang == "en"))
+    return best if best != "en" and score[best] >= 2 and score[best] > score["en"] else "en"

@@ -1,18 +1,26 @@
-"""Red-flag detection by meaning: a fine-tuned all-MiniLM-L6-v2 classifier, with regular expressions as a floor.
+"""Red flags in four tiers, by meaning: a fine-tuned all-MiniLM-L6-v2 classifier, with regular expressions as a floor.
 
-The classifier is all-MiniLM-L6-v2 with a LoRA adapter on its linear layers and a linear head
-over the mean-pooled sentence embedding, trained on three quarters of the calibration split of
-medlib/chat_data/red_flags.jsonl: urgent messages in ten categories, routine messages (many of
-them naming alarming words harmlessly, or negated), and emotional-distress messages. A message
-is urgent when the summed probability of the ten urgent categories reaches a threshold chosen
-for recall first on the remaining quarter; the held-out split, never trained or tuned on,
-measures recall and false alarms. The message is scored whole and sentence by
-sentence, so an emergency inside a long message is not diluted. The patterns in
-`guardrails.detect_red_flags` (with their clause negation) still flag whatever they match.
+Every message gets one tier (the chat's routes, medlib.chat.routes, act on it):
 
-Rebuild the shipped model and its measurements with:
+    urgent      an emergency happening now, to someone     the urgent-care message; the model is not asked
+    safety_net  an emergency topic that is not happening    the model answers, then the category's one-line
+                now, or a borderline case                   safety net ("if ... call 999 / 112 now")
+    support     distress without risk                       the support message
+    routine     everything else                             the ordinary reply
 
-    python -m medlib.chat.red_flags            # writes medlib/chat_data/red_flag_model/
+and, for urgent and safety-net messages, a category (cardiac, stroke, ...). The classifier is all-MiniLM-L6-v2
+with a LoRA adapter and two linear heads over the mean-pooled embedding, one for the tier and one for the
+category, trained on three quarters of medlib/chat_data/red_flags.jsonl (written by
+`python -m medlib.chat.red_flag_set`); the thresholds are chosen on the remaining quarter, recall first. The
+held-out set, medlib/chat_data/red_flags_heldout.jsonl, was written separately (other authors' wording, never
+trained or tuned on) and measures everything reported. The message is scored whole and sentence by sentence,
+so an emergency inside a long message is not diluted; the patterns in `guardrails.detect_red_flags` (with
+their clause negation) flag whatever they match.
+
+Retrain and re-measure (writes medlib/chat_data/red_flag_model/, calibration.json holds every number):
+
+    python -m medlib.chat.red_flags
+    python -m medlib.chat.red_flags --remeasure     # the shipped model on the held-out set again
 """
 
 from __future__ import annotations
@@ -29,15 +37,22 @@ from medlib.chat.router import CHAT_DATA_DIR, LABELLED_FILE, REFERENCE_FILE, lab
 from medlib.models import MINILM, name_adapter_base, resolve_model_path
 
 RED_FLAG_FILE = CHAT_DATA_DIR / "red_flags.jsonl"
+HELDOUT_FILE = CHAT_DATA_DIR / "red_flags_heldout.jsonl"
 MODEL_DIR = CHAT_DATA_DIR / "red_flag_model"
-CATEGORIES = ("cardiac", "stroke", "suicide_self_harm", "overdose_poisoning", "anaphylaxis", "severe_bleeding",
-              "breathing_collapse", "thunderclap_headache", "seizure", "child_danger")
-NON_URGENT = ("routine", "distress")
-LABELS = CATEGORIES + NON_URGENT
-SPLITS = ("calibration", "heldout")
-RECALL_TARGET = 0.97   # the threshold is the highest whose recall on the calibration tuning part reaches this
-TRAIN = {"lora_r": 16, "lora_alpha": 32, "lora_dropout": 0.1, "epochs": 15, "lr": 1e-3, "batch_size": 16,
-         "tune_fraction": 0.25, "seed": 0}
+TIERS = ("urgent", "safety_net", "support", "routine")
+CATEGORIES = tuple(guardrails.URGENT_ACTIONS)
+LANGUAGES = ("en", "es", "fr", "de", "pt")
+NO_CATEGORY = "none"
+# Targets on the held-out set (issue 27): what calibration.json's "targets" block checks.
+TARGETS = {"urgent_recall": 0.98, "urgent_or_net_recall": 0.995, "routine_urgent_rate": 0.03,
+           "routine_net_rate": 0.15, "support_rate": 0.9}
+# The thresholds are chosen on the tuning quarter with these budgets, a little inside the targets: as many
+# emergencies as possible flagged urgent while at most 2% of the other messages are; the safety net as wide as
+# 10% of routine messages allows; support for nineteen in twenty distress messages.
+AIMS = {"not_urgent_flagged_urgent": 0.02, "routine_net_rate": 0.10, "support_recall": 0.95}
+TRAIN = {"lora_r": 64, "lora_alpha": 128, "lora_dropout": 0.1, "epochs": 8, "lr": 5e-4, "warmup_share": 0.06,
+         "batch_size": 32, "tune_fraction": 0.25, "seed": 0}
+FLOOR_MIN = 0.05   # the classifier's P(urgent) from which a pattern match makes a message urgent
 _SENTENCE_SPLIT = re.compile(r"(?<=[.!?;])\s+|\n+")
 
 
@@ -47,44 +62,69 @@ class RedFlagError(RuntimeError):
 
 @dataclass
 class Assessment:
-    flags: list[guardrails.RedFlag]   # urgent categories found (empty: not urgent)
-    distress: bool                    # emotional distress without an emergency: never a greeting or fallback
-    urgent_probability: float         # the classifier's highest urgent probability over the message's segments
-    distress_probability: float       # likewise for distress or self-harm (the support reply's score)
-    scores: dict[str, float] = field(default_factory=dict)
+    tier: str                         # urgent | safety_net | support | routine
+    categories: list[str]             # urgent: every category found; safety_net: the topic; else empty
+    lang: str                         # en | es | fr | de | pt (guardrails.language_of)
+    probabilities: dict[str, float] = field(default_factory=dict)   # the deciding segment's tier probabilities
+    evidence: list[str] = field(default_factory=list)
 
     @property
     def urgent(self) -> bool:
-        return bool(self.flags)
+        return self.tier == "urgent"
 
     @property
-    def categories(self) -> list[str]:
-        return [f.category for f in self.flags]
+    def category(self) -> str | None:
+        return self.categories[0] if self.categories else None
+
+    @property
+    def flags(self) -> list[guardrails.RedFlag]:
+        return [guardrails.RedFlag(c, self.evidence) for c in self.categories] if self.urgent else []
 
 
 def read_red_flag_examples(path: str | Path = RED_FLAG_FILE) -> list[dict[str, str]]:
-    """JSONL rows {"label", "group", "split", "text"}; a bad row is an error naming the line."""
+    """JSONL rows {"tier", "category", "group", "lang", "text"}; a bad row is an error naming the file and line."""
     path = Path(path)
     if not path.exists():
         raise RedFlagError(f"red-flag examples {path} are missing")
     rows, seen = [], {}
-    for n, row in labelled_rows(path, LABELS, RedFlagError):
-        if row.get("split") not in SPLITS:
-            raise RedFlagError(f"{path}:{n}: split {row.get('split')!r} is not one of {', '.join(SPLITS)}")
+    for n, row in labelled_rows(path, TIERS, RedFlagError, key="tier"):
+        where = f"{path}:{n}"
+        category = row.get("category")
+        if row["tier"] in ("urgent", "safety_net") and category not in CATEGORIES:
+            raise RedFlagError(f"{where}: category {category!r} of a {row['tier']} row is not one of {', '.join(CATEGORIES)}")
+        if row["tier"] in ("support", "routine") and category != NO_CATEGORY:
+            raise RedFlagError(f"{where}: a {row['tier']} row has category {category!r}; it must be {NO_CATEGORY!r}")
+        if row.get("lang") not in LANGUAGES:
+            raise RedFlagError(f"{where}: lang {row.get('lang')!r} is not one of {', '.join(LANGUAGES)}")
+        if not isinstance(row.get("group"), str) or not row["group"]:
+            raise RedFlagError(f"{where}: 'group' must be a non-empty string")
         key = normalise(row["text"])
         if key in seen:
-            raise RedFlagError(f"{path}:{n}: the same text as line {seen[key]} (a duplicate would leak across splits)")
+            raise RedFlagError(f"{where}: the same text as line {seen[key]} (a duplicate would leak between parts)")
         seen[key] = n
         rows.append(row)
+    if not rows:
+        raise RedFlagError(f"{path}: no examples")
     return rows
+
+
+def read_heldout(path: str | Path = HELDOUT_FILE, training: Sequence[dict[str, str]] = ()) -> list[dict[str, str]]:
+    """The held-out rows; one that repeats a training text is an error (it would be measured on what it learnt)."""
+    held = read_red_flag_examples(path)
+    trained = {normalise(r["text"]) for r in training}
+    leaked = [r["text"] for r in held if normalise(r["text"]) in trained]
+    if leaked:
+        raise RedFlagError(f"{path}: {len(leaked)} held-out texts are also training texts, e.g. {leaked[0]!r}")
+    return held
 
 
 def router_examples() -> list[dict[str, str]]:
     """The router's own labelled messages (greetings, off-topic lines, everyday medical questions, none of
     them urgent), added to every training fold as routine so that "bye" or "tell me a joke" is not
-    an emergency. Training only: the held-out measurement uses red_flags.jsonl alone."""
+    an emergency. Training only: nothing is measured on them."""
     rows = read_examples(REFERENCE_FILE) + read_examples(LABELLED_FILE)
-    return [{"label": "routine", "group": f"router_{r['label']}", "split": "calibration", "text": r["text"]} for r in rows]
+    return [{"tier": "routine", "category": NO_CATEGORY, "group": f"router_{r['label']}", "lang": "en", "text": r["text"]}
+            for r in rows]
 
 
 def segments(text: str) -> list[str]:
@@ -94,13 +134,20 @@ def segments(text: str) -> list[str]:
 
 
 class RedFlagClassifier:
-    """all-MiniLM-L6-v2 + LoRA + a linear head: per-label probabilities for texts."""
+    """all-MiniLM-L6-v2 + LoRA + two linear heads (tier, category): per-text probabilities of each."""
 
-    def __init__(self, encoder: Any, tokenizer: Any, head: Any, max_length: int = 128):
+    def __init__(self, encoder: Any, tokenizer: Any, heads: Any, max_length: int = 128):
         self.encoder = encoder
         self.tokenizer = tokenizer
-        self.head = head
+        self.heads = heads            # torch.nn.ModuleDict {"tier": Linear, "category": Linear}
         self.max_length = max_length
+
+    @staticmethod
+    def _heads(hidden: int):
+        import torch
+
+        return torch.nn.ModuleDict({"tier": torch.nn.Linear(hidden, len(TIERS)),
+                                    "category": torch.nn.Linear(hidden, len(CATEGORIES))})
 
     @classmethod
     def new(cls, lora_r: int, lora_alpha: int, lora_dropout: float, seed: int) -> "RedFlagClassifier":
@@ -113,8 +160,7 @@ class RedFlagClassifier:
         encoder = get_peft_model(AutoModel.from_pretrained(base, dtype=torch.float32),
                                  LoraConfig(r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
                                             target_modules=["query", "key", "value", "dense"]))
-        head = torch.nn.Linear(encoder.config.hidden_size, len(LABELS))
-        return cls(encoder, AutoTokenizer.from_pretrained(base), head)
+        return cls(encoder, AutoTokenizer.from_pretrained(base), cls._heads(encoder.config.hidden_size))
 
     @classmethod
     def load(cls, model_dir: str | Path = MODEL_DIR) -> "RedFlagClassifier":
@@ -124,19 +170,19 @@ class RedFlagClassifier:
         from transformers import AutoModel, AutoTokenizer
 
         model_dir = Path(model_dir)
-        head_file = model_dir / "head.safetensors"
+        head_file = model_dir / "heads.safetensors"
         if not (model_dir / "adapter_config.json").exists() or not head_file.exists():
             raise RedFlagError(f"red-flag model {model_dir} is incomplete (needs adapter_config.json, "
-                               f"adapter_model.safetensors and head.safetensors); run: python -m medlib.chat.red_flags")
+                               f"adapter_model.safetensors and heads.safetensors); run: python -m medlib.chat.red_flags")
         labels = json.loads((model_dir / "labels.json").read_text())
-        if tuple(labels) != LABELS:
-            raise RedFlagError(f"{model_dir}/labels.json lists {labels}, expected {list(LABELS)}; retrain the model")
+        if labels != {"tiers": list(TIERS), "categories": list(CATEGORIES)}:
+            raise RedFlagError(f"{model_dir}/labels.json lists {labels}, expected tiers {list(TIERS)} and "
+                               f"categories {list(CATEGORIES)}; retrain the model")
         base = str(resolve_model_path(MINILM))
         encoder = PeftModel.from_pretrained(AutoModel.from_pretrained(base, dtype=torch.float32), str(model_dir))
-        state = load_file(str(head_file))
-        head = torch.nn.Linear(state["weight"].shape[1], state["weight"].shape[0])
-        head.load_state_dict(state)
-        return cls(encoder.eval(), AutoTokenizer.from_pretrained(base), head.eval())
+        heads = cls._heads(encoder.config.hidden_size)
+        heads.load_state_dict(load_file(str(head_file)))
+        return cls(encoder.eval(), AutoTokenizer.from_pretrained(base), heads.eval())
 
     def save(self, model_dir: str | Path) -> None:
         from safetensors.torch import save_file
@@ -145,8 +191,8 @@ class RedFlagClassifier:
         model_dir.mkdir(parents=True, exist_ok=True)
         self.encoder.save_pretrained(str(model_dir), safe_serialization=True)
         name_adapter_base(model_dir, MINILM)
-        save_file({k: v.contiguous() for k, v in self.head.state_dict().items()}, str(model_dir / "head.safetensors"))
-        (model_dir / "labels.json").write_text(json.dumps(list(LABELS)) + "\n")
+        save_file({k: v.contiguous() for k, v in self.heads.state_dict().items()}, str(model_dir / "heads.safetensors"))
+        (model_dir / "labels.json").write_text(json.dumps({"tiers": list(TIERS), "categories": list(CATEGORIES)}) + "\n")
 
     def logits(self, texts: Sequence[str]):
         import torch
@@ -156,149 +202,267 @@ class RedFlagClassifier:
         hidden = self.encoder(**batch).last_hidden_state
         mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
         pooled = torch.nn.functional.normalize((hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9), dim=-1)
-        return self.head(pooled * 10.0)  # a fixed scale, so the head starts with usable logits
+        return {name: head(pooled * 10.0) for name, head in self.heads.items()}  # a fixed scale: usable logits at start
 
-    def probabilities(self, texts: Sequence[str], batch_size: int = 64) -> list[dict[str, float]]:
+    def probabilities(self, texts: Sequence[str], batch_size: int = 64) -> list[dict[str, dict[str, float]]]:
+        """Per text {"tier": {tier: p}, "category": {category: p}}."""
         import torch
 
         self.encoder.eval()
-        out: list[dict[str, float]] = []
+        out: list[dict[str, dict[str, float]]] = []
         with torch.inference_mode():
             for i in range(0, len(texts), batch_size):
-                probs = torch.softmax(self.logits(texts[i:i + batch_size]), -1).tolist()
-                out += [dict(zip(LABELS, row)) for row in probs]
+                logits = self.logits(texts[i:i + batch_size])
+                tiers = torch.softmax(logits["tier"], -1).tolist()
+                categories = torch.softmax(logits["category"], -1).tolist()
+                out += [{"tier": dict(zip(TIERS, t)), "category": dict(zip(CATEGORIES, c))}
+                        for t, c in zip(tiers, categories)]
         return out
 
-    def fit(self, rows: Sequence[dict[str, str]], epochs: int, lr: float, batch_size: int, seed: int) -> None:
+    def fit(self, rows: Sequence[dict[str, str]], epochs: int, lr: float, batch_size: int, seed: int,
+            warmup_share: float = 0.0) -> list[float]:
+        """Cross-entropy on the tier, plus on the category where a row has one. Returns each epoch's mean loss."""
         import torch
 
-        params = [p for p in self.encoder.parameters() if p.requires_grad] + list(self.head.parameters())
+        params = [p for p in self.encoder.parameters() if p.requires_grad] + list(self.heads.parameters())
         optimiser = torch.optim.AdamW(params, lr=lr)
+        steps = epochs * -(-len(rows) // batch_size)
+        warmup = max(1, int(warmup_share * steps))
+        schedule = torch.optim.lr_scheduler.LambdaLR(   # linear warm-up, then linear decay to zero
+            optimiser, lambda step: min((step + 1) / warmup, max(0.0, (steps - step) / max(1, steps - warmup))))
         texts = [r["text"] for r in rows]
-        targets = torch.tensor([LABELS.index(r["label"]) for r in rows])
+        tiers = torch.tensor([TIERS.index(r["tier"]) for r in rows])
+        categories = torch.tensor([CATEGORIES.index(r["category"]) if r["category"] in CATEGORIES else -100 for r in rows])
         generator = torch.Generator().manual_seed(seed)
         self.encoder.train()
+        losses = []
         for _ in range(epochs):
-            order = torch.randperm(len(texts), generator=generator)
+            order, total = torch.randperm(len(texts), generator=generator), 0.0
             for i in range(0, len(texts), batch_size):
                 idx = order[i:i + batch_size]
-                loss = torch.nn.functional.cross_entropy(self.logits([texts[j] for j in idx]), targets[idx])
+                logits = self.logits([texts[j] for j in idx])
+                loss = torch.nn.functional.cross_entropy(logits["tier"], tiers[idx])
+                if (categories[idx] >= 0).any():
+                    loss = loss + torch.nn.functional.cross_entropy(logits["category"], categories[idx], ignore_index=-100)
                 optimiser.zero_grad()
                 loss.backward()
                 optimiser.step()
+                schedule.step()
+                total += loss.item() * len(idx)
+            losses.append(total / len(texts))
         self.encoder.eval()
+        return losses
 
 
-def urgent_probability(probs: dict[str, float]) -> float:
-    return sum(probs[c] for c in CATEGORIES)
+def _p(probs: dict[str, dict[str, float]], tier: str) -> float:
+    return probs["tier"][tier]
+
+
+def _net(probs: dict[str, dict[str, float]]) -> float:
+    """How much the classifier reads an emergency topic into a segment, now or not."""
+    return probs["tier"]["urgent"] + probs["tier"]["safety_net"]
+
+
+def _category(probs: dict[str, dict[str, float]]) -> str:
+    return max(CATEGORIES, key=lambda c: probs["category"][c])
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    urgent: float        # the highest segment's P(urgent) that makes a message urgent
+    safety_net: float    # the highest segment's P(urgent) + P(safety_net) that gives the safety net
+    support: float       # the highest segment's P(support) that gives the support message
+
+    @classmethod
+    def from_file(cls, path: Path) -> "Thresholds":
+        if not path.exists():
+            raise RedFlagError(f"{path} is missing; run: python -m medlib.chat.red_flags")
+        try:
+            t = json.loads(path.read_text())["thresholds"]
+            return cls(float(t["urgent"]), float(t["safety_net"]), float(t["support"]))
+        except (KeyError, TypeError, ValueError, json.JSONDecodeError) as exc:
+            raise RedFlagError(f"{path}: no valid 'thresholds' ({type(exc).__name__}: {exc})") from exc
+
+
+@dataclass(frozen=True)
+class Scores:
+    """A message's classifier scores, the maxima over its segments: what the thresholds are compared with."""
+    urgent: float
+    net: float
+    support: float
+    urgent_probs: dict[str, dict[str, float]]   # the most urgent segment's probabilities
+    net_probs: dict[str, dict[str, float]]      # the segment most about an emergency topic
+
+
+def scores_of(seg_probs: Sequence[dict[str, dict[str, float]]]) -> Scores:
+    most_urgent = max(seg_probs, key=lambda p: _p(p, "urgent"))
+    most_net = max(seg_probs, key=_net)
+    return Scores(_p(most_urgent, "urgent"), _net(most_net), max(_p(p, "support") for p in seg_probs),
+                  most_urgent, most_net)
 
 
 class RedFlagDetector:
-    """Patterns first (they never miss what they match), then the classifier on every segment."""
+    """The patterns first (they never miss what they match), then the classifier on every segment."""
 
-    def __init__(self, classifier: RedFlagClassifier, threshold: float, distress_threshold: float):
+    def __init__(self, classifier: RedFlagClassifier, thresholds: Thresholds):
         self.classifier = classifier
-        self.threshold = threshold
-        self.distress_threshold = distress_threshold
+        self.thresholds = thresholds
 
     @classmethod
     def load(cls, model_dir: str | Path = MODEL_DIR) -> "RedFlagDetector":
         model_dir = Path(model_dir)
-        calibration = model_dir / "calibration.json"
-        if not calibration.exists():
-            raise RedFlagError(f"{calibration} is missing; run: python -m medlib.chat.red_flags")
-        try:
-            t = json.loads(calibration.read_text())["thresholds"]
-            threshold, distress = float(t["urgent"]), float(t["distress"])
-        except (KeyError, TypeError, ValueError, json.JSONDecodeError) as exc:
-            raise RedFlagError(f"{calibration}: no valid 'thresholds' ({type(exc).__name__}: {exc})") from exc
-        return cls(RedFlagClassifier.load(model_dir), threshold, distress)
+        thresholds = Thresholds.from_file(model_dir / "calibration.json")
+        return cls(RedFlagClassifier.load(model_dir), thresholds)
 
-    def assess_many(self, texts: Sequence[str]) -> list[Assessment]:
+    def scores_many(self, texts: Sequence[str]) -> list[Scores]:
         pieces = [segments(t) for t in texts]
         flat = [s for p in pieces for s in p]
         probs = self.classifier.probabilities(flat) if flat else []
         out, i = [], 0
-        for text, parts in zip(texts, pieces):
-            seg_probs = probs[i:i + len(parts)]
+        for parts in pieces:
+            out.append(scores_of(probs[i:i + len(parts)]))
             i += len(parts)
-            out.append(self._decide(text, seg_probs))
         return out
+
+    def assess_many(self, texts: Sequence[str]) -> list[Assessment]:
+        return [self._decide(text, scores) for text, scores in zip(texts, self.scores_many(texts))]
 
     def assess(self, text: str) -> Assessment:
         return self.assess_many([text])[0]
 
-    def _affirmed(self, text: str, seg_probs: list[dict[str, float]]) -> dict[str, float] | None:
-        """The classifier's most urgent reading of what the message affirms, or None if nothing is urgent.
-
-        The classifier reads "not suicidal" much like "suicidal", so when the message negates a known
-        red-flag mention ("I am not suicidal", "no chest pain") it is scored again with those mentions
-        taken out (guardrails.strip_negated), and only what is left can raise a flag."""
+    def _affirmed(self, text: str, scores: Scores) -> Scores | None:
+        """The scores of what the message affirms. The classifier can read "not suicidal" much like "suicidal",
+        so a message that negates a known red-flag mention ("I am not suicidal", "no chest pain") is scored again
+        with those mentions taken out (guardrails.strip_negated); None when nothing is left to score."""
         affirmed = guardrails.strip_negated(text)
-        if affirmed is not text:  # only a message with a negated mention is read again
-            if not re.search(r"[^\W\d_]{3}", affirmed):
-                return None
-            seg_probs = self.classifier.probabilities(segments(affirmed))
-        best = max(seg_probs, key=urgent_probability)
-        return best if urgent_probability(best) >= self.threshold else None
+        if affirmed is text:  # nothing negated: the scores stand
+            return scores
+        if not re.search(r"[^\W\d_]{3}", affirmed):
+            return None
+        return self.scores_many([affirmed])[0]
 
-    def _decide(self, text: str, seg_probs: list[dict[str, float]]) -> Assessment:
-        flags = guardrails.detect_red_flags(text)
-        p_urgent = max(urgent_probability(p) for p in seg_probs)
-        affirmed = self._affirmed(text, seg_probs) if p_urgent >= self.threshold else None
-        if affirmed is not None:
-            category = max(CATEGORIES, key=lambda c: affirmed[c])
-            if affirmed["distress"] > urgent_probability(affirmed):
-                # flagged at a recall-first threshold, but mostly distress: the crisis line is the action that
-                # fits (never, say, "signs of a stroke" for "I feel so lonely")
-                category = "suicide_self_harm"
-            if category not in [f.category for f in flags]:
-                flags.append(guardrails.RedFlag(category, [f"classifier p={urgent_probability(affirmed):.2f}"]))
-        best = affirmed or max(seg_probs, key=urgent_probability)
-        p_distress = max(p["distress"] + p["suicide_self_harm"] for p in seg_probs)
-        distress = not flags and p_distress >= self.distress_threshold
-        return Assessment(flags, distress, p_urgent, p_distress, best)
+    def _decide(self, text: str, scores: Scores) -> Assessment:
+        """The tier, from what the message affirms. The patterns flag only where the classifier gives at least
+        FLOOR_MIN: alone, on the tuning quarter, they raised false alarms on 7% more of the messages that are not
+        emergencies (knowledge questions name "suicide" or "heart attack"), for no emergency the classifier missed."""
+        t = self.thresholds
+        lang = guardrails.language_of(text)
+        floor = guardrails.detect_red_flags(text)
+        scores = self._affirmed(text, scores)
+        if scores is not None and (scores.urgent >= t.urgent or (floor and scores.urgent >= FLOOR_MIN)):
+            p = scores.urgent_probs
+            category = _category(p)
+            if _p(p, "support") > _p(p, "urgent"):
+                category = "suicide_self_harm"  # mostly distress: the crisis line fits, never "signs of a stroke"
+            categories = list(dict.fromkeys([category, *(f.category for f in floor)]))
+            return Assessment("urgent", categories, lang, p["tier"],
+                              [f"classifier P(urgent)={scores.urgent:.2f}", *(e for f in floor for e in f.evidence)])
+        if scores is None:
+            return Assessment("routine", [], lang)
+        if scores.net >= t.safety_net and not (scores.support >= t.support and scores.support > scores.net):
+            return Assessment("safety_net", [_category(scores.net_probs)], lang, scores.net_probs["tier"])
+        if scores.support >= t.support:
+            return Assessment("support", [], lang, {"support": scores.support})
+        return Assessment("routine", [], lang, {"safety_net": scores.net, "support": scores.support})
 
 
 # ------------------------------------------------------------------ training and measurement
-def _metrics(rows: Sequence[dict[str, str]], flagged: Sequence[bool]) -> dict[str, Any]:
-    urgent = [r["label"] in CATEGORIES for r in rows]
-    n_urgent, n_routine = sum(urgent), len(rows) - sum(urgent)
-    tp = sum(1 for u, f in zip(urgent, flagged) if u and f)
-    fp = sum(1 for u, f in zip(urgent, flagged) if not u and f)
-    out: dict[str, Any] = {"n": len(rows), "n_urgent": n_urgent, "n_non_urgent": n_routine,
-                           "recall": tp / n_urgent if n_urgent else None,
-                           "false_alarm_rate": fp / n_routine if n_routine else None, "tp": tp, "fp": fp}
-    out["per_category_recall"] = {
-        c: {"n": sum(r["label"] == c for r in rows),
-            "recall": (sum(1 for r, f in zip(rows, flagged) if r["label"] == c and f) /
-                       max(1, sum(r["label"] == c for r in rows)))} for c in CATEGORIES}
-    groups = sorted({r.get("group", r["label"]) for r in rows if r["label"] in NON_URGENT})
-    out["per_group_false_alarm"] = {
-        g: {"n": sum(r.get("group") == g for r in rows),
-            "false_alarm_rate": (sum(1 for r, f in zip(rows, flagged) if r.get("group") == g and f) /
-                                 max(1, sum(r.get("group") == g for r in rows)))} for g in groups}
+def _share(flags: Sequence[bool]) -> float | None:
+    return sum(flags) / len(flags) if flags else None
+
+
+def measure(rows: Sequence[dict[str, str]], assessed: Sequence[Assessment]) -> dict[str, Any]:
+    """Every number the targets name, by tier, category, group and language, from labelled rows and assessments."""
+    pairs = list(zip(rows, assessed))
+    urgent = [(r, a) for r, a in pairs if r["tier"] == "urgent"]
+    not_urgent = [(r, a) for r, a in pairs if r["tier"] != "urgent"]
+    routine = [(r, a) for r, a in pairs if r["tier"] == "routine"]
+    support = [(r, a) for r, a in pairs if r["tier"] == "support"]
+
+    def counted(subset, hit) -> dict[str, Any]:
+        flags = [hit(r, a) for r, a in subset]
+        return {"n": len(flags), "hits": sum(flags), "rate": _share(flags)}
+
+    out: dict[str, Any] = {
+        "n": len(pairs), "by_tier": {t: sum(r["tier"] == t for r in rows) for t in TIERS},
+        "urgent_recall": counted(urgent, lambda r, a: a.tier == "urgent"),
+        "urgent_or_net_recall": counted(urgent, lambda r, a: a.tier in ("urgent", "safety_net")),
+        "not_urgent_flagged_urgent": counted(not_urgent, lambda r, a: a.tier == "urgent"),
+        "routine_urgent_rate": counted(routine, lambda r, a: a.tier == "urgent"),
+        "routine_net_rate": counted(routine, lambda r, a: a.tier == "safety_net"),
+        "support_rate": counted(support, lambda r, a: a.tier == "support"),
+        "support_flagged_urgent": counted(support, lambda r, a: a.tier == "urgent"),
+        "safety_net_rows": {t: sum(a.tier == t for r, a in pairs if r["tier"] == "safety_net") for t in TIERS},
+        "urgent_category_right": counted([(r, a) for r, a in urgent if a.tier == "urgent"],
+                                         lambda r, a: r["category"] in a.categories),
+        "confusion": {t: {u: sum(1 for r, a in pairs if r["tier"] == t and a.tier == u) for u in TIERS} for t in TIERS},
+    }
+    out["per_category_recall"] = {c: counted([(r, a) for r, a in urgent if r["category"] == c],
+                                             lambda r, a: a.tier == "urgent") for c in CATEGORIES}
+    out["per_group"] = {f"{t}/{g}": counted([(r, a) for r, a in pairs if r["tier"] == t and r["group"] == g],
+                                            lambda r, a: a.tier == r["tier"])
+                        for t, g in sorted({(r["tier"], r["group"]) for r in rows})}
+    out["per_language"] = {lang: {"urgent_recall": counted([(r, a) for r, a in urgent if r["lang"] == lang],
+                                                           lambda r, a: a.tier == "urgent"),
+                                  "not_urgent_flagged_urgent": counted([(r, a) for r, a in not_urgent if r["lang"] == lang],
+                                                                       lambda r, a: a.tier == "urgent"),
+                                  "language_read": counted([(r, a) for r, a in pairs if r["lang"] == lang],
+                                                           lambda r, a: a.lang == r["lang"])}
+                           for lang in LANGUAGES}
     return out
 
 
-def choose_threshold(p_urgent: Sequence[float], is_urgent: Sequence[bool], recall_target: float) -> float:
-    """The highest threshold whose recall on these (out-of-fold) scores reaches the target."""
-    positives = sorted((p for p, u in zip(p_urgent, is_urgent) if u), reverse=True)
-    if not positives:
-        raise RedFlagError("no urgent examples to calibrate on")
-    k = max(1, -(-int(round(recall_target * len(positives) * 1000)) // 1000))  # ceil, float-safe
-    return round(min(positives[:k]) - 1e-6, 6)
+def targets_met(report: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Each target (TARGETS) against a measure() report: the measured rate and whether it is met."""
+    out = {}
+    for name, bound in TARGETS.items():
+        rate = report[name]["rate"]
+        at_most = name in ("routine_urgent_rate", "routine_net_rate")
+        out[name] = {"target": ("<= " if at_most else ">= ") + str(bound), "measured": rate,
+                     "met": rate is not None and (rate <= bound if at_most else rate >= bound)}
+    for category in ("suicide_self_harm", "overdose_poisoning"):
+        rate = report["per_category_recall"][category]["rate"]
+        out[f"{category}_recall"] = {"target": ">= 1.0", "measured": rate, "met": rate == 1.0}
+    return out
+
+
+def highest_threshold(values: Sequence[float], aim: float) -> float:
+    """The highest threshold t with share(values >= t) >= aim (values: the positives' scores)."""
+    if not values:
+        raise RedFlagError("no examples to calibrate on")
+    ordered = sorted(values, reverse=True)
+    k = max(1, -(-int(round(aim * len(ordered) * 1000)) // 1000))  # ceil, float-safe
+    return round(ordered[min(k, len(ordered)) - 1] - 1e-6, 6)
+
+
+def lowest_threshold(values: Sequence[float], budget: float) -> float:
+    """The lowest threshold t with share(values >= t) <= budget (values: the negatives' scores)."""
+    if not values:
+        raise RedFlagError("no examples to calibrate on")
+    ordered = sorted(values, reverse=True)
+    k = int(budget * len(ordered) + 1e-9)          # at most k negatives may reach t
+    return round(ordered[k] + 1e-6, 6) if k < len(ordered) else 0.0
+
+
+def choose_thresholds(rows: Sequence[dict[str, str]], scores: Sequence[Scores]) -> Thresholds:
+    """On the tuning quarter: urgent as low as 2% false alarms among the other messages allows (so recall is as
+    high as that budget lets it be), the safety net as wide as 10% of routine messages allows, support for
+    nineteen in twenty distress messages."""
+    of = lambda keep, attr: [getattr(s, attr) for r, s in zip(rows, scores) if keep(r["tier"])]  # noqa: E731
+    return Thresholds(lowest_threshold(of(lambda t: t != "urgent", "urgent"), AIMS["not_urgent_flagged_urgent"]),
+                      lowest_threshold(of(lambda t: t == "routine", "net"), AIMS["routine_net_rate"]),
+                      highest_threshold(of(lambda t: t == "support", "support"), AIMS["support_recall"]))
 
 
 def split_for_tuning(rows: Sequence[dict[str, str]], fraction: float, seed: int) -> tuple[list, list]:
-    """(fit, tune): a seeded `fraction` of each label's calibration rows is kept aside to choose the
-    thresholds on the very model that ships, so the thresholds fit that model's scores."""
+    """(fit, tune): a seeded `fraction` of each tier-and-category's rows is kept aside to choose the thresholds
+    on the very model that ships, so the thresholds fit that model's scores."""
     import random
 
     fit, tune = [], []
-    for label in LABELS:
-        group = [r for r in rows if r["label"] == label]
-        random.Random(f"{seed}-{label}").shuffle(group)
+    for key in sorted({(r["tier"], r["category"]) for r in rows}):
+        group = [r for r in rows if (r["tier"], r["category"]) == key]
+        random.Random(f"{seed}-{key}").shuffle(group)
         k = round(len(group) * fraction)
         tune += group[:k]
         fit += group[k:]
@@ -306,68 +470,78 @@ def split_for_tuning(rows: Sequence[dict[str, str]], fraction: float, seed: int)
 
 
 def heldout_report(detector: RedFlagDetector, held: Sequence[dict[str, str]]) -> dict[str, Any]:
-    """Recall and false alarms of the whole detector on the held-out rows, of the patterns alone, and
-    the held-out messages it missed or flagged wrongly."""
-    flags = [a.urgent for a in detector.assess_many([r["text"] for r in held])]
-    return {"heldout": _metrics(held, flags),
-            "heldout_patterns_only": _metrics(held, [bool(guardrails.detect_red_flags(r["text"])) for r in held]),
-            "heldout_missed": [r["text"] for r, f in zip(held, flags) if r["label"] in CATEGORIES and not f],
-            "heldout_false_alarms": [r["text"] for r, f in zip(held, flags) if r["label"] in NON_URGENT and f]}
+    """The detector on the held-out rows: every measure, the targets, the patterns alone, and what it got wrong."""
+    assessed = detector.assess_many([r["text"] for r in held])
+    report = measure(held, assessed)
+    patterns = [bool(guardrails.detect_red_flags(r["text"])) for r in held]
+    wrong = [{"text": r["text"], "tier": r["tier"], "category": r["category"], "got": a.tier, "got_categories": a.categories}
+             for r, a in zip(held, assessed)
+             if (r["tier"] == "urgent") != (a.tier == "urgent") or (r["tier"] == "support") != (a.tier == "support")]
+    return {"heldout": report, "targets": targets_met(report),
+            "heldout_patterns_only": {"urgent_recall": _share([p for r, p in zip(held, patterns) if r["tier"] == "urgent"]),
+                                      "not_urgent_flagged_urgent": _share([p for r, p in zip(held, patterns) if r["tier"] != "urgent"])},
+            "heldout_errors": wrong}
 
 
-def remeasure(model_dir: str | Path = MODEL_DIR, data_file: str | Path = RED_FLAG_FILE) -> dict[str, Any]:
-    """Measure the shipped model again on the held-out split (after a change to the patterns, say)
-    and rewrite those parts of calibration.json; the model and its thresholds stay as trained."""
+def remeasure(model_dir: str | Path = MODEL_DIR, heldout_file: str | Path = HELDOUT_FILE) -> dict[str, Any]:
+    """Measure the shipped model again on the held-out set (after a change to the patterns, say) and rewrite
+    those parts of calibration.json; the model and its thresholds stay as trained."""
     path = Path(model_dir) / "calibration.json"
     result = json.loads(path.read_text())
-    held = [r for r in read_red_flag_examples(data_file) if r["split"] == "heldout"]
+    held = read_heldout(heldout_file, read_red_flag_examples())
     result.update(heldout_report(RedFlagDetector.load(model_dir), held))
-    path.write_text(json.dumps(result, indent=2) + "\n")
+    path.write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n")
     return result
 
 
 def train_red_flag_model(out_dir: str | Path = MODEL_DIR, data_file: str | Path = RED_FLAG_FILE,
-                         settings: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Train on most of the calibration split, choose the thresholds on the rest of it (recall first),
-    measure the held-out split, and write the model and calibration.json."""
+                         heldout_file: str | Path = HELDOUT_FILE, settings: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Train on three quarters of the training set, choose the thresholds on the last quarter, measure the
+    held-out set, and write the model and calibration.json."""
     s = {**TRAIN, **(settings or {})}
     rows = read_red_flag_examples(data_file)
-    cal = [r for r in rows if r["split"] == "calibration"]
-    held = [r for r in rows if r["split"] == "heldout"]
-    ours = {normalise(r["text"]) for r in rows}
-    extra = [r for r in router_examples() if normalise(r["text"]) not in ours]  # a shared text would leak
-    fit, tune = split_for_tuning(cal, s["tune_fraction"], s["seed"])
+    held = read_heldout(heldout_file, rows)
+    known = {normalise(r["text"]) for r in rows + held}
+    extra = [r for r in router_examples() if normalise(r["text"]) not in known]  # a shared text would leak
+    fit, tune = split_for_tuning(rows, s["tune_fraction"], s["seed"])
     clf = RedFlagClassifier.new(s["lora_r"], s["lora_alpha"], s["lora_dropout"], s["seed"])
-    clf.fit(fit + extra, s["epochs"], s["lr"], s["batch_size"], s["seed"])
-    scored = RedFlagDetector(clf, 2.0, 2.0).assess_many([r["text"] for r in tune])  # scores only
-    threshold = choose_threshold([a.urgent_probability for a in scored], [r["label"] in CATEGORIES for r in tune],
-                                 RECALL_TARGET)
-    # distress: low enough to catch nine in ten of the tuning part's distress messages
-    distress = sorted(a.distress_probability for a, r in zip(scored, tune) if r["label"] == "distress")
-    distress_threshold = round(distress[len(distress) // 10] - 1e-6, 6) if distress else 0.5
-    detector = RedFlagDetector(clf, threshold, distress_threshold)
+    losses = clf.fit(fit + extra, s["epochs"], s["lr"], s["batch_size"], s["seed"], s["warmup_share"])
+    scorer = RedFlagDetector(clf, Thresholds(2.0, 2.0, 2.0))
+    thresholds = choose_thresholds(tune, scorer.scores_many([r["text"] for r in tune]))
+    detector = RedFlagDetector(clf, thresholds)
     result = {
-        "what": "medlib red-flag detector: all-MiniLM-L6-v2 + LoRA classifier, regular expressions as a floor",
-        "thresholds": {"urgent": threshold, "distress": distress_threshold,
-                       "rule": f"highest threshold with recall >= {RECALL_TARGET} on the tuning part of the calibration split"},
-        "training": s,
-        "calibration_tune": _metrics(tune, [a.urgent_probability >= threshold for a in scored]),
+        "what": "medlib red-flag detector: four tiers and eleven categories; all-MiniLM-L6-v2 + LoRA, two heads; "
+                "regular expressions as a floor",
+        "thresholds": {"urgent": thresholds.urgent, "safety_net": thresholds.safety_net, "support": thresholds.support,
+                       "rule": f"the highest thresholds reaching {AIMS} on the tuning quarter of the training set"},
+        "training": {**s, "epoch_losses": [round(x, 4) for x in losses]},
+        "tuning_quarter": measure(tune, detector.assess_many([r["text"] for r in tune])),
         **heldout_report(detector, held),
-        "data": {"file": "medlib/chat_data/red_flags.jsonl",
+        "data": {"training_file": "medlib/chat_data/red_flags.jsonl (python -m medlib.chat.red_flag_set)",
+                 "heldout_file": "medlib/chat_data/red_flags_heldout.jsonl (written separately; never trained or tuned on)",
                  "training_only": f"{len(extra)} router examples (reference.jsonl + labelled.jsonl) as routine",
-                 "calibration_parts": {"fit": len(fit), "tune": len(tune)},
-                 "split_sizes": {sp: {lab: sum(1 for r in rows if r["split"] == sp and r["label"] == lab)
-                                      for lab in LABELS} for sp in SPLITS}},
+                 "parts": {"fit": len(fit), "tune": len(tune), "heldout": len(held)},
+                 "sizes": {name: {t: sum(r["tier"] == t for r in part) for t in TIERS}
+                           for name, part in (("training", rows), ("heldout", held))}},
         "command": "python -m medlib.chat.red_flags",
     }
     out_dir = Path(out_dir)
     clf.save(out_dir)
-    (out_dir / "calibration.json").write_text(json.dumps(result, indent=2) + "\n")
+    (out_dir / "calibration.json").write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n")
     (out_dir / "README.md").write_text(  # replaces peft's generic model card
-        "# medlib red-flag classifier\n\nall-MiniLM-L6-v2 + LoRA + a linear head over "
-        f"{', '.join(LABELS)}; trained by `python -m medlib.chat.red_flags` on the calibration split of "
-        "medlib/chat_data/red_flags.jsonl. Thresholds and held-out recall / false alarms: calibration.json.\n")
+        "# medlib red-flag classifier\n\nall-MiniLM-L6-v2 + LoRA + two linear heads (tier: "
+        f"{', '.join(TIERS)}; category: {', '.join(CATEGORIES)}); trained by `python -m medlib.chat.red_flags` on "
+        "medlib/chat_data/red_flags.jsonl. Thresholds, held-out measures and targets: calibration.json.\n")
     return result
+
+
+def summary_lines(result: dict[str, Any]) -> list[str]:
+    """The targets as the README shows them."""
+    lines = []
+    for name, t in result["targets"].items():
+        measured = "n/a" if t["measured"] is None else f"{t['measured']:.3f}"
+        lines.append(f"{name:>28}: {measured} (target {t['target']}) {'met' if t['met'] else 'NOT met'}")
+    return lines
 
 
 def main(argv: Iterable[str] | None = None) -> int:
@@ -376,10 +550,7 @@ def main(argv: Iterable[str] | None = None) -> int:
     parser.add_argument("--remeasure", action="store_true", help=remeasure.__doc__.split("\n")[0])
     args = parser.parse_args(list(argv) if argv is not None else None)
     result = remeasure(args.out) if args.remeasure else train_red_flag_model(args.out)
-    for name in ("calibration_tune", "heldout", "heldout_patterns_only"):
-        m = result[name]
-        print(f"{name:>28}: recall {m['recall']:.3f} ({m['tp']}/{m['n_urgent']}), "
-              f"false alarms {m['false_alarm_rate']:.3f} ({m['fp']}/{m['n_non_urgent']})")
+    print("\n".join(summary_lines(result)))
     print(f"thresholds {result['thresholds']} -> {args.out}")
     return 0
 

@@ -64,8 +64,8 @@ class Thresholds:
             raise RouterError(f"{path}: no valid 'thresholds' object ({type(exc).__name__}: {exc})") from exc
 
 
-def labelled_rows(path: str | Path, labels: Sequence[str], error: type[Exception] = RouterError):
-    """(line number, row) of a JSONL file of {"label", "text", ...}; a row that is not JSON, has a label
+def labelled_rows(path: str | Path, labels: Sequence[str], error: type[Exception] = RouterError, key: str = "label"):
+    """(line number, row) of a JSONL file of {key, "text", ...}; a row that is not JSON, has a `key` value
     outside `labels` or an empty text is an `error` naming the file and line."""
     path = Path(path)
     for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
@@ -75,8 +75,10 @@ def labelled_rows(path: str | Path, labels: Sequence[str], error: type[Exception
             row = json.loads(line)
         except json.JSONDecodeError as exc:
             raise error(f"{path}:{n}: not JSON ({exc})") from exc
-        if row.get("label") not in labels:
-            raise error(f"{path}:{n}: label {row.get('label')!r} is not one of {', '.join(labels)}")
+        if not isinstance(row, dict):
+            raise error(f"{path}:{n}: expected a JSON object")
+        if row.get(key) not in labels:
+            raise error(f"{path}:{n}: {key} {row.get(key)!r} is not one of {', '.join(labels)}")
         if not isinstance(row.get("text"), str) or not row["text"].strip():
             raise error(f"{path}:{n}: 'text' must be a non-empty string")
         yield n, row

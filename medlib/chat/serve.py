@@ -30,6 +30,8 @@ from collections import defaultdict, deque
 from pathlib import Path
 from typing import Any, Iterator
 
+from starlette.requests import Request
+
 from medlib.chat import guardrails
 from medlib.chat.session import ChatSession
 from medlib.config import ServeSettings
@@ -122,13 +124,9 @@ def conversation(messages: Any) -> tuple[list[tuple[str, str]], str]:
     return history, turns[-1][1]
 
 
-def served_model_id(profile: str, adapter: str | None) -> str:
+def served_model_id(profile: str, run_name: str | None) -> str:
     """e.g. medlib-local-med-nirvana (the run folder's name), or medlib-local-base without an adapter."""
-    if not adapter:
-        return f"medlib-{profile}-base"
-    path = Path(adapter)
-    run = path.parent if path.name in ("adapter", "final_adapter") else path
-    return f"medlib-{profile}-{run.name}"
+    return f"medlib-{profile}-{run_name or 'base'}"
 
 
 class ChatServer:
@@ -146,7 +144,7 @@ class ChatServer:
         self._waiting = 0
         self._waiting_lock = threading.Lock()
         self._transcript_lock = threading.Lock()
-        self.model_id = served_model_id(session.recipe.profile, session.adapter_used)
+        self.model_id = served_model_id(session.recipe.profile, session.run_name)
 
     # ------------------------------------------------------------------ one reply, streamed
     def reply_stream(self, history: list[tuple[str, str]], text: str, interface: str,
@@ -172,7 +170,7 @@ class ChatServer:
         self.transcript.parent.mkdir(parents=True, exist_ok=True)
         with self._transcript_lock, open(self.transcript, "a", encoding="utf-8") as f:
             f.write(json.dumps({"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "interface": interface,
-                                "user": text, "kind": reply.kind, "red_flags": reply.red_flags,
+                                "user": text, "kind": reply.kind, "tier": reply.tier, "red_flags": reply.red_flags,
                                 "reply": reply.text}, ensure_ascii=False) + "\n")
 
 
@@ -210,141 +208,166 @@ class ReplyStream:
 
 
 def route_label(reply: Any) -> str:
-    label = reply.kind
-    if reply.red_flags:
-        label += " (" + ", ".join(reply.red_flags) + ")"
-    return label
+    """The page's footer: the route, the tier and the category, e.g. "urgent · tier urgent · cardiac"."""
+    label = f"{reply.kind} · tier {reply.tier}"
+    categories = reply.red_flags or ([reply.category] if reply.category else [])
+    return label + (" · " + ", ".join(categories) if categories else "")
 
 
 def medlib_fields(reply: Any) -> dict[str, Any]:
     """What the API adds to OpenAI's response: the route and why (clients that do not know it ignore it)."""
-    return {"route": reply.kind, "red_flags": list(reply.red_flags), "disclaimer": reply.disclaimer,
-            "dose_caution": reply.dose_caution, "notices": list(reply.notices)}
+    return {"route": reply.kind, "tier": reply.tier, "category": reply.category, "red_flags": list(reply.red_flags),
+            "lang": reply.lang, "disclaimer": reply.disclaimer, "dose_caution": reply.dose_caution,
+            "notices": list(reply.notices)}
 
 
 # ---------------------------------------------------------------------- the API
-def create_app(server: ChatServer, with_page: bool = True):
-    from fastapi import FastAPI, Request
-    from fastapi.exceptions import RequestValidationError
-    from fastapi.responses import JSONResponse, StreamingResponse
+# Each handler finds the ChatServer on request.app.state.server; create_app only wires them.
+def _server(request: Any) -> ChatServer:
+    return request.app.state.server
+
+
+def _error_response(status: int, message: str, kind: str, param: str | None = None,
+                    headers: dict[str, str] | None = None):
+    from fastapi.responses import JSONResponse
+
+    return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": status}},
+                        status_code=status, headers=headers)
+
+
+async def on_request_error(request: Any, exc: RequestError):
+    return _error_response(exc.status, exc.message, exc.kind, exc.param, exc.headers)
+
+
+async def on_http_error(request: Any, exc: Any):
+    return _error_response(exc.status_code, str(exc.detail), "invalid_request_error")
+
+
+async def on_validation_error(request: Any, exc: Any):
+    return _error_response(400, str(exc.errors()[:3]), "invalid_request_error")
+
+
+async def on_internal_error(request: Any, exc: Exception):
+    log.exception("error while answering %s", request.url.path)
+    return _error_response(500, f"internal error ({type(exc).__name__}); see the server log", "server_error")
+
+
+def authorize(request: Any) -> None:
+    server = _server(request)
+    if server.api_key is None:
+        return
+    header = request.headers.get("authorization", "")
+    given = header[7:] if header.lower().startswith("bearer ") else ""
+    if not hmac.compare_digest(given.encode(), server.api_key.encode()):
+        raise RequestError(401, f"missing or wrong API key: send 'Authorization: Bearer <{API_KEY_ENV}>'",
+                           kind="authentication_error")
+
+
+def limit_rate(request: Any) -> None:
+    server = _server(request)
+    wait = server.limiter.check(request.client.host if request.client else "unknown")
+    if wait is not None:
+        raise RequestError(429, f"rate limit of {server.settings.rate_limit_per_minute} requests per minute reached",
+                           kind="rate_limit_exceeded", headers={"Retry-After": str(max(1, round(wait)))})
+
+
+async def read_payload(request: Any, limit: int) -> dict[str, Any]:
+    """The request's JSON object, refused (413) past `limit` bytes, declared or streamed."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise RequestError(413, f"request body of {int(declared):,} bytes is over the {limit:,}-byte limit",
+                           kind="request_too_large")
+    body = b""
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise RequestError(413, f"request body is over the {limit:,}-byte limit", kind="request_too_large")
+    try:
+        payload = json.loads(body)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise RequestError(400, f"the body is not valid JSON: {exc}") from None
+    if not isinstance(payload, dict):
+        raise RequestError(400, "the body must be a JSON object")
+    return payload
+
+
+def healthz(request: Request):
+    return {"status": "ok", "model": _server(request).model_id}
+
+
+def list_models(request: Request):
+    authorize(request)
+    server = _server(request)
+    return {"object": "list", "data": [{"id": server.model_id, "object": "model", "created": 0, "owned_by": "medlib",
+                                        "description": server.session.public_description()}]}
+
+
+async def chat_completions(request: Request):
+    from fastapi.responses import StreamingResponse
     from starlette.concurrency import run_in_threadpool
+
+    authorize(request)
+    limit_rate(request)
+    server = _server(request)
+    payload = await read_payload(request, server.settings.max_request_bytes)
+    requested = payload.get("model")
+    if requested not in (None, server.model_id):
+        raise RequestError(404, f"model {requested!r} is not served here; GET /v1/models lists {server.model_id!r}",
+                           kind="model_not_found", param="model")
+    history, text = conversation(payload.get("messages"))
+    temperature = payload.get("temperature")
+    if temperature is not None and (not isinstance(temperature, (int, float)) or not 0 <= temperature <= 2):
+        raise RequestError(400, "temperature: expected a number from 0 to 2", param="temperature")
+    max_tokens = payload.get("max_completion_tokens", payload.get("max_tokens"))
+    if max_tokens is not None and (not isinstance(max_tokens, int) or max_tokens < 1):
+        raise RequestError(400, "max_tokens: expected a positive integer", param="max_tokens")
+    stream = server.reply_stream(history, text, "api", temperature, max_tokens)
+    base = {"id": f"chatcmpl-{uuid.uuid4().hex[:24]}", "created": int(time.time()), "model": server.model_id}
+
+    if not payload.get("stream"):
+        text_out, reply = await run_in_threadpool(stream.text_and_reply)
+        count = server.session.tokenizer
+        usage = {"prompt_tokens": len(count(text, add_special_tokens=False)["input_ids"]),
+                 "completion_tokens": len(count(text_out, add_special_tokens=False)["input_ids"])}
+        usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
+        return {**base, "object": "chat.completion", "usage": usage, "medlib": medlib_fields(reply),
+                "choices": [{"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": text_out}}]}
+    return StreamingResponse(completion_events(stream, base), media_type="text/event-stream")
+
+
+def completion_events(stream: "ReplyStream", base: dict[str, Any]) -> Iterator[str]:
+    """The server-sent events of a streamed completion; the last chunk carries the medlib fields."""
+    def chunk(delta: dict[str, Any], finish: str | None = None, **extra: Any) -> str:
+        return "data: " + json.dumps({**base, "object": "chat.completion.chunk", **extra, "choices": [
+            {"index": 0, "delta": delta, "finish_reason": finish}]}) + "\n\n"
+
+    yield chunk({"role": "assistant", "content": ""})
+    try:
+        for piece in stream:
+            yield chunk({"content": piece})
+    except Exception as exc:  # the stream has started: report in-band, no traceback
+        log.exception("error while streaming a reply")
+        yield "data: " + json.dumps({"error": {"message": f"internal error ({type(exc).__name__})",
+                                               "type": "server_error"}}) + "\n\n"
+        return
+    yield chunk({}, "stop", medlib=medlib_fields(stream.reply))
+    yield "data: [DONE]\n\n"
+
+
+def create_app(server: ChatServer, with_page: bool = True):
+    """The FastAPI app: the handlers above on their paths, the error handlers, and the page at /."""
+    from fastapi import FastAPI
+    from fastapi.exceptions import RequestValidationError
     from starlette.exceptions import HTTPException as StarletteHTTPException
 
-    settings = server.settings
     app = FastAPI(title="medlib", docs_url=None, redoc_url=None)
-
-    def error_response(status: int, message: str, kind: str, param: str | None = None,
-                       headers: dict[str, str] | None = None) -> JSONResponse:
-        return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": status}},
-                            status_code=status, headers=headers)
-
-    @app.exception_handler(RequestError)
-    async def _request_error(request: Request, exc: RequestError):
-        return error_response(exc.status, exc.message, exc.kind, exc.param, exc.headers)
-
-    @app.exception_handler(StarletteHTTPException)
-    async def _http_error(request: Request, exc: StarletteHTTPException):
-        return error_response(exc.status_code, str(exc.detail), "invalid_request_error")
-
-    @app.exception_handler(RequestValidationError)
-    async def _validation_error(request: Request, exc: RequestValidationError):
-        return error_response(400, str(exc.errors()[:3]), "invalid_request_error")
-
-    @app.exception_handler(Exception)
-    async def _internal_error(request: Request, exc: Exception):
-        log.exception("error while answering %s", request.url.path)
-        return error_response(500, f"internal error ({type(exc).__name__}); see the server log", "server_error")
-
-    def authorize(request: Request) -> None:
-        if server.api_key is None:
-            return
-        header = request.headers.get("authorization", "")
-        given = header[7:] if header.lower().startswith("bearer ") else ""
-        if not hmac.compare_digest(given.encode(), server.api_key.encode()):
-            raise RequestError(401, f"missing or wrong API key: send 'Authorization: Bearer <{API_KEY_ENV}>'",
-                               kind="authentication_error")
-
-    def limit_rate(request: Request) -> None:
-        wait = server.limiter.check(request.client.host if request.client else "unknown")
-        if wait is not None:
-            raise RequestError(429, f"rate limit of {settings.rate_limit_per_minute} requests per minute reached",
-                               kind="rate_limit_exceeded", headers={"Retry-After": str(max(1, round(wait)))})
-
-    @app.get("/healthz")
-    def healthz():
-        return {"status": "ok", "model": server.model_id}
-
-    @app.get("/v1/models")
-    def models(request: Request):
-        authorize(request)
-        return {"object": "list", "data": [{"id": server.model_id, "object": "model", "created": 0,
-                                            "owned_by": "medlib", "description": server.session.describe()}]}
-
-    @app.post("/v1/chat/completions")
-    async def chat_completions(request: Request):
-        authorize(request)
-        limit_rate(request)
-        declared = request.headers.get("content-length")
-        if declared is not None and declared.isdigit() and int(declared) > settings.max_request_bytes:
-            raise RequestError(413, f"request body of {int(declared):,} bytes is over the "
-                                    f"{settings.max_request_bytes:,}-byte limit", kind="request_too_large")
-        body = b""
-        async for chunk in request.stream():
-            body += chunk
-            if len(body) > settings.max_request_bytes:
-                raise RequestError(413, f"request body is over the {settings.max_request_bytes:,}-byte limit",
-                                   kind="request_too_large")
-        try:
-            payload = json.loads(body)
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise RequestError(400, f"the body is not valid JSON: {exc}") from None
-        if not isinstance(payload, dict):
-            raise RequestError(400, "the body must be a JSON object")
-        requested = payload.get("model")
-        if requested not in (None, server.model_id):
-            raise RequestError(404, f"model {requested!r} is not served here; GET /v1/models lists {server.model_id!r}",
-                               kind="model_not_found", param="model")
-        history, text = conversation(payload.get("messages"))
-        temperature = payload.get("temperature")
-        if temperature is not None and (not isinstance(temperature, (int, float)) or not 0 <= temperature <= 2):
-            raise RequestError(400, "temperature: expected a number from 0 to 2", param="temperature")
-        max_tokens = payload.get("max_completion_tokens", payload.get("max_tokens"))
-        if max_tokens is not None and (not isinstance(max_tokens, int) or max_tokens < 1):
-            raise RequestError(400, "max_tokens: expected a positive integer", param="max_tokens")
-        stream = server.reply_stream(history, text, "api", temperature, max_tokens)
-        completion_id = f"chatcmpl-{uuid.uuid4().hex[:24]}"
-        created = int(time.time())
-        base = {"id": completion_id, "created": created, "model": server.model_id}
-
-        if not payload.get("stream"):
-            text_out, reply = await run_in_threadpool(stream.text_and_reply)
-            count = server.session.tokenizer
-            usage = {"prompt_tokens": len(count(text, add_special_tokens=False)["input_ids"]),
-                     "completion_tokens": len(count(text_out, add_special_tokens=False)["input_ids"])}
-            usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
-            return {**base, "object": "chat.completion", "usage": usage, "medlib": medlib_fields(reply),
-                    "choices": [{"index": 0, "finish_reason": "stop",
-                                 "message": {"role": "assistant", "content": text_out}}]}
-
-        def events() -> Iterator[str]:
-            def chunk(delta: dict[str, Any], finish: str | None = None, **extra: Any) -> str:
-                return "data: " + json.dumps({**base, "object": "chat.completion.chunk", **extra, "choices": [
-                    {"index": 0, "delta": delta, "finish_reason": finish}]}) + "\n\n"
-
-            yield chunk({"role": "assistant", "content": ""})
-            try:
-                for piece in stream:
-                    yield chunk({"content": piece})
-            except Exception as exc:  # the stream has started: report in-band, no traceback
-                log.exception("error while streaming a reply")
-                yield "data: " + json.dumps({"error": {"message": f"internal error ({type(exc).__name__})",
-                                                       "type": "server_error"}}) + "\n\n"
-                return
-            yield chunk({}, "stop", medlib=medlib_fields(stream.reply))
-            yield "data: [DONE]\n\n"
-
-        return StreamingResponse(events(), media_type="text/event-stream")
-
+    app.state.server = server
+    for exc_type, handler in ((RequestError, on_request_error), (StarletteHTTPException, on_http_error),
+                              (RequestValidationError, on_validation_error), (Exception, on_internal_error)):
+        app.add_exception_handler(exc_type, handler)
+    app.add_api_route("/healthz", healthz, methods=["GET"])
+    app.add_api_route("/v1/models", list_models, methods=["GET"])
+    app.add_api_route("/v1/chat/completions", chat_completions, methods=["POST"])
     if with_page:
         import gradio as gr
 
@@ -397,10 +420,11 @@ def build_page(server: ChatServer):
     logged = (f"This server keeps a transcript of every conversation (at the operator's request: "
               f"{server.transcript.name})." if server.transcript else
               "Nothing you type is written to disk by this server.")
-    description = (f"{NOT_A_DEVICE}\n\nModel: {server.session.describe()}. {logged} "
-                   "Each reply ends with the route it took: medical (the model answered), greeting, fallback "
-                   "(not a health question), urgent (red flag: urgent-care advice, the model is not asked) "
-                   "or support.")
+    description = (f"{NOT_A_DEVICE}\n\nModel: {server.session.public_description()}. {logged} "
+                   "Each reply ends with the route it took and its red-flag tier: medical (the model answered), "
+                   "safety_net (the model answered, with a line on when to call for help), urgent (an emergency: "
+                   "urgent-care advice, the model is not asked), support, english_only, greeting or fallback "
+                   "(not a health question).")
     chatbot = gr.Chatbot(label="medlib chat", buttons=["copy", "copy_all"])  # no share button: nothing leaves the page
     return gr.ChatInterface(respond, chatbot=chatbot, title="medlib chat", description=description, flagging_mode="never",
                             analytics_enabled=False, save_history=False, cache_examples=False,

@@ -4,13 +4,14 @@
     reply = session.reply("I have had a fever for 3 days")  # Reply(kind="medical", text=..., ...)
     replies = run_script(session, ["hi", "I have a headache", "who won the match?"])
 
-Every message is cleaned (guardrails.clean_input), checked for red flags by meaning and by pattern
-(medlib.chat.red_flags) before anything else, then routed (medical / greeting / other). A red
-flag gets the category's urgent-care message and never reaches the model, a greeting or the
-fallback; emotional distress gets a support message and never the greeting or fallback. Only
-medical messages reach the model; its prompt is the training system prompt + the kept history +
-the new message, rendered by medlib.prompts.render_chat (the same template as training). An answer
-that states a dose or regimen ends with a caution to check it with a pharmacist or clinician.
+Every message is cleaned (guardrails.clean_input), given a red-flag tier by meaning and by pattern
+(medlib.chat.red_flags: urgent, safety_net, support or routine), and routed (medical / greeting / other);
+the route table (medlib.chat.routes) then decides what the user sees. An urgent message gets the category's
+urgent-care message and never reaches the model, a greeting or the fallback; distress gets a support
+message; a safety-net message gets the model's answer and the category's one-line safety net; a message in
+another language gets a short "English only" reply. The model's prompt is the training system prompt + the
+kept history + the new message, rendered by medlib.prompts.render_chat (the same template as training). An
+answer that states a dose or regimen ends with a caution to check it with a pharmacist or clinician.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from typing import Any, Callable, Iterable, Sequence
 from medlib.chat import guardrails
 from medlib.chat.red_flags import RedFlagDetector
 from medlib.chat.router import RouteDecision, Router
+from medlib.chat.routes import Signals, route_for
 from medlib.config import ChatRecipe, load_chat
 from medlib.models import ModelNotFoundError
 from medlib.paths import resolve
@@ -37,15 +39,17 @@ StreamFn = Callable[[str], None]
 
 @dataclass
 class Reply:
-    kind: str                       # "medical" | "greeting" | "fallback" | "urgent" | "support" | "empty"
+    kind: str                       # the route taken (medlib.chat.routes.ROUTE_NAMES), or "empty"
     text: str                       # everything shown to the user, in order
-    answer: str | None = None       # the model's own answer (medical only)
-    red_flags: list[str] = field(default_factory=list)
+    answer: str | None = None       # the model's own answer, when it was asked
+    tier: str = "routine"           # the red-flag tier: urgent | safety_net | support | routine
+    category: str | None = None     # the emergency category of an urgent or safety-net message
+    red_flags: list[str] = field(default_factory=list)   # every urgent category found
     notices: list[str] = field(default_factory=list)
     route: RouteDecision | None = None
     disclaimer: bool = False
     dropped_turns: int = 0          # history turns left out to fit the context
-    distress: bool = False          # the support message was shown
+    lang: str = "en"                # the language the message was read as
     dose_caution: bool = False      # the answer stated a dose, so the caution line was added
 
 
@@ -179,8 +183,25 @@ class ChatSession:
                    model_name=base_model, adapter_used=adapter_dir)
 
     def describe(self) -> str:
+        """For the operator's console: paths included."""
         return (f"profile {self.recipe.profile}, model {self.model_name}, "
                 f"adapter {self.adapter_used or 'none (base model)'}, temperature {self.temperature}")
+
+    @property
+    def run_name(self) -> str | None:
+        """The run folder's name (med-nirvana), never its path; None for the base model alone."""
+        if self.adapter_used is None:
+            return None
+        path = Path(self.adapter_used)
+        return (path.parent if path.name in ("adapter", "final_adapter") else path).name
+
+    def public_description(self) -> str:
+        """For clients (the page, GET /v1/models): names only, no file path of the server."""
+        model = self.model_name
+        if Path(model).is_absolute() or Path(model).exists():
+            model = Path(model).name
+        return (f"profile {self.recipe.profile}, run {self.run_name or 'none (base model)'}, model {model}, "
+                f"temperature {self.temperature}")
 
     def fork(self, history: Sequence[tuple[str, str]] = (), answers_given: int = 0,
              temperature: float | None = None, max_new_tokens: int | None = None) -> "ChatSession":
@@ -219,28 +240,19 @@ class ChatSession:
             emit(guardrails.EMPTY_REPLY)
             return Reply("empty", "".join(parts), notices=clean.notices)
 
-        # Red flags first, on every message: an emergency never reaches a greeting, the fallback or
-        # (unless the recipe asks for an answer after the urgent message) the model.
+        # Red flags first, on every message; the route table then decides, in its order (routes.py).
         assessment = self.red_flags.assess(clean.text)
-        flags = assessment.flags
         route = self.router.route(clean.text)
-        if flags:
-            emit(guardrails.urgent_message(flags))
-            if not (g.answer_after_red_flag and route.label == "medical"):
-                return Reply("urgent", "".join(parts), red_flags=assessment.categories,
-                             notices=clean.notices, route=route)
+        signals = Signals.of(assessment, route.label, g.answer_after_red_flag)
+        chosen = route_for(signals)
+        taken = dict(kind=chosen.name, tier=assessment.tier, category=assessment.category,
+                     red_flags=assessment.categories if assessment.urgent else [], route=route, lang=assessment.lang)
+        if chosen.before:
+            emit(chosen.before(signals))
+        if not chosen.answers(signals):
+            return Reply(text="".join(parts), notices=clean.notices, **taken)
+        if chosen.before:
             emit("\n\n")
-        if assessment.distress:
-            emit(guardrails.SUPPORT_REPLY)
-            if route.label != "medical":
-                return Reply("support", "".join(parts), notices=clean.notices, route=route, distress=True)
-            emit("\n\n")
-        if route.label == "greeting":
-            emit(guardrails.GREETING_REPLY)
-            return Reply("greeting", "".join(parts), notices=clean.notices, route=route)
-        if route.label != "medical":
-            emit(guardrails.FALLBACK_REPLY)
-            return Reply("fallback", "".join(parts), notices=clean.notices, route=route)
 
         messages, dropped, cut = fit_history(self.tokenizer, self.system_prompt, self.history, clean.text,
                                              self.context_tokens - self.max_new_tokens)
@@ -255,12 +267,12 @@ class ChatSession:
         dose_caution = guardrails.mentions_dose(answer)
         if dose_caution:
             emit("\n\n" + guardrails.DOSE_CAUTION)
+        if chosen.after:  # the safety net is the reply's last line
+            emit("\n\n" + chosen.after(signals))
         self.history.append((messages[-1]["content"], answer))
         self.answers_given += 1
-        return Reply("urgent" if flags else "medical", "".join(parts), answer=answer,
-                     red_flags=assessment.categories, notices=notices, route=route,
-                     disclaimer=disclaimer, dropped_turns=dropped, distress=assessment.distress,
-                     dose_caution=dose_caution)
+        return Reply(text="".join(parts), answer=answer, notices=notices, disclaimer=disclaimer,
+                     dropped_turns=dropped, dose_caution=dose_caution, **taken)
 
     def build_prompt(self, text: str) -> tuple[str, int]:
         """The exact prompt the model would get for `text` now, and how many turns were dropped."""

@@ -119,7 +119,9 @@ class _Build:
             raise config.RecipeError(f"{recipe.meta.recipe_file}: data.decontaminate needs the evaluation sets "
                                      "(the profile's eval recipe)")
         self.index = eval_index(recipe, eval_recipe, with_chat) if self.data.decontaminate != "off" else None
-        self.decon: dict[str, Any] = {"checked": 0, "exact": 0, "normalised": 0, "dropped": 0, "by_eval_set": {}}
+        self.decon: dict[str, Any] = {"checked": 0, "exact": 0, "normalised": 0, "dropped": 0, "by_eval_set": {},
+                                      "ngram": {"n": 13, "threshold": self.data.ngram_threshold, "rows": 0,
+                                                "rows_ngram_only": 0, "eval_items_by_set": {}}}
 
     def load(self, spec: SourceSpec):
         """A source's validated records, checked against the evaluation sets: overlaps dropped (decontaminate:
@@ -127,7 +129,8 @@ class _Build:
         result = _load_training_source(spec, self.data, self.report)
         records, decon = result.records, None
         if self.index is not None:
-            records, decon = decontaminate(records, self.index, drop=self.data.decontaminate == "drop")
+            records, decon = decontaminate(records, self.index, drop=self.data.decontaminate == "drop",
+                                           ngram_threshold=self.data.ngram_threshold)
             _merge_decon(self.decon, decon)
         dropped = decon["dropped"] if decon else 0
         return result, records, {**result.summary(), "decontamination": _brief(decon)}, dropped
@@ -260,7 +263,14 @@ def _merge_decon(total: dict[str, Any], part: dict[str, Any]) -> None:
         total[key] += part[key]
     for name, n in part["by_eval_set"].items():
         total["by_eval_set"][name] = total["by_eval_set"].get(name, 0) + n
+    for key in ("rows", "rows_ngram_only"):
+        total["ngram"][key] += part["ngram"][key]
     total.setdefault("matches", []).extend(part["matches"])
+    touched: dict[str, set[str]] = {}   # an item two sources overlap counts once
+    for match in total["matches"]:
+        for item in match.get("ngram_items", ()):
+            touched.setdefault(item["eval_set"], set()).add(item["id"])
+    total["ngram"]["eval_items_by_set"] = {name: len(ids) for name, ids in sorted(touched.items())}
 
 
 def build_mixture(recipe: TrainRecipe, out_dir: str | Path, eval_recipe: EvalRecipe | None = None,

@@ -45,6 +45,7 @@ class Source:
     derived_splits: dict[str, tuple[str, str]] = field(default_factory=dict)  # split -> (published split, rule)
     keyed_rows: bool = False                        # rows come as (id, row): dict-layout files, Hub rows with an id
     paper_column: str | None = None                 # the paper's Table 3 column this source is scored in, if any
+    lm_eval_tasks: tuple[str, ...] = ()             # lm-evaluation-harness's tasks for the same set (its multimedqa group)
     default_split: str = "train"                    # what `medlib data inspect` shows unless told
 
     @property
@@ -214,13 +215,13 @@ MMLU_MEDICAL_SUBJECTS = ("anatomy", "clinical_knowledge", "college_biology", "co
 # The authors' notebooks read MedQA's "-hf" variant (sent1, ending0..3, label); the other one (question,
 # options, answer_idx) holds the same questions and normalises to the same records.
 register(Source("medqa", "mcq", "MedQA", lambda split, rule: lambda raw, row: normalise_medqa(raw, row, split),
-                hub_id="GBaker/MedQA-USMLE-4-options-hf",
+                hub_id="GBaker/MedQA-USMLE-4-options-hf", lm_eval_tasks=("medqa_4options",),
                 hub_splits={"train": (None, "train"), "validation": (None, "validation"), "test": (None, "test")},
                 local_files={"train": ("medqa/train.jsonl", "medqa/phrases_no_exclude_train.jsonl"),
                              "test": ("medqa/test.jsonl", "medqa/phrases_no_exclude_test.jsonl")},
                 paper_column="medqa", default_split="test"))
 register(Source("medmcqa", "mcq", "MedMCQA", lambda split, rule: normalise_mcq_dict_layout("medmcqa"),
-                hub_id="openlifescienceai/medmcqa",
+                hub_id="openlifescienceai/medmcqa", lm_eval_tasks=("medmcqa",),
                 hub_splits={"train": (None, "train"), "validation": (None, "validation"), "test": (None, "test")},
                 local_files={"train": ("medmcqa/train.json", "medmcqa/train.jsonl"),
                              "validation": ("medmcqa/validation.json", "medmcqa/validation.jsonl", "medmcqa/dev.json")},
@@ -228,13 +229,14 @@ register(Source("medmcqa", "mcq", "MedMCQA", lambda split, rule: normalise_mcq_d
                                 "validation_eval": ("validation", "medmcqa_eval_part")},
                 keyed_rows=True, paper_column="medmcqa", default_split="validation"))
 register(Source("pubmedqa", "mcq", "PubMedQA", lambda split, rule: normalise_pubmedqa,
-                hub_id="qiaojin/PubMedQA",
+                hub_id="qiaojin/PubMedQA", lm_eval_tasks=("pubmedqa",),
                 hub_splits={"pqa_labeled": ("pqa_labeled", "train"), "pqa_artificial": ("pqa_artificial", "train")},
                 local_files={"pqa_labeled": ("pubmedqa/ori_pqal.json",), "pqa_artificial": ("pubmedqa/ori_pqaa.json",)},
                 derived_splits={"test": ("pqa_labeled", "in_test"), "pqal_train_standin": ("pqa_labeled", "not_in_test")},
                 keyed_rows=True, paper_column="pubmedqa", default_split="pqa_labeled"))
 register(Source("mmlu_med", "mcq", "MMLU-med", lambda split, rule: normalise_mcq_dict_layout("mmlu_med"),
                 hub_id="cais/mmlu", hub_splits={"test": (None, "test")}, hub_subsets=MMLU_MEDICAL_SUBJECTS,
+                lm_eval_tasks=tuple(f"mmlu_{subject}" for subject in MMLU_MEDICAL_SUBJECTS),
                 local_files={"test": ("mmlu_med/mmlu_med.json",)}, keyed_rows=True, default_split="test"))
 register(Source("notechat", "dialogue", "NoteChat", lambda split, rule: normalise_notechat(rule),
                 hub_id="akemiH/NoteChat", hub_splits={"train": (None, "train")},

@@ -20,6 +20,7 @@ import logging
 import os
 import re
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
@@ -30,7 +31,7 @@ from medlib.data.mixtures import seeded_subset
 from medlib.data.sources import paper_columns
 from medlib.data.validate import mcq_problem
 from medlib.evaluate import common
-from medlib.evaluate.stats import letter_diagnostics
+from medlib.evaluate.stats import letter_diagnostics, uniformity
 from medlib.evaluate.tables import write_table3
 from medlib.prompts import LETTERS, fit_mcq_record, record_to_messages, render_chat
 
@@ -208,7 +209,7 @@ def cached_prefix_length(prompts: Sequence[Sequence[int]], prefix_cache: bool = 
 
 
 def loglik_letter_scores(model: Any, tokenizer: Any, prompts: Sequence[Sequence[int]], batch_size: int = 8,
-                         desc: str = "loglik", prefix_cache: bool = True) -> list[dict[str, float]]:
+                         desc: str | None = "loglik", prefix_cache: bool = True) -> list[dict[str, float]]:
     """For each prompt, the log-probability of every answer letter's token at the answer position.
 
     With `prefix_cache`, the prefix all prompts share (at least MIN_SHARED_PREFIX tokens) is run once and
@@ -226,7 +227,7 @@ def loglik_letter_scores(model: Any, tokenizer: Any, prompts: Sequence[Sequence[
     shared = cached_prefix_length(prompts, prefix_cache)
     if shared:
         from transformers import DynamicCache
-    with torch.inference_mode(), tqdm(total=len(prompts), desc=desc, unit="q") as bar:
+    with torch.inference_mode(), tqdm(total=len(prompts), desc=desc, unit="q", disable=desc is None) as bar:
         prefix_kv = _prefix_key_values(model, prompts[0][:shared], device) if shared else None
         for batch in _batches(order, batch_size):
             input_ids, mask = _left_pad([prompts[i][shared:] for i in batch], tokenizer.pad_token_id)
@@ -370,6 +371,57 @@ def evaluate_records(model: Any, tokenizer: Any, records: Sequence[Mapping[str, 
     return summary, predictions
 
 
+# ---------------------------------------------------------------- position bias
+
+def cyclic_permutations(record: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """The question under each cyclic shift of its option texts over the same letters, the gold letter moved
+    with its text: the first is the question as published. Over the shifts, the gold answer sits once at every
+    position, so a model that knows the answer is right under all of them and a model that likes a position is not."""
+    letters = list(record["options"])
+    texts = [record["options"][letter] for letter in letters]
+    gold = letters.index(record["answer"])
+    return [{**record, "options": dict(zip(letters, texts[k:] + texts[:k])), "answer": letters[(gold - k) % len(letters)],
+             "permutation": k} for k in range(len(letters))]
+
+
+def position_bias(records: Sequence[Mapping[str, Any]], score: Any, alpha: float = 0.05) -> dict[str, Any]:
+    """Every question under every cyclic permutation of its options. score(permuted records of one question) ->
+    one {letter: score} per permutation (one batched pass per question). Reports the accuracy averaged over the
+    permutations, the share of questions right under all of them, the share of answers at each position against
+    an equal share, and Pearson's chi-square test of that spread (each answer counted as one observation)."""
+    answered: Counter = Counter()
+    right, all_right, n_perm = 0, 0, 0
+    for record in records:
+        permuted = cyclic_permutations(record)
+        scores = score(permuted)
+        correct = []
+        for row, letter_scores in zip(permuted, scores):
+            allowed = {letter: letter_scores[letter] for letter in row["options"]}
+            predicted = max(allowed, key=allowed.get)
+            answered[predicted] += 1
+            correct.append(predicted == row["answer"])
+        right += sum(correct)
+        all_right += all(correct)
+        n_perm += len(permuted)
+    letters = sorted({letter for r in records for letter in r["options"]})
+    statistic, p = uniformity([answered[letter] for letter in letters])
+    return {"questions": len(records), "answers": n_perm,
+            "accuracy_over_permutations": right / n_perm if n_perm else float("nan"),
+            "right_under_all": all_right / len(records) if records else float("nan"),
+            "position_share": {letter: answered[letter] / n_perm for letter in letters} if n_perm else {},
+            "equal_share": 1 / len(letters) if letters else float("nan"), "chi2": round(statistic, 3), "p": p,
+            "position_biased": p < alpha}
+
+
+def loglik_scorer(model: Any, tokenizer: Any, mcq: McqSettings, system_prompt: str | None, mcq_format: str):
+    """score() for position_bias: the letters' log-probabilities of a question's permutations, one batch."""
+    def score(permuted: Sequence[Mapping[str, Any]]) -> list[dict[str, float]]:
+        prompts = [encode_prompt(tokenizer, r, system_prompt, mcq.max_length, mcq.answer_cue, mcq_format)[0]
+                   for r in permuted]
+        return loglik_letter_scores(model, tokenizer, prompts, len(prompts), desc=None, prefix_cache=mcq.prefix_cache)
+    return score
+
+
 # ---------------------------------------------------------------- a whole run
 
 def run_mcq(recipe: EvalRecipe, out_dir: str | Path, adapter: Any = None, *, label: str | None = None,
@@ -408,6 +460,10 @@ def run_mcq(recipe: EvalRecipe, out_dir: str | Path, adapter: Any = None, *, lab
         "environment": common.environment(), "load_seconds": round(load_seconds, 2), "sets": {},
     }
     correct_by_set: dict[str, list[float]] = {}
+    other, other_correct = other_protocol_settings(m), {}
+    if other is not None:
+        results["other_protocol"] = {"settings": settings_record(other, evaluated.system_prompt, evaluated.mcq_format),
+                                     "limit_per_set": m.other_protocol or m.limit, "sets": {}}
     for name, records in records_by_set.items():
         log.info("%s: %d questions (%s%s)", name, len(records), m.method, f", {m.runs} runs" if m.runs > 1 else "")
         runs = []
@@ -419,10 +475,26 @@ def run_mcq(recipe: EvalRecipe, out_dir: str | Path, adapter: Any = None, *, lab
             summary["predictions_file"] = str(predictions_file)
             runs.append((summary, [row["correct"] for row in predictions if not row["status"].startswith("bad item")]))
         summary, correct = runs[0] if m.runs == 1 else mean_of_runs(runs, m)
+        if m.position_bias is not None:  # log-likelihood under every cyclic permutation, whatever the method
+            scorable = [r for r in records if mcq_problem(r) is None]
+            subset = seeded_subset(scorable, m.position_bias or None, m.sample_seed)
+            summary["position_bias"] = position_bias(subset, loglik_scorer(lm, tokenizer, m, evaluated.system_prompt,
+                                                                           evaluated.mcq_format))
         results["sets"][name] = summary
         correct_by_set[name] = correct
+        if other is not None:  # the same model by the other protocol, on a seeded subset of the same questions
+            subset = seeded_subset(records, m.other_protocol or None, m.sample_seed)
+            other_summary, other_predictions = evaluate_records(lm, tokenizer, subset, other, evaluated.system_prompt,
+                                                                evaluated.mcq_format, name)
+            other_file = run_dir / f"predictions_{name}_{other.method}.jsonl"
+            write_jsonl(other_file, other_predictions)
+            results["other_protocol"]["sets"][name] = {**other_summary, "predictions_file": str(other_file)}
+            other_correct[name] = [row["correct"] for row in other_predictions if not row["status"].startswith("bad item")]
         log.info("%s: accuracy %.3f [%.3f, %.3f] over %d (bad %d, truncated %d)", name, summary["accuracy"],
                  *summary["ci95"], summary["n_scored"], summary["n_bad"], summary["n_truncated"])
+    if other is not None:
+        results["other_protocol"]["average_paper_sets"] = average_of(other_correct, paper_columns(), m) \
+            if all(name in m.sets for name in paper_columns()) else None
     results["average"] = average_of(correct_by_set, m.sets, m)
     results["average_paper_sets"] = average_of(correct_by_set, paper_columns(), m) \
         if all(s in m.sets for s in paper_columns()) else None
@@ -431,6 +503,15 @@ def run_mcq(recipe: EvalRecipe, out_dir: str | Path, adapter: Any = None, *, lab
     if write_tables:
         results["table3"] = [str(p) for p in write_table3(out_dir=Path(out_dir))]
     return results
+
+
+def other_protocol_settings(mcq: McqSettings) -> McqSettings | None:
+    """The settings of the protocol a run is also scored by (mcq.other_protocol): log-likelihood beside a
+    generation protocol, or generation (as mcq.generation says) beside log-likelihood; None when off."""
+    if mcq.other_protocol is None:
+        return None
+    return mcq.replace(method="generate" if mcq.method == "loglik" else "loglik", runs=1, other_protocol=None,
+                       position_bias=None)
 
 
 def mean_of_runs(runs: Sequence[tuple[dict[str, Any], list[bool]]], mcq: McqSettings) -> tuple[dict[str, Any], list[float]]:

@@ -3,6 +3,7 @@ same questions (McNemar's exact test and a paired bootstrap) and on the same que
 
 from __future__ import annotations
 
+import math
 import random
 from collections import Counter
 from math import comb
@@ -103,3 +104,24 @@ def share_of_gain(base: Sequence[float], model: Sequence[float], reference: Sequ
     if not draws:
         return share(range(n)), float("nan"), float("nan")
     return share(range(n)), draws[int(0.025 * len(draws))], draws[min(len(draws) - 1, int(0.975 * len(draws)))]
+
+
+def chi2_sf(x: float, dof: int) -> float:
+    """P(X >= x) for a chi-square variable with `dof` degrees of freedom (exact closed forms, no SciPy)."""
+    if x <= 0:
+        return 1.0
+    half = x / 2
+    if dof % 2 == 0:
+        return math.exp(-half) * sum(half ** i / math.factorial(i) for i in range(dof // 2))
+    return math.erfc(math.sqrt(half)) + math.exp(-half) * sum(half ** (i - 0.5) / math.gamma(i + 0.5)
+                                                               for i in range(1, dof // 2 + 1))
+
+
+def uniformity(counts: Sequence[int]) -> tuple[float, float]:
+    """Pearson's chi-square statistic of counts against equal shares, and its p-value."""
+    total, k = sum(counts), len(counts)
+    if total == 0 or k < 2:
+        return 0.0, 1.0
+    expected = total / k
+    statistic = sum((c - expected) ** 2 / expected for c in counts)
+    return statistic, chi2_sf(statistic, k - 1)

@@ -188,16 +188,22 @@ def write_table3(results: Sequence[Mapping[str, Any]] | None = None, out_dir: st
         ident = ["ours", r.get("display_name", r["label"]), r["profile"], r["model"], _adapter_text(r),
                  _method_text(r["settings"]), str(r.get("limit_per_set") or "all"),
                  "nf4" if r.get("load_in_4bit") else r.get("dtype", "")]
-        md_rows.append(ident + [_ours_cell(entries.get(k)) for k in keys])
-        row: list[Any] = list(ident)
-        for k in keys:
-            e = entries.get(k)
-            if e and e.get("accuracy") is not None:
-                row += [round(100 * e["accuracy"], 2), round(100 * e["ci95"][0], 2), round(100 * e["ci95"][1], 2),
-                        e.get("n_scored", sum(entries[s]["n_scored"] for s in e.get("sets", [])))]
-            else:
-                row += [NOT_RUN, "", "", ""]
-        csv_rows.append(row)
+        rows_of = [(ident, entries)]
+        other = r.get("other_protocol")
+        if other:  # the same model by the other protocol: a row of its own, labelled with it
+            rows_of.append((ident[:5] + [_method_text(other["settings"]), str(other.get("limit_per_set") or "all"), ident[7]],
+                            {**other["sets"], "average": other.get("average_paper_sets")}))
+        for row_ident, row_entries in rows_of:
+            md_rows.append(row_ident + [_ours_cell(row_entries.get(k)) for k in keys])
+            row: list[Any] = list(row_ident)
+            for k in keys:
+                e = row_entries.get(k)
+                if e and e.get("accuracy") is not None:
+                    row += [round(100 * e["accuracy"], 2), round(100 * e["ci95"][0], 2), round(100 * e["ci95"][1], 2),
+                            e.get("n_scored", sum(row_entries[s]["n_scored"] for s in e.get("sets", [])))]
+                else:
+                    row += [NOT_RUN, "", "", ""]
+            csv_rows.append(row)
     done = reference.get("table3", {}).get("status") == "transcribed"
     for ref in reference.get("table3", {}).get("rows", []):
         ident = [_ref_source(ref, 3), _ref_model(ref), "paper", "", "", "as reported", "as reported", ""]
@@ -214,6 +220,8 @@ def write_table3(results: Sequence[Mapping[str, Any]] | None = None, out_dir: st
         bad = {k: v["n_bad"] for k, v in r.get("sets", {}).items() if v.get("n_bad")}
         trunc = {k: v["n_truncated"] for k, v in r.get("sets", {}).items() if v.get("n_truncated")}
         unparse = {k: f"{100 * v['unparseable_share']:.1f}%" for k, v in r.get("sets", {}).items() if "unparseable_share" in v}
+        unparse.update({f"{k} ({v['method']})": f"{100 * v['unparseable_share']:.1f}%"
+                        for k, v in (r.get("other_protocol") or {}).get("sets", {}).items() if "unparseable_share" in v})
         extra = [f"bad items {bad}" if bad else "no bad items", f"contexts cut to fit {r['settings']['max_length']} tokens: {trunc or 0}"]
         if unparse:
             extra.append(f"unparseable replies {unparse}")
@@ -226,11 +234,27 @@ def write_table3(results: Sequence[Mapping[str, Any]] | None = None, out_dir: st
             extra.append(f"mean log-probability of the gold letter {gold}")
         notes.append(f"{r.get('display_name', r['label'])}: " + "; ".join(extra) + ".")
     notes += _sets_notes(results)
-    extra = _diagnostics_md(results) + "\n\n" + _paired_mcq_md(results, out_dir)
+    notes.append(_protocol_note(results, columns))
+    extra = "\n\n".join(part for part in (_diagnostics_md(results), _position_bias_md(results),
+                                          _paired_mcq_md(results, out_dir)) if part)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / COLUMNS_FILE).write_text(json.dumps(columns))
     return _write(out_dir, "table3", header, md_rows, csv_header, csv_rows,
                   "Table 3 — multiple-choice accuracy", notes, extra)
+
+
+def _protocol_note(results: Sequence[Mapping[str, Any]], columns: Sequence[tuple[str, str]]) -> str:
+    """Which scoring protocol each row used, and the lm-evaluation-harness task of each column: a log-likelihood
+    row sits beside leaderboards that run those tasks; a generation row beside the paper and model cards."""
+    source_of = {name: spec.get("source", name) for r in results for name, spec in (r.get("sets_source") or {}).items()}
+    tasks = [f"{title} = {', '.join(REGISTRY[source_of.get(k, k)].lm_eval_tasks)}" for k, title in columns
+             if source_of.get(k, k) in REGISTRY and REGISTRY[source_of.get(k, k)].lm_eval_tasks]
+    protocols = sorted({_method_text(r["settings"]) for r in results})
+    return ("Scoring protocols in this table: " + ("; ".join(protocols) or "none") + ". A loglik cell is the answer "
+            "letter's log-probability after the prompt, the convention of lm-evaluation-harness (the Open Medical-LLM "
+            "Leaderboard) on its tasks " + "; ".join(tasks) + " (all in its multimedqa group), scored here on medlib's "
+            "prompt text; a generate cell reads the letter from a generated reply, as the paper does. The same model "
+            "can differ by 10-20 points between the two, so compare a cell only with cells of its protocol.")
 
 
 def _sets_notes(results: Sequence[Mapping[str, Any]]) -> list[str]:
@@ -288,6 +312,26 @@ def _pairs(results: Sequence[Mapping[str, Any]]) -> list[tuple[Mapping[str, Any]
 
 def _name(result: Mapping[str, Any]) -> str:
     return result.get("display_name", result["label"])
+
+
+def _position_bias_md(results: Sequence[Mapping[str, Any]]) -> str:
+    """The permutation check (mcq.position_bias), when it ran: one row per model and set."""
+    rows = [(r, name, s["position_bias"]) for r in results for name, s in r.get("sets", {}).items() if s.get("position_bias")]
+    if not rows:
+        return ""
+    lines = ["## Position bias (every cyclic permutation of the options)", "",
+             "Each question scored by log-likelihood under every cyclic shift of its option texts, the gold answer "
+             "moving with its text. A model that knows the answer is right under all shifts; one that prefers a "
+             "position answers it whatever sits there. p: Pearson's chi-square test that the answers spread equally "
+             "over the positions (each answer counted as one observation).", "",
+             "| Model | Set | Questions | Accuracy over permutations | Right under all | Answers per position | p | Flag |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r, name, b in rows:
+        spread = ", ".join(f"{letter} {100 * share:.0f}%" for letter, share in b["position_share"].items())
+        flag = "**position-biased**" if b["position_biased"] else ""
+        lines.append(f"| {_name(r)} | {name} | {b['questions']} | {_pct(b['accuracy_over_permutations'])}% | "
+                     f"{_pct(b['right_under_all'])}% | {spread} (equal: {100 * b['equal_share']:.0f}%) | {b['p']:.3g} | {flag} |")
+    return "\n".join(lines)
 
 
 def _diagnostics_md(results: Sequence[Mapping[str, Any]]) -> str:
