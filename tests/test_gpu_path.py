@@ -49,7 +49,7 @@ def test_every_notebook_has_the_same_colab_cell_and_it_names_the_missing_reposit
         assert len(colab) == 1 and "OWNER" not in colab[0], name
         cells.append(colab[0])
         if name.startswith(("01", "02")):
-            for param in ("resume = None", "overwrite = False", "train_samples = None"):
+            for param in ("resume = None", "overwrite = False", "overrides = []"):
                 assert param in params.source, (name, param)
     assert len(set(cells)) == 1  # one cell, the same everywhere; the install itself is scripts/install_gpu.sh
     # Run it as Colab would, with no repository set: a clear error, nothing cloned.
