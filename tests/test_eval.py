@@ -248,11 +248,13 @@ def test_real_eval_each_set_accounts_for_every_question(tmp_path, data_dir, smol
     assert results["profile"] == "local" and results["model"] == SMOLLM2_NF4 and results["limit_per_set"] == limit
     text = (tmp_path / "table3.md").read_text()
     assert "| ours | Base | local | medlib:smollm2-bnb-4bit | none | loglik | 4 |" in text
-    # the other protocol (local: greedy generation on up to 20 per set) gets a row of its own, labelled with it
+    # the other protocol (local: greedy generation on every question, from the same forward passes) gets a row of
+    # its own, labelled with it
     other = results["other_protocol"]
     assert other["settings"]["method"] == "generate" and set(other["sets"]) == set(results["sets"])
-    assert all(s["n_scored"] == limit and 0 <= s["unparseable_share"] <= 1 for s in other["sets"].values())
-    assert "| ours | Base | local | medlib:smollm2-bnb-4bit | none | generate | 20 |" in text
+    assert all(s["n_scored"] == limit and 0 <= s["unparseable_share"] <= 1 and s["shared_pass"]
+               for s in other["sets"].values())
+    assert "| ours | Base | local | medlib:smollm2-bnb-4bit | none | generate | 4 |" in text
 
     recipe = eval_recipe(data_dir, ["mcq.bootstrap_samples=200", "mcq.limit=3", "mcq.sets=[pubmedqa]", "mcq.method=generate",
                                     "mcq.position_bias=2", "mcq.other_protocol=null"])
@@ -436,7 +438,7 @@ def test_the_two_protocols_agree_where_the_reply_starts_with_a_letter(data_dir, 
     there. So where the first generated token is an option letter, both protocols must pick that letter."""
     import dataclasses
 
-    from medlib.evaluate.mcq import evaluate_records, other_protocol_settings
+    from medlib.evaluate.mcq import evaluate_loglik_and_greedy, evaluate_records, other_protocol_settings, shares_one_pass
 
     recipe = eval_recipe(data_dir, ["mcq.other_protocol=0"])
     records = [r for r in local_eval_set("medqa", data_dir)[:12] if mcq_problem(r) is None]
@@ -449,3 +451,14 @@ def test_the_two_protocols_agree_where_the_reply_starts_with_a_letter(data_dir, 
     first_letter = [(a, b) for a, b in zip(by_loglik, by_reply) if b["reply"].strip() in a["logprobs"]]
     assert len(first_letter) >= 3, [b["reply"] for b in by_reply]
     assert all(a["prediction"] == b["prediction"] for a, b in first_letter)
+
+    # Both protocols from one forward pass give what each gives alone: the same letter scores, generate's replies.
+    generate = generate.replace(generation=generate.generation.replace(max_new_tokens=6))
+    _, alone = evaluate_records(model, tokenizer, records, generate, SYSTEM_PROMPT)
+    (loglik_summary, shared_loglik), (reply_summary, shared_reply) = evaluate_loglik_and_greedy(
+        model, tokenizer, records, loglik, generate, SYSTEM_PROMPT)
+    assert [r["logprobs"] for r in shared_loglik] == [r["logprobs"] for r in by_loglik]
+    assert [r["reply"] for r in shared_reply] == [r["reply"] for r in alone]
+    assert any(len(r["reply"]) > 2 for r in alone)  # the decode went past the first token
+    assert loglik_summary["shared_pass"] == reply_summary["shared_pass"] and reply_summary["n_scored"] == len(records)
+    assert not shares_one_pass(loglik, generate.replace(generation=generate.generation.replace(do_sample=True)))

@@ -12,6 +12,9 @@ the answer letter right there.
   float rounding (tests/test_eval.py checks it).
 - generate: greedy decoding and parsing of the reply (a letter, "answer is X", or an option's text,
   so PubMedQA's "maybe" counts as C). Unparseable replies score as wrong and are counted.
+- both: a log-likelihood run whose other protocol (mcq.other_protocol) is greedy generation on every
+  question reads the letters and the reply's first token from the same forward pass and only decodes
+  the rest of the reply (`evaluate_loglik_and_greedy`); the replies are generate's.
 """
 
 from __future__ import annotations
@@ -210,7 +213,20 @@ def cached_prefix_length(prompts: Sequence[Sequence[int]], prefix_cache: bool = 
 
 def loglik_letter_scores(model: Any, tokenizer: Any, prompts: Sequence[Sequence[int]], batch_size: int = 8,
                          desc: str | None = "loglik", prefix_cache: bool = True) -> list[dict[str, float]]:
-    """For each prompt, the log-probability of every answer letter's token at the answer position.
+    """For each prompt, the log-probability of every answer letter's token at the answer position."""
+    return [scores for scores, _ in letter_scores_and_replies(model, tokenizer, prompts, batch_size, desc, prefix_cache)]
+
+
+def letter_scores_and_replies(model: Any, tokenizer: Any, prompts: Sequence[Sequence[int]], batch_size: int = 8,
+                              desc: str | None = "loglik", prefix_cache: bool = True,
+                              max_new_tokens: int = 0) -> list[tuple[dict[str, float], str | None]]:
+    """For each prompt, the answer letters' log-probabilities at the answer position and, with max_new_tokens,
+    the greedy reply continued from the same forward pass (None without).
+
+    The greedy reply's first token is the arg-max of the very logits the letters are read from, so both
+    protocols share the prompt's forward pass and generation adds only its decode steps. The decode does what
+    `model.generate(do_sample=False)` does with no logits processor: a finished row is fed the pad token and
+    the attention mask grows by one per step (tests/test_eval.py checks the replies are generate's).
 
     With `prefix_cache`, the prefix all prompts share (at least MIN_SHARED_PREFIX tokens) is run once and
     each batch continues from a copy of its key/value cache; the rest of each prompt is left-padded
@@ -218,32 +234,82 @@ def loglik_letter_scores(model: Any, tokenizer: Any, prompts: Sequence[Sequence[
     """
     import torch
     from tqdm.auto import tqdm
+    from transformers import DynamicCache
 
     letter_ids = letter_token_ids(tokenizer)
     ids_tensor = torch.tensor([letter_ids[L] for L in LETTERS])
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))  # longest first: memory peaks early
-    out: list[dict[str, float] | None] = [None] * len(prompts)
+    out: list[tuple[dict[str, float], str | None] | None] = [None] * len(prompts)
     device = _device(model)
     shared = cached_prefix_length(prompts, prefix_cache)
-    if shared:
-        from transformers import DynamicCache
+    stop_ids = torch.tensor(end_token_ids(model, tokenizer), device=device)
     with torch.inference_mode(), tqdm(total=len(prompts), desc=desc, unit="q", disable=desc is None) as bar:
         prefix_kv = _prefix_key_values(model, prompts[0][:shared], device) if shared else None
         for batch in _batches(order, batch_size):
             input_ids, mask = _left_pad([prompts[i][shared:] for i in batch], tokenizer.pad_token_id)
             position_ids = shared + (mask.cumsum(-1) - 1).clamp(min=0)
-            cache_args: dict[str, Any] = {"use_cache": False}
+            cache: Any = None
             if prefix_kv is not None:  # a fresh cache per batch: the forward appends to it
                 mask = torch.cat([torch.ones(len(batch), shared, dtype=mask.dtype), mask], dim=1)
-                cache_args = {"use_cache": True, "past_key_values": DynamicCache(ddp_cache_data=[
-                    (k.expand(len(batch), -1, -1, -1), v.expand(len(batch), -1, -1, -1)) for k, v in prefix_kv])}
-            logits = model(input_ids=input_ids.to(device), attention_mask=mask.to(device), position_ids=position_ids.to(device),
-                           logits_to_keep=1, **cache_args).logits[:, -1, :]
+                cache = DynamicCache(ddp_cache_data=[(k.expand(len(batch), -1, -1, -1), v.expand(len(batch), -1, -1, -1))
+                                                     for k, v in prefix_kv])
+            elif max_new_tokens:
+                cache = DynamicCache()
+            mask, position_ids = mask.to(device), position_ids.to(device)
+            output = model(input_ids=input_ids.to(device), attention_mask=mask, position_ids=position_ids,
+                           logits_to_keep=1, use_cache=cache is not None, past_key_values=cache)
+            logits = output.logits[:, -1, :]
             logprobs = torch.log_softmax(logits.float(), dim=-1)[:, ids_tensor.to(logits.device)].cpu()
+            replies: list[str | None] = [None] * len(batch)
+            if max_new_tokens:
+                replies = _greedy_continue(model, tokenizer, logits, output.past_key_values, mask, position_ids[:, -1:],
+                                           max_new_tokens, stop_ids)
             for row, i in enumerate(batch):
-                out[i] = {L: float(logprobs[row, j]) for j, L in enumerate(LETTERS)}
+                out[i] = ({L: float(logprobs[row, j]) for j, L in enumerate(LETTERS)}, replies[row])
             bar.update(len(batch))
     return out  # type: ignore[return-value]
+
+
+def end_token_ids(model: Any, tokenizer: Any) -> list[int]:
+    """The tokens that end a reply, as generate reads them (the model's generation config, else the tokenizer's)."""
+    config = getattr(model, "generation_config", None)
+    ids = getattr(config, "eos_token_id", None)
+    ids = tokenizer.eos_token_id if ids is None else ids
+    return [ids] if isinstance(ids, int) else list(ids)
+
+
+def greedy_needs_processors(model: Any) -> list[str]:
+    """The model's generation-config settings that change a greedy reply (a repetition penalty, banned n-grams,
+    a minimum length, suppressed tokens): the shared pass does not apply them, so generate must run instead."""
+    config = getattr(model, "generation_config", None)
+    checks = {"repetition_penalty": lambda v: v not in (None, 1.0), "no_repeat_ngram_size": lambda v: bool(v),
+              "min_new_tokens": lambda v: bool(v), "min_length": lambda v: bool(v), "bad_words_ids": lambda v: bool(v),
+              "suppress_tokens": lambda v: bool(v), "begin_suppress_tokens": lambda v: bool(v),
+              "forced_bos_token_id": lambda v: v is not None, "forced_eos_token_id": lambda v: v is not None,
+              "sequence_bias": lambda v: bool(v), "encoder_repetition_penalty": lambda v: v not in (None, 1.0)}
+    return [name for name, changes in checks.items() if changes(getattr(config, name, None))]
+
+
+def _greedy_continue(model: Any, tokenizer: Any, logits: Any, cache: Any, mask: Any, last_position: Any,
+                     max_new_tokens: int, stop_ids: Any) -> list[str]:
+    """Greedy decode from the prompt's last logits and key/value cache; the decoded replies, special tokens dropped."""
+    import torch
+
+    pad = tokenizer.pad_token_id
+    token = logits.argmax(-1)
+    tokens, done = [token], torch.isin(token, stop_ids)
+    for _ in range(max_new_tokens - 1):
+        if bool(done.all()):
+            break
+        mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
+        last_position = last_position + 1
+        output = model(input_ids=token[:, None], attention_mask=mask, position_ids=last_position, past_key_values=cache,
+                       use_cache=True, logits_to_keep=1)
+        cache = output.past_key_values
+        token = torch.where(done, torch.full_like(token, pad), output.logits[:, -1, :].argmax(-1))
+        tokens.append(token)
+        done = done | torch.isin(token, stop_ids)
+    return tokenizer.batch_decode(torch.stack(tokens, dim=1), skip_special_tokens=True)
 
 
 def _prefix_key_values(model: Any, prefix: Sequence[int], device: Any) -> list[tuple[Any, Any]]:
@@ -287,88 +353,130 @@ def evaluate_records(model: Any, tokenizer: Any, records: Sequence[Mapping[str, 
     seed (default mcq.seed) seeds sampled replies and the bootstrap. Returns (summary, per-question predictions);
     every record appears in the predictions."""
     seed = mcq.seed if seed is None else seed
-    sampling = sampling_of(mcq)
     started = time.perf_counter()
-    predictions: list[dict[str, Any]] = []
-    prompts: list[list[int]] = []
-    scorable: list[int] = []  # index into predictions
-    bad: list[dict[str, str]] = []
-    n_truncated = 0
-    for n, record in enumerate(records):
-        rid = str(record.get("id", f"{set_name}-row{n}"))
-        problem = mcq_problem(record)
-        row: dict[str, Any] = {"id": rid, "set": set_name, "answer": record.get("answer"), "prediction": None,
-                               "correct": False, "status": "ok"}
-        if problem is None:
-            try:
-                ids, truncated = encode_prompt(tokenizer, record, system_prompt, mcq.max_length,
-                                               mcq.answer_cue, mcq_format)
-            except ValueError as exc:
-                problem = str(exc)
-            else:
-                n_truncated += truncated is not None
-                row["truncated"] = truncated
-                row["prompt_tokens"] = len(ids)
-                prompts.append(ids)
-                scorable.append(len(predictions))
-        if problem is not None:
-            row["status"] = f"bad item: {problem}"
-            bad.append({"id": rid, "reason": problem})
-        predictions.append(row)
+    encoded = _EncodedSet(tokenizer, records, mcq, system_prompt, mcq_format, set_name)
+    if encoded.prompts and mcq.method == "loglik":
+        scores = loglik_letter_scores(model, tokenizer, encoded.prompts, mcq.batch_size, desc=f"{set_name} loglik",
+                                      prefix_cache=mcq.prefix_cache)
+        encoded.read_letter_scores(scores)
+    elif encoded.prompts:
+        sampling = sampling_of(mcq)
+        if sampling:
+            import torch
 
-    n_unparseable = 0
-    if prompts:
-        if mcq.method == "loglik":
-            scores = loglik_letter_scores(model, tokenizer, prompts, mcq.batch_size, desc=f"{set_name} loglik",
-                                          prefix_cache=mcq.prefix_cache)
-            for idx, letter_scores in zip(scorable, scores):
-                row = predictions[idx]
-                options = list(records[idx]["options"])
-                allowed = {L: letter_scores[L] for L in options}
-                row["prediction"] = max(allowed, key=allowed.get)
-                row["logprobs"] = {L: round(v, 4) for L, v in allowed.items()}
-                row["gold_logprob"] = letter_scores.get(row["answer"])
-        else:
-            if sampling:
-                import torch
+            torch.manual_seed(seed)  # sampled replies repeat with the same seed
+        replies = generate_replies(model, tokenizer, encoded.prompts, mcq.batch_size, mcq.generation.max_new_tokens,
+                                   desc=f"{set_name} generate", **sampling)
+        encoded.read_replies(replies, tokenizer, mcq.parse)
+    return encoded.summary(mcq, seed, time.perf_counter() - started), encoded.predictions
 
-                torch.manual_seed(seed)  # sampled replies repeat with the same seed
-            replies = generate_replies(model, tokenizer, prompts, mcq.batch_size, mcq.generation.max_new_tokens,
-                                       desc=f"{set_name} generate", **sampling)
-            for idx, prompt, reply in zip(scorable, prompts, replies):
-                row = predictions[idx]
-                row["reply"] = reply
-                options = records[idx]["options"]
-                if mcq.parse == "medlib":
-                    row["prediction"] = parse_answer(reply, options)
-                else:  # theirs reads the decoded prompt and reply together, special tokens kept
-                    row["prediction"] = parse_answer_authors(tokenizer.decode(prompt) + reply, options)
-                if row["prediction"] is None:
-                    row["status"] = "unparseable"
-                    n_unparseable += 1
-        for idx in scorable:
-            predictions[idx]["correct"] = predictions[idx]["prediction"] == predictions[idx]["answer"]
 
-    correct = [predictions[i]["correct"] for i in scorable]
-    accuracy = sum(correct) / len(correct) if correct else float("nan")
-    lo, hi = bootstrap_ci(correct, mcq.bootstrap_samples, seed) if correct else (float("nan"),) * 2
-    summary = {
-        "set": set_name, "method": mcq.method, "n_total": len(records), "n_scored": len(scorable),
-        "n_correct": sum(correct), "accuracy": accuracy, "ci95": [lo, hi],
-        "n_bad": len(bad), "bad_items": bad,
-        "n_truncated": n_truncated, "max_length": mcq.max_length,
-        "cached_prefix_tokens": cached_prefix_length(prompts, mcq.prefix_cache) if mcq.method == "loglik" else 0,
-        "seconds": round(time.perf_counter() - started, 2),
-    }
-    summary["diagnostics"] = letter_diagnostics([predictions[i] for i in scorable])
-    if mcq.method == "loglik" and scorable:  # continuous: moves where accuracy at 135M parameters cannot
-        gold = [predictions[i]["gold_logprob"] for i in scorable]
-        summary["gold_logprob_mean"] = sum(gold) / len(gold)
-    if mcq.method == "generate":
-        summary["n_unparseable"] = n_unparseable
-        summary["unparseable_share"] = n_unparseable / len(scorable) if scorable else float("nan")
-    summary["questions_per_second"] = round(len(scorable) / summary["seconds"], 3) if summary["seconds"] else None
-    return summary, predictions
+def shares_one_pass(loglik: McqSettings, other: McqSettings | None, model: Any = None) -> bool:
+    """Whether greedy generation can ride on log-likelihood's forward pass: the same prompts (one max_length and
+    answer cue), greedy decoding, and no generation-config setting that changes a greedy reply."""
+    return (other is not None and loglik.method == "loglik" and other.method == "generate" and not sampling_of(other)
+            and (other.max_length, other.answer_cue) == (loglik.max_length, loglik.answer_cue)
+            and not greedy_needs_processors(model))
+
+
+def evaluate_loglik_and_greedy(model: Any, tokenizer: Any, records: Sequence[Mapping[str, Any]], loglik: McqSettings,
+                               greedy: McqSettings, system_prompt: str | None = None, mcq_format: str = "medlib",
+                               set_name: str = "set") -> tuple[tuple[dict[str, Any], list[dict[str, Any]]],
+                                                               tuple[dict[str, Any], list[dict[str, Any]]]]:
+    """One set by both protocols from one forward pass per question (letter_scores_and_replies): the
+    (summary, predictions) of log-likelihood, then of greedy generation. Both summaries carry the shared
+    pass's seconds and say so (`shared_pass`), so they are not to be added."""
+    if not shares_one_pass(loglik, greedy, model):
+        raise ValueError("log-likelihood and this generation protocol cannot share a forward pass (shares_one_pass)")
+    started = time.perf_counter()
+    by_loglik = _EncodedSet(tokenizer, records, loglik, system_prompt, mcq_format, set_name)
+    by_reply = _EncodedSet(tokenizer, records, greedy, system_prompt, mcq_format, set_name)
+    if by_loglik.prompts:
+        scored = letter_scores_and_replies(model, tokenizer, by_loglik.prompts, loglik.batch_size,
+                                           f"{set_name} loglik + greedy", loglik.prefix_cache, greedy.generation.max_new_tokens)
+        by_loglik.read_letter_scores([scores for scores, _ in scored])
+        by_reply.read_replies([reply for _, reply in scored], tokenizer, greedy.parse)
+    seconds = time.perf_counter() - started
+    return tuple((encoded.summary(settings, settings.seed, seconds) | {"shared_pass": "loglik + greedy generation"},
+                  encoded.predictions) for encoded, settings in ((by_loglik, loglik), (by_reply, greedy)))  # type: ignore[return-value]
+
+
+class _EncodedSet:
+    """One set's questions as prompts: a prediction row per record (bad items named), the prompts of the scorable
+    ones, then their scores or replies read into the rows, and the set's summary."""
+
+    def __init__(self, tokenizer: Any, records: Sequence[Mapping[str, Any]], mcq: McqSettings, system_prompt: str | None,
+                 mcq_format: str, set_name: str):
+        self.records, self.method, self.set_name = records, mcq.method, set_name
+        self.predictions: list[dict[str, Any]] = []
+        self.prompts: list[list[int]] = []
+        self.scorable: list[int] = []  # index into predictions
+        self.bad: list[dict[str, str]] = []
+        self.n_truncated = self.n_unparseable = 0
+        for n, record in enumerate(records):
+            rid = str(record.get("id", f"{set_name}-row{n}"))
+            problem = mcq_problem(record)
+            row: dict[str, Any] = {"id": rid, "set": set_name, "answer": record.get("answer"), "prediction": None,
+                                   "correct": False, "status": "ok"}
+            if problem is None:
+                try:
+                    ids, truncated = encode_prompt(tokenizer, record, system_prompt, mcq.max_length, mcq.answer_cue, mcq_format)
+                except ValueError as exc:
+                    problem = str(exc)
+                else:
+                    self.n_truncated += truncated is not None
+                    row["truncated"] = truncated
+                    row["prompt_tokens"] = len(ids)
+                    self.prompts.append(ids)
+                    self.scorable.append(len(self.predictions))
+            if problem is not None:
+                row["status"] = f"bad item: {problem}"
+                self.bad.append({"id": rid, "reason": problem})
+            self.predictions.append(row)
+
+    def read_letter_scores(self, scores: Sequence[Mapping[str, float]]) -> None:
+        for idx, letter_scores in zip(self.scorable, scores, strict=True):
+            row = self.predictions[idx]
+            allowed = {L: letter_scores[L] for L in self.records[idx]["options"]}
+            row["prediction"] = max(allowed, key=allowed.get)
+            row["logprobs"] = {L: round(v, 4) for L, v in allowed.items()}
+            row["gold_logprob"] = letter_scores.get(row["answer"])
+            row["correct"] = row["prediction"] == row["answer"]
+
+    def read_replies(self, replies: Sequence[str], tokenizer: Any, parse: str) -> None:
+        for idx, prompt, reply in zip(self.scorable, self.prompts, replies, strict=True):
+            row = self.predictions[idx]
+            row["reply"] = reply
+            options = self.records[idx]["options"]
+            if parse == "medlib":
+                row["prediction"] = parse_answer(reply, options)
+            else:  # theirs reads the decoded prompt and reply together, special tokens kept
+                row["prediction"] = parse_answer_authors(tokenizer.decode(prompt) + reply, options)
+            if row["prediction"] is None:
+                row["status"] = "unparseable"
+                self.n_unparseable += 1
+            row["correct"] = row["prediction"] == row["answer"]
+
+    def summary(self, mcq: McqSettings, seed: int, seconds: float) -> dict[str, Any]:
+        rows = [self.predictions[i] for i in self.scorable]
+        correct = [row["correct"] for row in rows]
+        accuracy = sum(correct) / len(correct) if correct else float("nan")
+        lo, hi = bootstrap_ci(correct, mcq.bootstrap_samples, seed) if correct else (float("nan"),) * 2
+        summary = {
+            "set": self.set_name, "method": mcq.method, "n_total": len(self.records), "n_scored": len(rows),
+            "n_correct": sum(correct), "accuracy": accuracy, "ci95": [lo, hi],
+            "n_bad": len(self.bad), "bad_items": self.bad,
+            "n_truncated": self.n_truncated, "max_length": mcq.max_length,
+            "cached_prefix_tokens": cached_prefix_length(self.prompts, mcq.prefix_cache) if mcq.method == "loglik" else 0,
+            "seconds": round(seconds, 2), "diagnostics": letter_diagnostics(rows),
+        }
+        if mcq.method == "loglik" and rows:  # continuous: moves where accuracy at 135M parameters cannot
+            summary["gold_logprob_mean"] = sum(row["gold_logprob"] for row in rows) / len(rows)
+        if mcq.method == "generate":
+            summary["n_unparseable"] = self.n_unparseable
+            summary["unparseable_share"] = self.n_unparseable / len(rows) if rows else float("nan")
+        summary["questions_per_second"] = round(len(rows) / summary["seconds"], 3) if summary["seconds"] else None
+        return summary
 
 
 # ---------------------------------------------------------------- position bias
@@ -466,10 +574,16 @@ def run_mcq(recipe: EvalRecipe, out_dir: str | Path, adapter: Any = None, *, lab
                                      "limit_per_set": m.other_protocol or m.limit, "sets": {}}
     for name, records in records_by_set.items():
         log.info("%s: %d questions (%s%s)", name, len(records), m.method, f", {m.runs} runs" if m.runs > 1 else "")
-        runs = []
+        runs, by_other = [], None
+        one_pass = m.runs == 1 and shares_one_pass(m, other, lm) and len(seeded_subset(records, m.other_protocol or None,
+                                                                                     m.sample_seed)) == len(records)
         for k in range(m.runs):  # sampled runs differ only by their seed
-            summary, predictions = evaluate_records(lm, tokenizer, records, m, evaluated.system_prompt,
-                                                    evaluated.mcq_format, name, seed=m.seed + k)
+            if one_pass:  # greedy generation on every question rides on the log-likelihood pass
+                (summary, predictions), by_other = evaluate_loglik_and_greedy(lm, tokenizer, records, m, other,
+                                                                              evaluated.system_prompt, evaluated.mcq_format, name)
+            else:
+                summary, predictions = evaluate_records(lm, tokenizer, records, m, evaluated.system_prompt,
+                                                        evaluated.mcq_format, name, seed=m.seed + k)
             predictions_file = run_dir / (f"predictions_{name}.jsonl" if k == 0 else f"predictions_{name}_run{k + 1}.jsonl")
             write_jsonl(predictions_file, predictions)
             summary["predictions_file"] = str(predictions_file)
@@ -483,9 +597,9 @@ def run_mcq(recipe: EvalRecipe, out_dir: str | Path, adapter: Any = None, *, lab
         results["sets"][name] = summary
         correct_by_set[name] = correct
         if other is not None:  # the same model by the other protocol, on a seeded subset of the same questions
-            subset = seeded_subset(records, m.other_protocol or None, m.sample_seed)
-            other_summary, other_predictions = evaluate_records(lm, tokenizer, subset, other, evaluated.system_prompt,
-                                                                evaluated.mcq_format, name)
+            other_summary, other_predictions = by_other or evaluate_records(
+                lm, tokenizer, seeded_subset(records, m.other_protocol or None, m.sample_seed), other,
+                evaluated.system_prompt, evaluated.mcq_format, name)
             other_file = run_dir / f"predictions_{name}_{other.method}.jsonl"
             write_jsonl(other_file, other_predictions)
             results["other_protocol"]["sets"][name] = {**other_summary, "predictions_file": str(other_file)}
