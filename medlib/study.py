@@ -217,7 +217,11 @@ def run_study(name: str = "dmt", profile: str = "local", out_dir: str | Path | N
         runs[arm.slug] = train_or_resume(recipe, study_dir / "runs" / arm.slug, mixture,
                                          med_mix if recipe.uses_stage1 else None, say=say)
 
-    evaluation = eval_recipe.replace(mcq=eval_recipe.mcq.replace(sets=study.mcq.sets, limit=study.mcq.limit),
+    # Arms are compared by the eval recipe's main protocol; its second protocol and the permutation check (Table 3's
+    # extras) run here only when the overrides ask for them.
+    asked = {o.split("=", 1)[0].strip() for o in eval_overrides}
+    extras = {key: None for key in ("other_protocol", "position_bias") if f"mcq.{key}" not in asked}
+    evaluation = eval_recipe.replace(mcq=eval_recipe.mcq.replace(sets=study.mcq.sets, limit=study.mcq.limit, **extras),
                                      bertscore=eval_recipe.bertscore.replace(n_queries=study.bertscore.n_queries))
     retention = _retention_records(stage1_mixture, study.retention_rows, stage1.seed)
     med_mix_record = RunRecord.read(med_mix)

@@ -232,7 +232,7 @@ def test_bertscore_identical_near_one_unrelated_lower():
 @pytest.mark.slow
 def test_real_eval_each_set_accounts_for_every_question(tmp_path, data_dir, smollm2_dir):
     limit = 4
-    recipe = eval_recipe(data_dir, ["mcq.bootstrap_samples=200", f"mcq.limit={limit}",
+    recipe = eval_recipe(data_dir, ["mcq.bootstrap_samples=200", f"mcq.limit={limit}", "mcq.position_bias=null",
                                     "mcq.sets=[medqa,medmcqa,pubmedqa,mmlu_med]"])
     results = run_mcq(recipe, tmp_path)
     assert set(results["sets"]) == {"medqa", "medmcqa", "pubmedqa", "mmlu_med"}

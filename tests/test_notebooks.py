@@ -17,7 +17,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.notebooks]
 # One override list, the --set language, for every notebook: each recipe takes the keys of its own sections.
 STEPS, QUESTIONS, QUERIES, OTHER = 4, 6, 3, 3
 TINY = {"overrides": [f"training.max_steps={STEPS}", f"mcq.limit={QUESTIONS}", f"bertscore.n_queries={QUERIES}",
-                      f"mcq.other_protocol={OTHER}", "bertscore.generation.max_new_tokens=12", "generation.max_new_tokens=12"]}
+                      f"mcq.other_protocol={OTHER}", "mcq.position_bias=2", "bertscore.generation.max_new_tokens=12", "generation.max_new_tokens=12"]}
 
 
 def test_notebooks_are_committed_clean_with_a_parameters_cell():
@@ -102,8 +102,10 @@ def test_report_and_chat_transcript(reproduced):
     assert len(json.loads((reproduced.eval / "table3_paired.json").read_text())) == 3 * 4
     assert len(json.loads((reproduced.eval / "table4_paired.json").read_text())) == 3
     findings = report.split("## Findings", 1)[1].split("\n## ", 1)[0]
-    assert findings.count("p = ") == 3 * 4 + 3 and "not claims about Med-Nirvana 8B" in findings
-    assert "## Answer-letter diagnostics" in report and "## Paired comparisons" in report
+    # the paired comparisons, then every model's permutation check on every set (mcq.position_bias)
+    assert findings.count("every cyclic permutation") == 3 * 4
+    assert findings.count("p = ") == 3 * 4 + 3 + 3 * 4 and "not claims about Med-Nirvana 8B" in findings
+    assert "## Answer-letter diagnostics" in report and "## Paired comparisons" in report and "## Position bias" in report
     transcript = json.loads((reproduced.chat / "transcript.json").read_text())
     assert [t["kind"] for t in transcript] == ["greeting", "medical", "urgent", "fallback"]
 

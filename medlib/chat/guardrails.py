@@ -112,7 +112,10 @@ RED_FLAG_PATTERNS: dict[str, list[tuple[re.Pattern[str], ...]]] = {
     "suicide_self_harm": [(_rx(
         r"suicid", r"kill(?:ing)?\s+(?:my|him|her)sel(?:f|ves)", r"end(?:ing)?\s+(?:my|his|her)\s+(?:own\s+)?life", r"end(?:ing)?\s+it\s+all",
         r"take\s+my\s+(?:own\s+)?life", r"want\s+to\s+die", r"wish\s+i\s+(?:was|were)\s+dead",
-        r"(?:hurt(?:ing)?|harm(?:ing)?|cut(?:ting)?)\s+myself", r"self[-\s]?harm", r"better\s+off\s+dead", r"no\s+reason\s+to\s+live"),)],
+        r"(?:hurt(?:ing)?|harm(?:ing)?|cut(?:ting)?)\s+myself", r"self[-\s]?harm", r"better\s+off\s+dead", r"no\s+reason\s+to\s+live",
+        # goodbye notes, a risk sign without a symptom word (the classifier must agree: FLOOR_MIN)
+        r"(?:my|this\s+is\s+my)\s+(?:very\s+)?last\s+(?:message|goodbye|words|note|post)", r"goodbye\s+(?:forever|for\s+good)",
+        r"won'?t\s+be\s+(?:around|here|alive)\s+(?:after\s+tonight|much\s+longer|anymore|any\s+more)"),)],
     "overdose_poisoning": [(_rx(
         r"overdos", r"od'?d\b", r"took\s+(?:too\s+many|(?:a|the|my)\s+(?:whole|full|entire)\s+(?:bottle|box|pack|packet|strip)|all\s+(?:my|the|of\s+my))\s*(?:\w+\s+){0,2}(?:pills|tablets|medicine|meds|pack|bottle)?",
         r"(?:swallowed|drank|ate|drunk|ingested)\s+(?:\w+\s+){0,3}(?:bleach|poison|antifreeze|detergent|pesticide|rat\s+poison|weed\s*killer|batter(?:y|ies)|cleaning\s+(?:fluid|product))",

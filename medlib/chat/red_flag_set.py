@@ -98,6 +98,25 @@ def bury(text: str, fillers: list[str], rng: random.Random) -> str:
     return " ".join([*before, middle[0].upper() + middle[1:], *after])
 
 
+NEAR_OVERLAP = 0.6  # Jaccard overlap of word sets from which a training text counts as a held-out text reworded
+
+
+class NearTexts:
+    """Texts, indexed by word, to ask whether another text shares NEAR_OVERLAP of its words with one of them."""
+
+    def __init__(self, texts: Iterable[str]):
+        self.words = [set(t.split()) for t in texts]
+        self.index: dict[str, list[int]] = {}
+        for i, words in enumerate(self.words):
+            for word in words:
+                self.index.setdefault(word, []).append(i)
+
+    def near(self, text: str) -> bool:
+        words = set(text.split())
+        shared = Counter(i for word in words for i in self.index.get(word, ()))
+        return any(n / len(words | self.words[i]) >= NEAR_OVERLAP for i, n in shared.items())
+
+
 def build(seed_file: Path = SEED_FILE, template_dir: Path = TEMPLATE_DIR, heldout_file: Path = HELDOUT_FILE,
           seed: int = SEED) -> tuple[list[dict[str, str]], dict[str, Any]]:
     """The training rows and what was left out (duplicates, held-out texts)."""
@@ -117,11 +136,14 @@ def build(seed_file: Path = SEED_FILE, template_dir: Path = TEMPLATE_DIR, heldou
         derived += [{**r, "group": "buried", "text": bury(r["text"], fillers, rng)}
                     for r in rng.sample(urgent_en, int(DERIVED["buried"] * len(urgent_en)))]
     held = {normalise(r["text"]) for r in read_red_flag_examples(heldout_file)} if heldout_file.exists() else set()
+    near_held = NearTexts(held)
     out, seen, left_out = [], set(), Counter()
     for row in rows + derived:
         key = normalise(row["text"])
         if key in held:
             left_out["in the held-out set"] += 1
+        elif near_held.near(key):
+            left_out[f"near a held-out text (word overlap >= {NEAR_OVERLAP})"] += 1
         elif key in seen:
             left_out["duplicate"] += 1
         else:

@@ -20,7 +20,11 @@ their clause negation) flag whatever they match.
 Retrain and re-measure (writes medlib/chat_data/red_flag_model/, calibration.json holds every number):
 
     python -m medlib.chat.red_flags
-    python -m medlib.chat.red_flags --remeasure     # the shipped model on the held-out set again
+    python -m medlib.chat.red_flags --recalibrate   # from the saved float model: runtime, thresholds, measures
+    python -m medlib.chat.red_flags --remeasure     # the shipped runtime on the held-out set again
+
+The chat runs the classifier as int8 ONNX (medlib.chat.red_flag_runtime: no torch, ~110 MB resident); the
+thresholds and every reported number are the runtime's.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 from medlib.chat import guardrails
+from medlib.chat.red_flag_runtime import RuntimeClassifier, export_runtime
 from medlib.chat.router import CHAT_DATA_DIR, LABELLED_FILE, REFERENCE_FILE, labelled_rows, normalise, read_examples
 from medlib.models import MINILM, name_adapter_base, resolve_model_path
 
@@ -309,20 +314,20 @@ class RedFlagDetector:
         self.thresholds = thresholds
 
     @classmethod
-    def load(cls, model_dir: str | Path = MODEL_DIR) -> "RedFlagDetector":
+    def load(cls, model_dir: str | Path = MODEL_DIR, threads: int | None = None) -> "RedFlagDetector":
+        """The shipped detector as it was measured: the int8 ONNX runtime (medlib.chat.red_flag_runtime), no torch."""
         model_dir = Path(model_dir)
         thresholds = Thresholds.from_file(model_dir / "calibration.json")
-        return cls(RedFlagClassifier.load(model_dir), thresholds)
+        try:
+            classifier = RuntimeClassifier.load(model_dir, threads)
+        except FileNotFoundError as exc:
+            raise RedFlagError(str(exc)) from None
+        return cls(classifier, thresholds)
 
     def scores_many(self, texts: Sequence[str]) -> list[Scores]:
-        pieces = [segments(t) for t in texts]
-        flat = [s for p in pieces for s in p]
-        probs = self.classifier.probabilities(flat) if flat else []
-        out, i = [], 0
-        for parts in pieces:
-            out.append(scores_of(probs[i:i + len(parts)]))
-            i += len(parts)
-        return out
+        """Each message's segments as one batch of their own, as the chat scores a message: the int8 runtime
+        quantises activations over the whole batch, so a message batched with others could score otherwise."""
+        return [scores_of(self.classifier.probabilities(segments(text))) for text in texts]
 
     def assess_many(self, texts: Sequence[str]) -> list[Assessment]:
         return [self._decide(text, scores) for text, scores in zip(texts, self.scores_many(texts))]
@@ -477,10 +482,25 @@ def heldout_report(detector: RedFlagDetector, held: Sequence[dict[str, str]]) ->
     wrong = [{"text": r["text"], "tier": r["tier"], "category": r["category"], "got": a.tier, "got_categories": a.categories}
              for r, a in zip(held, assessed)
              if (r["tier"] == "urgent") != (a.tier == "urgent") or (r["tier"] == "support") != (a.tier == "support")]
-    return {"heldout": report, "targets": targets_met(report),
+    return {"heldout": report, "targets": targets_met(report), "heldout_routes": routes_taken(held, assessed),
             "heldout_patterns_only": {"urgent_recall": _share([p for r, p in zip(held, patterns) if r["tier"] == "urgent"]),
                                       "not_urgent_flagged_urgent": _share([p for r, p in zip(held, patterns) if r["tier"] != "urgent"])},
             "heldout_errors": wrong}
+
+
+def routes_taken(held: Sequence[dict[str, str]], assessed: Sequence[Assessment]) -> dict[str, dict[str, int]]:
+    """The chat route (medlib.chat.routes, with the router's label for each message) every held-out emergency and
+    distress message takes: the target is that none reaches the greeting or the fallback."""
+    from medlib.chat.router import Router
+    from medlib.chat.routes import Signals, route_for
+
+    picked = [(r, a) for r, a in zip(held, assessed) if r["tier"] in ("urgent", "support")]
+    labels = [d.label for d in Router.from_files().route_many([r["text"] for r, _ in picked])]
+    taken: dict[str, dict[str, int]] = {"urgent": {}, "support": {}}
+    for (row, a), label in zip(picked, labels):
+        name = route_for(Signals.of(a, label)).name
+        taken[row["tier"]][name] = taken[row["tier"]].get(name, 0) + 1
+    return taken
 
 
 def remeasure(model_dir: str | Path = MODEL_DIR, heldout_file: str | Path = HELDOUT_FILE) -> dict[str, Any]:
@@ -496,42 +516,72 @@ def remeasure(model_dir: str | Path = MODEL_DIR, heldout_file: str | Path = HELD
 
 def train_red_flag_model(out_dir: str | Path = MODEL_DIR, data_file: str | Path = RED_FLAG_FILE,
                          heldout_file: str | Path = HELDOUT_FILE, settings: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Train on three quarters of the training set, choose the thresholds on the last quarter, measure the
-    held-out set, and write the model and calibration.json."""
+    """Train on three quarters of the training set and save the float model; then `calibrate` (the runtime, the
+    thresholds on the last quarter, the held-out measures, calibration.json)."""
     s = {**TRAIN, **(settings or {})}
     rows = read_red_flag_examples(data_file)
     held = read_heldout(heldout_file, rows)
     known = {normalise(r["text"]) for r in rows + held}
     extra = [r for r in router_examples() if normalise(r["text"]) not in known]  # a shared text would leak
-    fit, tune = split_for_tuning(rows, s["tune_fraction"], s["seed"])
+    fit, _ = split_for_tuning(rows, s["tune_fraction"], s["seed"])
     clf = RedFlagClassifier.new(s["lora_r"], s["lora_alpha"], s["lora_dropout"], s["seed"])
     losses = clf.fit(fit + extra, s["epochs"], s["lr"], s["batch_size"], s["seed"], s["warmup_share"])
-    scorer = RedFlagDetector(clf, Thresholds(2.0, 2.0, 2.0))
-    thresholds = choose_thresholds(tune, scorer.scores_many([r["text"] for r in tune]))
-    detector = RedFlagDetector(clf, thresholds)
+    out_dir = Path(out_dir)
+    clf.save(out_dir)
+    training = {**s, "epoch_losses": [round(x, 4) for x in losses],
+                "training_only": f"{len(extra)} router examples (reference.jsonl + labelled.jsonl) as routine"}
+    return calibrate(out_dir, data_file, heldout_file, training, clf)
+
+
+def calibrate(model_dir: str | Path = MODEL_DIR, data_file: str | Path = RED_FLAG_FILE,
+              heldout_file: str | Path = HELDOUT_FILE, training: dict[str, Any] | None = None,
+              classifier: RedFlagClassifier | None = None) -> dict[str, Any]:
+    """From the saved float model: export the runtime the chat runs, choose its thresholds on the tuning quarter,
+    measure the held-out set, and write calibration.json (training: the settings it was trained with; default
+    what calibration.json already says)."""
+    model_dir = Path(model_dir)
+    calibration = model_dir / "calibration.json"
+    if training is None:
+        if not calibration.exists():
+            raise RedFlagError(f"{calibration} is missing: train first (python -m medlib.chat.red_flags)")
+        training = json.loads(calibration.read_text())["training"]
+    rows = read_red_flag_examples(data_file)
+    held = read_heldout(heldout_file, rows)
+    fit, tune = split_for_tuning(rows, training["tune_fraction"], training["seed"])
+    clf = classifier or RedFlagClassifier.load(model_dir)
+    runtime_files = export_runtime(clf, model_dir, TIERS, CATEGORIES)
+    runtime = RuntimeClassifier.load(model_dir)  # thresholds and every number come from what the chat runs
+    tune_scores = RedFlagDetector(runtime, Thresholds(2.0, 2.0, 2.0)).scores_many([r["text"] for r in tune])
+    float_scores = RedFlagDetector(clf, Thresholds(2.0, 2.0, 2.0)).scores_many([r["text"] for r in tune])
+    thresholds = choose_thresholds(tune, tune_scores)
+    detector = RedFlagDetector(runtime, thresholds)
+    runtime_files["tuning_quarter_vs_float"] = {
+        "max_abs_diff_p_urgent": round(max(abs(a.urgent - b.urgent) for a, b in zip(tune_scores, float_scores)), 4),
+        "same_side_of_urgent_threshold": _share([(a.urgent >= thresholds.urgent) == (b.urgent >= thresholds.urgent)
+                                                 for a, b in zip(tune_scores, float_scores)])}
     result = {
-        "what": "medlib red-flag detector: four tiers and eleven categories; all-MiniLM-L6-v2 + LoRA, two heads; "
-                "regular expressions as a floor",
+        "what": "medlib red-flag detector: four tiers and eleven categories; all-MiniLM-L6-v2 + LoRA, two heads, "
+                "run as int8 ONNX; regular expressions as a floor",
         "thresholds": {"urgent": thresholds.urgent, "safety_net": thresholds.safety_net, "support": thresholds.support,
                        "rule": f"the highest thresholds reaching {AIMS} on the tuning quarter of the training set"},
-        "training": {**s, "epoch_losses": [round(x, 4) for x in losses]},
+        "training": training,
+        "runtime": runtime_files,
         "tuning_quarter": measure(tune, detector.assess_many([r["text"] for r in tune])),
         **heldout_report(detector, held),
         "data": {"training_file": "medlib/chat_data/red_flags.jsonl (python -m medlib.chat.red_flag_set)",
                  "heldout_file": "medlib/chat_data/red_flags_heldout.jsonl (written separately; never trained or tuned on)",
-                 "training_only": f"{len(extra)} router examples (reference.jsonl + labelled.jsonl) as routine",
                  "parts": {"fit": len(fit), "tune": len(tune), "heldout": len(held)},
                  "sizes": {name: {t: sum(r["tier"] == t for r in part) for t in TIERS}
                            for name, part in (("training", rows), ("heldout", held))}},
         "command": "python -m medlib.chat.red_flags",
     }
-    out_dir = Path(out_dir)
-    clf.save(out_dir)
-    (out_dir / "calibration.json").write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n")
-    (out_dir / "README.md").write_text(  # replaces peft's generic model card
+    calibration.write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n")
+    (model_dir / "README.md").write_text(  # replaces peft's generic model card
         "# medlib red-flag classifier\n\nall-MiniLM-L6-v2 + LoRA + two linear heads (tier: "
         f"{', '.join(TIERS)}; category: {', '.join(CATEGORIES)}); trained by `python -m medlib.chat.red_flags` on "
-        "medlib/chat_data/red_flags.jsonl. Thresholds, held-out measures and targets: calibration.json.\n")
+        "medlib/chat_data/red_flags.jsonl. The chat runs runtime.onnx (graph) + runtime.safetensors (int8 weights) "
+        "on ONNX Runtime; adapter_model.safetensors + heads.safetensors are the float model it was exported from. "
+        "Thresholds, held-out measures and targets, all on the runtime: calibration.json.\n")
     return result
 
 
@@ -548,8 +598,10 @@ def main(argv: Iterable[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m medlib.chat.red_flags", description=train_red_flag_model.__doc__)
     parser.add_argument("--out", default=str(MODEL_DIR), help="model folder to write (default: %(default)s)")
     parser.add_argument("--remeasure", action="store_true", help=remeasure.__doc__.split("\n")[0])
+    parser.add_argument("--recalibrate", action="store_true", help=calibrate.__doc__.split("\n")[0])
     args = parser.parse_args(list(argv) if argv is not None else None)
-    result = remeasure(args.out) if args.remeasure else train_red_flag_model(args.out)
+    result = (remeasure(args.out) if args.remeasure else calibrate(args.out) if args.recalibrate
+              else train_red_flag_model(args.out))
     print("\n".join(summary_lines(result)))
     print(f"thresholds {result['thresholds']} -> {args.out}")
     return 0
