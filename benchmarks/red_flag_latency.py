@@ -2,8 +2,8 @@
 
 Targets (issue 27): p95 <= 150 ms per message and <= 300 MB resident, on 2 CPU cores. The detector is loaded
 alone in this process, as the chat runs it (int8 ONNX Runtime, no torch; the chat loads it beside the language
-model, so this is its own share). Each held-out
-message is assessed on its own, as the chat does, after a few warm-up calls.
+model, so this is its own share). Each held-out message is assessed on its own, as the chat does, after a few
+warm-up calls.
 
     .venv/bin/python benchmarks/red_flag_latency.py [--limit 400] [--threads 2]
 """

@@ -38,7 +38,9 @@ from typing import Any, Iterable, Sequence
 
 from medlib.chat import guardrails
 from medlib.chat.red_flag_runtime import RuntimeClassifier, export_runtime
-from medlib.chat.router import CHAT_DATA_DIR, LABELLED_FILE, REFERENCE_FILE, labelled_rows, normalise, read_examples
+from medlib.chat.router import (CHAT_DATA_DIR, LABELLED_FILE, REFERENCE_FILE, Router, labelled_rows, normalise,
+                                read_examples)
+from medlib.chat.routes import Signals, route_for
 from medlib.models import MINILM, name_adapter_base, resolve_model_path
 
 RED_FLAG_FILE = CHAT_DATA_DIR / "red_flags.jsonl"
@@ -491,9 +493,6 @@ def heldout_report(detector: RedFlagDetector, held: Sequence[dict[str, str]]) ->
 def routes_taken(held: Sequence[dict[str, str]], assessed: Sequence[Assessment]) -> dict[str, dict[str, int]]:
     """The chat route (medlib.chat.routes, with the router's label for each message) every held-out emergency and
     distress message takes: the target is that none reaches the greeting or the fallback."""
-    from medlib.chat.router import Router
-    from medlib.chat.routes import Signals, route_for
-
     picked = [(r, a) for r, a in zip(held, assessed) if r["tier"] in ("urgent", "support")]
     labels = [d.label for d in Router.from_files().route_many([r["text"] for r, _ in picked])]
     taken: dict[str, dict[str, int]] = {"urgent": {}, "support": {}}

@@ -13,10 +13,12 @@ model answers, and a text after the answer.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 from medlib.chat import guardrails
-from medlib.chat.red_flags import Assessment
+
+if TYPE_CHECKING:  # a type only: red_flags imports this module (its held-out report walks the routes)
+    from medlib.chat.red_flags import Assessment
 
 
 @dataclass(frozen=True)
