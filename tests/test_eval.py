@@ -264,7 +264,9 @@ def test_real_eval_each_set_accounts_for_every_question(tmp_path, data_dir, smol
     # the permutation check runs by log-likelihood beside a generation protocol: 2 questions x 3 orders
     bias = summary["position_bias"]
     assert (bias["questions"], bias["answers"]) == (2, 6) and abs(sum(bias["position_share"].values()) - 1) < 1e-9
-    assert "## Position bias" in (tmp_path / "table3.md").read_text()
+    table = (tmp_path / "table3.md").read_text()
+    assert "## Position bias" in table and "| Right under all option orders |" in table.splitlines()[2]
+    assert sum("(n=2) |" in line for line in table.splitlines()) == 1   # base-generate's one check row
     rows = [json.loads(line) for line in open(summary["predictions_file"])]
     assert all("reply" in r and (r["prediction"] is None) == (r["status"] == "unparseable") for r in rows)
     assert len(list(csv.DictReader(open(tmp_path / "table3.csv")))) == 3 + len(tables.load_reference()["table3"]["rows"])

@@ -72,6 +72,9 @@ def test_tables_hold_the_expected_rows(reproduced):
             n = QUESTIONS if r["method"] == "loglik" else OTHER
             assert 0 <= float(r[f"{key}_accuracy"]) <= 100 and int(r[f"{key}_n"]) == n
     assert sum(r["source"].startswith("paper") for r in rows) == 15  # every row of the paper's Table 3
+    # the permutation check's headline, once per model (2 questions per set x 4 sets), on its first row
+    assert [r["position_checked_questions"] for r in ours] == ["8", ""] * 3
+    assert all(0 <= float(r["right_under_all_orders"]) <= 100 for r in ours if r["method"] == "loglik")
     with open(reproduced.eval / "table4.csv") as f:
         table4 = [r for r in csv.DictReader(f) if r["source"] == "ours"]
     assert [r["model"] for r in table4] == ["Base", "Med-Mix", "Med-Nirvana"]

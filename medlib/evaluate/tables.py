@@ -181,6 +181,10 @@ def write_table3(results: Sequence[Mapping[str, Any]] | None = None, out_dir: st
     csv_header = ["source", "model", "profile", "base_model", "adapter", "method", "questions_per_set", "weights"]
     for key in keys:
         csv_header += [f"{key}_accuracy", f"{key}_ci95_low", f"{key}_ci95_high", f"{key}_n"]
+    checked = any(s.get("position_bias") for r in results for s in r.get("sets", {}).values())
+    if checked:  # the permutation check (mcq.position_bias): its headline as a column, its detail in its section
+        header.append("Right under all option orders")
+        csv_header += ["right_under_all_orders", "position_checked_questions"]
     md_rows, csv_rows = [], []
     for r in results:
         entries = dict(r.get("sets", {}))
@@ -193,7 +197,7 @@ def write_table3(results: Sequence[Mapping[str, Any]] | None = None, out_dir: st
         if other:  # the same model by the other protocol: a row of its own, labelled with it
             rows_of.append((ident[:5] + [_method_text(other["settings"]), str(other.get("limit_per_set") or "all"), ident[7]],
                             {**other["sets"], "average": other.get("average_paper_sets")}))
-        for row_ident, row_entries in rows_of:
+        for n_row, (row_ident, row_entries) in enumerate(rows_of):
             md_rows.append(row_ident + [_ours_cell(row_entries.get(k)) for k in keys])
             row: list[Any] = list(row_ident)
             for k in keys:
@@ -203,15 +207,19 @@ def write_table3(results: Sequence[Mapping[str, Any]] | None = None, out_dir: st
                             e.get("n_scored", sum(row_entries[s]["n_scored"] for s in e.get("sets", [])))]
                 else:
                     row += [NOT_RUN, "", "", ""]
+            if checked:  # one check per model (log-likelihood, whatever the protocol): on its first row
+                share, n = _right_under_all(r) if n_row == 0 else (None, 0)
+                md_rows[-1].append(f"{_pct(share)}% (n={n})" if n else "")
+                row += [round(100 * share, 2) if n else "", n or ""]
             csv_rows.append(row)
     done = reference.get("table3", {}).get("status") == "transcribed"
     for ref in reference.get("table3", {}).get("rows", []):
         ident = [_ref_source(ref, 3), _ref_model(ref), "paper", "", "", "as reported", "as reported", ""]
-        md_rows.append(ident + [_ref_cell(ref, k, transcribed=done) for k in keys])
+        md_rows.append(ident + [_ref_cell(ref, k, transcribed=done) for k in keys] + (["not reported"] if checked else []))
         row = list(ident)
         for k in keys:
             row += [_ref_cell(ref, k, "{}", done), "", "", ""]
-        csv_rows.append(row)
+        csv_rows.append(row + (["", ""] if checked else []))
     notes = ["Our cells: accuracy % (95% bootstrap CI, n = questions scored). The average is the unweighted mean of "
              "MedQA, MedMCQA and PubMedQA, with a CI that resamples each set.",
              _reference_note(reference, "table3")]
@@ -312,6 +320,13 @@ def _pairs(results: Sequence[Mapping[str, Any]]) -> list[tuple[Mapping[str, Any]
 
 def _name(result: Mapping[str, Any]) -> str:
     return result.get("display_name", result["label"])
+
+
+def _right_under_all(result: Mapping[str, Any]) -> tuple[float | None, int]:
+    """The share of a model's position-checked questions it answers right under every option order, over its sets."""
+    checks = [s["position_bias"] for s in result.get("sets", {}).values() if s.get("position_bias")]
+    n = sum(b["questions"] for b in checks)
+    return (sum(b["right_under_all"] * b["questions"] for b in checks) / n if n else None), n
 
 
 def _position_bias_md(results: Sequence[Mapping[str, Any]]) -> str:
