@@ -36,12 +36,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args(argv)
     before = rss_mb()
-    from medlib.chat.red_flags import RedFlagDetector, read_red_flag_examples, HELDOUT_FILE, segments
+    from medlib.chat.red_flags import RedFlagDetector, read_heldout, segments
 
     started = time.perf_counter()
     detector = RedFlagDetector.load(threads=args.threads)
     load_s = time.perf_counter() - started
-    texts = [r["text"] for r in read_red_flag_examples(HELDOUT_FILE)][: args.limit]
+    texts = [r["text"] for r in read_heldout()][: args.limit]
     for text in texts[:5]:
         detector.assess(text)
     times = []

@@ -155,17 +155,26 @@ def _clauses(text: str) -> list[str]:
     return [c for c in _CLAUSE_SPLIT.split(text) if c and c.strip()]
 
 
+def _mention_spans(clause: str) -> list[tuple[int, int]]:
+    """Where the clause names a red flag, by any pattern."""
+    return [m.span() for alternatives in RED_FLAG_PATTERNS.values() for patterns in alternatives
+            for pattern in patterns for m in pattern.finditer(clause)]
+
+
 def _negator_start(clause: str, start: int) -> int | None:
-    """Where the negator governing the mention at `start` begins: within the 6 words before it and not
-    across a comma ("No, he is not responding" keeps "not responding" un-negated); None if there is none."""
+    """Where the negator governing the mention at `start` begins: within the 6 words before it, not across a
+    comma ("No, he is not responding" keeps "not responding" un-negated) and not inside another mention ("can't
+    move his arm and his face has dropped": that "can't" is a symptom, not a negation); None if there is none."""
     words = list(re.finditer(r"\S+", clause[:start]))[-_NEGATION_WINDOW:]
     if not words:
         return None
     window_start = words[0].start()
     comma = clause.rfind(",", window_start, start)
     window_start = max(window_start, comma + 1)
-    found = list(re.finditer(_NEGATOR, clause[window_start:start], re.IGNORECASE))
-    return window_start + found[-1].start() if found else None
+    mentions = _mention_spans(clause)
+    found = [window_start + m.start() for m in re.finditer(_NEGATOR, clause[window_start:start], re.IGNORECASE)
+             if not any(a <= window_start + m.start() < b for a, b in mentions)]
+    return found[-1] if found else None
 
 
 def _negated(clause: str, start: int) -> bool:

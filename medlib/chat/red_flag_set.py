@@ -9,8 +9,9 @@ come from two places:
   times without repeats.
 From the English urgent blocks the generator also derives two groups the detector must read: "typo" (lower
 case, punctuation dropped, letters swapped) and "buried" (the emergency between routine sentences of the
-templates' filler block). A text already in the held-out set (red_flags_heldout.jsonl, written separately) is
-never written here: it is counted and left out, so nothing is trained on what is measured.
+templates' filler block). A text already in a held-out part (red_flags_heldout*.jsonl, written separately), or
+one sharing NEAR_OVERLAP of its words with one, is never written here: it is counted and left out, so nothing is
+trained on what is measured.
 """
 
 from __future__ import annotations
@@ -23,8 +24,8 @@ from collections import Counter
 from pathlib import Path
 from typing import Any, Iterable
 
-from medlib.chat.red_flags import (CATEGORIES, HELDOUT_FILE, LANGUAGES, NO_CATEGORY, RED_FLAG_FILE, TIERS,
-                                   RedFlagError, read_red_flag_examples)
+from medlib.chat.red_flags import (CATEGORIES, HELDOUT_FILES, LANGUAGES, NO_CATEGORY, RED_FLAG_FILE, TIERS,
+                                   RedFlagError, read_heldout, read_red_flag_examples)
 from medlib.chat.router import CHAT_DATA_DIR, normalise
 
 SEED_FILE = CHAT_DATA_DIR / "red_flags_seed.jsonl"
@@ -117,8 +118,8 @@ class NearTexts:
         return any(n / len(words | self.words[i]) >= NEAR_OVERLAP for i, n in shared.items())
 
 
-def build(seed_file: Path = SEED_FILE, template_dir: Path = TEMPLATE_DIR, heldout_file: Path = HELDOUT_FILE,
-          seed: int = SEED) -> tuple[list[dict[str, str]], dict[str, Any]]:
+def build(seed_file: Path = SEED_FILE, template_dir: Path = TEMPLATE_DIR,
+          heldout_files: Iterable[Path] = HELDOUT_FILES, seed: int = SEED) -> tuple[list[dict[str, str]], dict[str, Any]]:
     """The training rows and what was left out (duplicates, held-out texts)."""
     rng = random.Random(seed)
     rows = read_red_flag_examples(seed_file)
@@ -135,7 +136,7 @@ def build(seed_file: Path = SEED_FILE, template_dir: Path = TEMPLATE_DIR, heldou
     if fillers:
         derived += [{**r, "group": "buried", "text": bury(r["text"], fillers, rng)}
                     for r in rng.sample(urgent_en, int(DERIVED["buried"] * len(urgent_en)))]
-    held = {normalise(r["text"]) for r in read_red_flag_examples(heldout_file)} if heldout_file.exists() else set()
+    held = {normalise(r["text"]) for r in read_heldout([p for p in heldout_files if p.exists()])}
     near_held = NearTexts(held)
     out, seen, left_out = [], set(), Counter()
     for row in rows + derived:

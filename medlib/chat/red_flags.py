@@ -12,10 +12,10 @@ and, for urgent and safety-net messages, a category (cardiac, stroke, ...). The 
 with a LoRA adapter and two linear heads over the mean-pooled embedding, one for the tier and one for the
 category, trained on three quarters of medlib/chat_data/red_flags.jsonl (written by
 `python -m medlib.chat.red_flag_set`); the thresholds are chosen on the remaining quarter, recall first. The
-held-out set, medlib/chat_data/red_flags_heldout.jsonl, was written separately (other authors' wording, never
-trained or tuned on) and measures everything reported. The message is scored whole and sentence by sentence,
-so an emergency inside a long message is not diluted; the patterns in `guardrails.detect_red_flags` (with
-their clause negation) flag whatever they match.
+held-out set, in two parts (medlib/chat_data/red_flags_heldout.jsonl and red_flags_heldout_2.jsonl), was written
+separately (other authors' wording, never trained or tuned on) and measures everything reported. The message is
+scored whole and sentence by sentence, so an emergency inside a long message is not diluted; the patterns in
+`guardrails.detect_red_flags` (with their clause negation) flag whatever they match.
 
 Retrain and re-measure (writes medlib/chat_data/red_flag_model/, calibration.json holds every number):
 
@@ -44,7 +44,10 @@ from medlib.chat.routes import Signals, route_for
 from medlib.models import MINILM, name_adapter_base, resolve_model_path
 
 RED_FLAG_FILE = CHAT_DATA_DIR / "red_flags.jsonl"
-HELDOUT_FILE = CHAT_DATA_DIR / "red_flags_heldout.jsonl"
+# The held-out parts, each written separately (other authors, other wording; never trained or tuned on). The second
+# was written on 2026-11-26 by an author who saw neither the training data nor the first part, and nobody read it
+# before the detector it measures was trained.
+HELDOUT_FILES = (CHAT_DATA_DIR / "red_flags_heldout.jsonl", CHAT_DATA_DIR / "red_flags_heldout_2.jsonl")
 MODEL_DIR = CHAT_DATA_DIR / "red_flag_model"
 TIERS = ("urgent", "safety_net", "support", "routine")
 CATEGORIES = tuple(guardrails.URGENT_ACTIONS)
@@ -59,7 +62,9 @@ TARGETS = {"urgent_recall": 0.98, "urgent_or_net_recall": 0.995, "routine_urgent
 AIMS = {"not_urgent_flagged_urgent": 0.02, "routine_net_rate": 0.10, "support_recall": 0.95}
 TRAIN = {"lora_r": 64, "lora_alpha": 128, "lora_dropout": 0.1, "epochs": 8, "lr": 5e-4, "warmup_share": 0.06,
          "batch_size": 32, "tune_fraction": 0.25, "seed": 0}
-FLOOR_MIN = 0.05   # the classifier's P(urgent) from which a pattern match makes a message urgent
+# The classifier's P(urgent) from which a pattern match makes a message urgent; and the score (urgent, emergency
+# topic or distress) under which a routine message is clearly routine, the only kind the greeting or fallback gets.
+FLOOR_MIN = 0.05
 _SENTENCE_SPLIT = re.compile(r"(?<=[.!?;])\s+|\n+")
 
 
@@ -74,6 +79,9 @@ class Assessment:
     lang: str                         # en | es | fr | de | pt (guardrails.language_of)
     probabilities: dict[str, float] = field(default_factory=dict)   # the deciding segment's tier probabilities
     evidence: list[str] = field(default_factory=list)
+    # routine only: the category the classifier leans to when it is not clearly routine (some score >= FLOOR_MIN);
+    # such a message never gets the greeting or the fallback (medlib.chat.routes)
+    leaning: str | None = None
 
     @property
     def urgent(self) -> bool:
@@ -115,13 +123,25 @@ def read_red_flag_examples(path: str | Path = RED_FLAG_FILE) -> list[dict[str, s
     return rows
 
 
-def read_heldout(path: str | Path = HELDOUT_FILE, training: Sequence[dict[str, str]] = ()) -> list[dict[str, str]]:
-    """The held-out rows; one that repeats a training text is an error (it would be measured on what it learnt)."""
-    held = read_red_flag_examples(path)
+def read_heldout(paths: str | Path | Sequence[str | Path] = HELDOUT_FILES,
+                 training: Sequence[dict[str, str]] = ()) -> list[dict[str, str]]:
+    """The held-out rows of every part, each with "part" (its file's name); a row that repeats a training text or
+    another part's text is an error (it would be measured on what it learnt, or counted twice)."""
     trained = {normalise(r["text"]) for r in training}
-    leaked = [r["text"] for r in held if normalise(r["text"]) in trained]
-    if leaked:
-        raise RedFlagError(f"{path}: {len(leaked)} held-out texts are also training texts, e.g. {leaked[0]!r}")
+    held: list[dict[str, str]] = []
+    seen: dict[str, str] = {}
+    for path in [paths] if isinstance(paths, (str, Path)) else paths:
+        path = Path(path)
+        part = read_red_flag_examples(path)
+        leaked = [r["text"] for r in part if normalise(r["text"]) in trained]
+        if leaked:
+            raise RedFlagError(f"{path}: {len(leaked)} held-out texts are also training texts, e.g. {leaked[0]!r}")
+        for row in part:
+            key = normalise(row["text"])
+            if key in seen:
+                raise RedFlagError(f"{path}: {row['text']!r} is also in {seen[key]}")
+            seen[key] = path.name
+            held.append({**row, "part": path.name})
     return held
 
 
@@ -308,6 +328,16 @@ def scores_of(seg_probs: Sequence[dict[str, dict[str, float]]]) -> Scores:
                   most_urgent, most_net)
 
 
+def category_leaned_to(scores: Scores) -> str | None:
+    """The category a routine message leans to when some score reaches FLOOR_MIN (distress leans to the crisis
+    line), else None: the message is clearly routine."""
+    if max(scores.urgent, scores.net, scores.support) < FLOOR_MIN:
+        return None
+    if scores.support > scores.net:
+        return "suicide_self_harm"
+    return _category(scores.net_probs)
+
+
 class RedFlagDetector:
     """The patterns first (they never miss what they match), then the classifier on every segment."""
 
@@ -370,7 +400,8 @@ class RedFlagDetector:
             return Assessment("safety_net", [_category(scores.net_probs)], lang, scores.net_probs["tier"])
         if scores.support >= t.support:
             return Assessment("support", [], lang, {"support": scores.support})
-        return Assessment("routine", [], lang, {"safety_net": scores.net, "support": scores.support})
+        return Assessment("routine", [], lang, {"safety_net": scores.net, "support": scores.support},
+                          leaning=category_leaned_to(scores))
 
 
 # ------------------------------------------------------------------ training and measurement
@@ -484,42 +515,49 @@ def heldout_report(detector: RedFlagDetector, held: Sequence[dict[str, str]]) ->
     wrong = [{"text": r["text"], "tier": r["tier"], "category": r["category"], "got": a.tier, "got_categories": a.categories}
              for r, a in zip(held, assessed)
              if (r["tier"] == "urgent") != (a.tier == "urgent") or (r["tier"] == "support") != (a.tier == "support")]
-    return {"heldout": report, "targets": targets_met(report), "heldout_routes": routes_taken(held, assessed),
+    by_part = {}
+    for part in dict.fromkeys(r["part"] for r in held):
+        pairs = [(r, a) for r, a in zip(held, assessed) if r["part"] == part]
+        part_report = measure([r for r, _ in pairs], [a for _, a in pairs])
+        by_part[part] = {name: part_report[name] for name in (*TARGETS, "not_urgent_flagged_urgent")}
+        by_part[part]["per_category_recall"] = part_report["per_category_recall"]
+    return {"heldout": report, "targets": targets_met(report), "heldout_by_part": by_part,
+            "heldout_routes": routes_taken(held, assessed),
             "heldout_patterns_only": {"urgent_recall": _share([p for r, p in zip(held, patterns) if r["tier"] == "urgent"]),
                                       "not_urgent_flagged_urgent": _share([p for r, p in zip(held, patterns) if r["tier"] != "urgent"])},
             "heldout_errors": wrong}
 
 
 def routes_taken(held: Sequence[dict[str, str]], assessed: Sequence[Assessment]) -> dict[str, dict[str, int]]:
-    """The chat route (medlib.chat.routes, with the router's label for each message) every held-out emergency and
-    distress message takes: the target is that none reaches the greeting or the fallback."""
-    picked = [(r, a) for r, a in zip(held, assessed) if r["tier"] in ("urgent", "support")]
-    labels = [d.label for d in Router.from_files().route_many([r["text"] for r, _ in picked])]
-    taken: dict[str, dict[str, int]] = {"urgent": {}, "support": {}}
-    for (row, a), label in zip(picked, labels):
+    """The chat route (medlib.chat.routes, with the router's label for each message) every held-out message takes,
+    by its tier: the target is that no emergency or distress reaches the greeting or the fallback; the routine rows
+    show what that costs."""
+    labels = [d.label for d in Router.from_files().route_many([r["text"] for r in held])]
+    taken: dict[str, dict[str, int]] = {t: {} for t in TIERS}
+    for row, a, label in zip(held, assessed, labels):
         name = route_for(Signals.of(a, label)).name
         taken[row["tier"]][name] = taken[row["tier"]].get(name, 0) + 1
     return taken
 
 
-def remeasure(model_dir: str | Path = MODEL_DIR, heldout_file: str | Path = HELDOUT_FILE) -> dict[str, Any]:
+def remeasure(model_dir: str | Path = MODEL_DIR, heldout_files: Sequence[str | Path] = HELDOUT_FILES) -> dict[str, Any]:
     """Measure the shipped model again on the held-out set (after a change to the patterns, say) and rewrite
     those parts of calibration.json; the model and its thresholds stay as trained."""
     path = Path(model_dir) / "calibration.json"
     result = json.loads(path.read_text())
-    held = read_heldout(heldout_file, read_red_flag_examples())
+    held = read_heldout(heldout_files, read_red_flag_examples())
     result.update(heldout_report(RedFlagDetector.load(model_dir), held))
     path.write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n")
     return result
 
 
 def train_red_flag_model(out_dir: str | Path = MODEL_DIR, data_file: str | Path = RED_FLAG_FILE,
-                         heldout_file: str | Path = HELDOUT_FILE, settings: dict[str, Any] | None = None) -> dict[str, Any]:
+                         heldout_files: Sequence[str | Path] = HELDOUT_FILES, settings: dict[str, Any] | None = None) -> dict[str, Any]:
     """Train on three quarters of the training set and save the float model; then `calibrate` (the runtime, the
     thresholds on the last quarter, the held-out measures, calibration.json)."""
     s = {**TRAIN, **(settings or {})}
     rows = read_red_flag_examples(data_file)
-    held = read_heldout(heldout_file, rows)
+    held = read_heldout(heldout_files, rows)
     known = {normalise(r["text"]) for r in rows + held}
     extra = [r for r in router_examples() if normalise(r["text"]) not in known]  # a shared text would leak
     fit, _ = split_for_tuning(rows, s["tune_fraction"], s["seed"])
@@ -529,11 +567,11 @@ def train_red_flag_model(out_dir: str | Path = MODEL_DIR, data_file: str | Path 
     clf.save(out_dir)
     training = {**s, "epoch_losses": [round(x, 4) for x in losses],
                 "training_only": f"{len(extra)} router examples (reference.jsonl + labelled.jsonl) as routine"}
-    return calibrate(out_dir, data_file, heldout_file, training, clf)
+    return calibrate(out_dir, data_file, heldout_files, training, clf)
 
 
 def calibrate(model_dir: str | Path = MODEL_DIR, data_file: str | Path = RED_FLAG_FILE,
-              heldout_file: str | Path = HELDOUT_FILE, training: dict[str, Any] | None = None,
+              heldout_files: Sequence[str | Path] = HELDOUT_FILES, training: dict[str, Any] | None = None,
               classifier: RedFlagClassifier | None = None) -> dict[str, Any]:
     """From the saved float model: export the runtime the chat runs, choose its thresholds on the tuning quarter,
     measure the held-out set, and write calibration.json (training: the settings it was trained with; default
@@ -545,7 +583,7 @@ def calibrate(model_dir: str | Path = MODEL_DIR, data_file: str | Path = RED_FLA
             raise RedFlagError(f"{calibration} is missing: train first (python -m medlib.chat.red_flags)")
         training = json.loads(calibration.read_text())["training"]
     rows = read_red_flag_examples(data_file)
-    held = read_heldout(heldout_file, rows)
+    held = read_heldout(heldout_files, rows)
     fit, tune = split_for_tuning(rows, training["tune_fraction"], training["seed"])
     clf = classifier or RedFlagClassifier.load(model_dir)
     runtime_files = export_runtime(clf, model_dir, TIERS, CATEGORIES)
@@ -568,8 +606,10 @@ def calibrate(model_dir: str | Path = MODEL_DIR, data_file: str | Path = RED_FLA
         "tuning_quarter": measure(tune, detector.assess_many([r["text"] for r in tune])),
         **heldout_report(detector, held),
         "data": {"training_file": "medlib/chat_data/red_flags.jsonl (python -m medlib.chat.red_flag_set)",
-                 "heldout_file": "medlib/chat_data/red_flags_heldout.jsonl (written separately; never trained or tuned on)",
-                 "parts": {"fit": len(fit), "tune": len(tune), "heldout": len(held)},
+                 "heldout_files": [f"medlib/chat_data/{Path(p).name}" for p in heldout_files],
+                 "heldout_note": "each part written separately; never trained or tuned on",
+                 "parts": {"fit": len(fit), "tune": len(tune), "heldout": len(held),
+                           **{r["part"]: sum(h["part"] == r["part"] for h in held) for r in held}},
                  "sizes": {name: {t: sum(r["tier"] == t for r in part) for t in TIERS}
                            for name, part in (("training", rows), ("heldout", held))}},
         "command": "python -m medlib.chat.red_flags",

@@ -4,7 +4,10 @@ Each message arrives with three signals: the red-flag tier and category (medlib.
 safety_net, support or routine), the language it is written in, and the router's label (medical, greeting or
 other). The first route in ROUTES whose `when` holds takes the message. The order is the safety argument:
 urgent and support come before anything else, and greeting and fallback come after every tier that is not
-routine, so an emergency or a distressed person never gets a greeting or the fallback.
+routine, so an emergency or a distressed person never gets a greeting or the fallback. A routine message the
+router does not read as medical gets them only when the detector reads it as clearly routine (every score under
+red_flags.FLOOR_MIN); otherwise it is raised to the safety net of the category the detector leans to, because a
+missed emergency worded as small talk ("ok im done. tonight is the night") must not get a canned greeting.
 
 Adding a route is one entry here: its name, when it applies, the text shown before any answer, whether the
 model answers, and a text after the answer.
@@ -31,7 +34,10 @@ class Signals:
 
     @classmethod
     def of(cls, assessment: Assessment, label: str, answer_after_urgent: bool = False) -> "Signals":
-        return cls(assessment.tier, tuple(assessment.categories), assessment.lang, label, answer_after_urgent)
+        tier, categories = assessment.tier, tuple(assessment.categories)
+        if tier == "routine" and label != "medical" and assessment.leaning:  # not clearly routine: never the
+            tier, categories = "safety_net", (assessment.leaning,)            # greeting or the fallback
+        return cls(tier, categories, assessment.lang, label, answer_after_urgent)
 
 
 def _urgent_text(s: Signals) -> str:

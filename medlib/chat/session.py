@@ -245,7 +245,7 @@ class ChatSession:
         route = self.router.route(clean.text)
         signals = Signals.of(assessment, route.label, g.answer_after_red_flag)
         chosen = route_for(signals)
-        taken = dict(kind=chosen.name, tier=assessment.tier, category=assessment.category,
+        taken = dict(kind=chosen.name, tier=signals.tier, category=signals.categories[0] if signals.categories else None,
                      red_flags=assessment.categories if assessment.urgent else [], route=route, lang=assessment.lang)
         if chosen.before:
             emit(chosen.before(signals))
