@@ -35,11 +35,10 @@ NEGATED = [
     # flagged by the single-tier detector before the tiers (strict xfails then)
     "I have never had suicidal thoughts",
     "I did not take too many pills",
+    # taking the negated mention out leaves "The baby is at all", which the detector of the second retraining of
+    # 2026-11-26 reads as urgent (P 0.90); it passes because taking a mention out only ever lowers a score
+    "The baby is not floppy at all",
 ]
-# False alarms of the shipped detector (strict: the day one passes, move it up). Taking the negated mention out
-# leaves "The baby is at all", which the detector of the second retraining of 2026-11-26 reads as urgent (P 0.90)
-# though it reads the whole message as routine (P(urgent) 0.03); the detector before it passed.
-FALSE_ALARMS_STILL_RAISED = ["The baby is not floppy at all"]
 # An emergency after "No," (a strict xfail until the second retraining of 2026-11-26).
 EMERGENCY_AFTER_NO = ["No, he is not responding and his lips are blue"]
 # The kinds of emergency the issue reported as missed or misrouted, in this test's own words.
@@ -214,12 +213,6 @@ def test_a_negated_mention_does_not_hide_an_affirmed_emergency(detector):
     text = "my dad suddenly can't move his arm and his face has dropped"
     assert guardrails.strip_negated(text) is text
     assert guardrails.strip_negated("I can't say I have chest pain") == "I"   # a negator outside a mention still counts
-
-
-@pytest.mark.parametrize("text", FALSE_ALARMS_STILL_RAISED)
-@pytest.mark.xfail(strict=True, reason="a known false alarm of the shipped detector")
-def test_known_false_alarms(detector, text):
-    assert not detector.assess(text).urgent, text
 
 
 @pytest.mark.parametrize("text", EMERGENCY_AFTER_NO)
