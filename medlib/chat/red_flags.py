@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
@@ -615,7 +616,7 @@ def calibrate(model_dir: str | Path = MODEL_DIR, data_file: str | Path = RED_FLA
                  "heldout_files": [f"medlib/chat_data/{Path(p).name}" for p in heldout_files],
                  "heldout_note": "each part written separately; never trained or tuned on",
                  "parts": {"fit": len(fit), "tune": len(tune), "heldout": len(held),
-                           **{r["part"]: sum(h["part"] == r["part"] for h in held) for r in held}},
+                           **Counter(r["part"] for r in held)},
                  "sizes": {name: {t: sum(r["tier"] == t for r in part) for t in TIERS}
                            for name, part in (("training", rows), ("heldout", held))}},
         "command": "python -m medlib.chat.red_flags",
