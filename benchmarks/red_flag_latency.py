@@ -5,7 +5,7 @@ alone in this process, as the chat runs it (int8 ONNX Runtime, no torch; the cha
 model, so this is its own share). Each held-out message is assessed on its own, as the chat does, after a few
 warm-up calls.
 
-    .venv/bin/python benchmarks/red_flag_latency.py [--limit 400] [--threads 2]
+    .venv/bin/python benchmarks/red_flag_latency.py [--limit 400] [--threads 2] [--model-dir DIR]
 """
 
 from __future__ import annotations
@@ -33,13 +33,16 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--limit", type=int, default=400, help="held-out messages to time (default %(default)s)")
     parser.add_argument("--threads", type=int, default=2, help="ONNX Runtime threads (default %(default)s: the chat's 2 cores)")
+    parser.add_argument("--model-dir", type=Path, default=None,
+                        help="a red-flag model folder (default: the shipped one); time two folders one after the other to compare")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args(argv)
     before = rss_mb()
-    from medlib.chat.red_flags import RedFlagDetector, read_heldout, segments
+    from medlib.chat.red_flags import MODEL_DIR, RedFlagDetector, read_heldout, segments
 
+    model_dir = args.model_dir or MODEL_DIR
     started = time.perf_counter()
-    detector = RedFlagDetector.load(threads=args.threads)
+    detector = RedFlagDetector.load(model_dir, threads=args.threads)
     load_s = time.perf_counter() - started
     texts = [r["text"] for r in read_heldout()][: args.limit]
     for text in texts[:5]:
@@ -50,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
         detector.assess(text)
         times.append((time.perf_counter() - t0) * 1000)
     times.sort()
-    result = {"messages": len(texts), "threads": args.threads, "load_s": round(load_s, 2),
+    result = {"model_dir": str(model_dir), "messages": len(texts), "threads": args.threads, "load_s": round(load_s, 2),
               "p50_ms": round(statistics.median(times), 1), "p95_ms": round(times[int(0.95 * (len(times) - 1))], 1),
               "max_ms": round(times[-1], 1), "segments_max": max(len(segments(t)) for t in texts),
               "rss_before_load_mb": round(before, 1), "rss_after_mb": round(rss_mb(), 1),

@@ -13,7 +13,8 @@ import pytest
 from medlib.chat import guardrails
 from medlib.chat.red_flags import (CATEGORIES, FLOOR_MIN, HELDOUT_FILES, LANGUAGES, MODEL_DIR, RED_FLAG_FILE, TARGETS,
                                    TIERS, Assessment, RedFlagDetector, RedFlagError, Scores, category_leaned_to, measure,
-                                   read_heldout, read_red_flag_examples, routes_taken, segments, targets_met)
+                                   read_heldout, read_red_flag_examples, routes_taken, segments, targets_met,
+                                   wilson_ci95)
 from medlib.chat.routes import ROUTES, Signals, route_for
 
 REPORT = json.loads((MODEL_DIR / "calibration.json").read_text())
@@ -133,6 +134,23 @@ def test_heldout_measures_are_the_reported_ones(heldout, assessed):
     for name in ("urgent_recall", "urgent_or_net_recall", "not_urgent_flagged_urgent", "routine_net_rate", "support_rate"):
         # the same model and data reproduce the report (one message of slack for float differences between CPUs)
         assert abs(measured[name]["hits"] - reported[name]["hits"]) <= 1, name
+
+
+def test_rates_come_with_their_95_percent_interval():
+    assert wilson_ci95(0, 136) == [0.0, 0.0275] and wilson_ci95(3, 0) is None
+    for name, t in REPORT["targets"].items():
+        low, high = t["ci95"]
+        assert low <= t["measured"] <= high and t["hits"] / t["n"] == t["measured"], name
+
+
+def test_only_the_first_parts_errors_are_listed_the_blind_parts_are_counted(heldout, assessed):
+    wrong = [(r, a) for r, a in zip(heldout, assessed)
+             if (r["tier"] == "urgent") != (a.tier == "urgent") or (r["tier"] == "support") != (a.tier == "support")]
+    first = {r["text"] for r in heldout if r["part"] == HELDOUT_FILES[0].name}
+    assert all(e["text"] in first for e in REPORT["heldout_errors"])
+    blind = [r for r, _ in wrong if r["part"] != HELDOUT_FILES[0].name]
+    # one message of slack per part, as above, for float differences between CPUs
+    assert abs(sum(REPORT["heldout_errors_blind_parts"].values()) - len(blind)) <= len(HELDOUT_FILES) - 1
 
 
 # Targets the shipped detector does not reach yet (README, "Red flags"): each is a strict xfail, so the day a
@@ -386,17 +404,36 @@ def test_the_runtime_graph_holds_no_weight_and_its_weights_are_safetensors():
         assert sum(weights.get_tensor(k).dtype.name == "int8" for k in weights.keys()) >= 36  # 6 layers x 6 matrices
 
 
-def test_the_runtime_agrees_with_the_float_model_it_came_from(detector):
-    """int8 weights move probabilities a little; the tiers of these messages must not move."""
-    from medlib.chat.red_flags import RedFlagClassifier
+def test_the_runtime_agrees_with_the_float_members_it_came_from(detector):
+    """int8 weights move probabilities a little; the tiers of these messages must not move. The float ensemble's
+    probabilities are its members' mean, as the runtime graph's are."""
+    from medlib.chat.red_flags import RedFlagEnsemble
 
     texts = list(ISSUE_EXAMPLES) + NEGATED + ["What are the signs of a stroke?", "thanks, bye!", "I feel so alone lately"]
-    floats = RedFlagClassifier.load(MODEL_DIR).probabilities(texts)
+    ensemble = RedFlagEnsemble.load(MODEL_DIR)
+    assert len(ensemble.members) == len(REPORT["training"]["seeds"]) == REPORT["runtime"]["members"]
+    floats = ensemble.probabilities(texts)
+    each = [m.probabilities(texts) for m in ensemble.members]
+    assert all(abs(f["tier"][t] - sum(p[i]["tier"][t] for p in each) / len(each)) < 1e-6
+               for i, f in enumerate(floats) for t in TIERS)
     ints = detector.classifier.probabilities(texts)
     assert type(detector.classifier).__name__ == "RuntimeClassifier"
-    # 0.13 at most for the detector of 2026-11-26 (on "The baby is not floppy at all"; routine either way)
+    # 0.13 at most for the one-member detector of 2026-11-26, 0.095 for the two members that replaced it that day
+    # (on "no slurred speech and no face drooping"; routine either way)
     assert max(abs(a["tier"][t] - b["tier"][t]) for a, b in zip(floats, ints) for t in TIERS) < 0.15
     assert [max(a["tier"], key=a["tier"].get) for a in floats] == [max(b["tier"], key=b["tier"].get) for b in ints]
+
+
+def test_saving_an_ensemble_over_more_members_is_an_error(tmp_path):
+    from medlib.chat.red_flags import RedFlagEnsemble
+
+    for name in ("member_0", "member_1", "member_notes"):
+        (tmp_path / name).mkdir()
+    assert [p.name for p in RedFlagEnsemble.member_dirs(tmp_path)] == ["member_0", "member_1"]
+    with pytest.raises(RedFlagError, match="member_1 is a member this ensemble does not have"):
+        RedFlagEnsemble([object()]).save(tmp_path)
+    with pytest.raises(RedFlagError, match="has no member_0/"):
+        RedFlagEnsemble.load(tmp_path / "member_notes")
 
 
 def test_a_missing_runtime_is_an_error_naming_the_file(tmp_path):

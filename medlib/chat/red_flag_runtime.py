@@ -1,9 +1,9 @@
 """The red-flag classifier as the chat runs it: ONNX Runtime, int8 weights, no torch.
 
-Training (medlib.chat.red_flags) fine-tunes all-MiniLM-L6-v2 + LoRA + two heads in torch; `export_runtime`
-then merges the adapter, exports encoder + mean pooling + heads as one ONNX graph, quantises its matrix
-weights to int8 (ONNX Runtime's dynamic quantisation: int8 weights, activations quantised per call), and
-writes two files:
+Training (medlib.chat.red_flags) fine-tunes the members, all-MiniLM-L6-v2 + LoRA + two heads each, in torch;
+`export_runtime` then merges each adapter, exports every member's encoder + mean pooling + heads and the mean of
+their probabilities as one ONNX graph, quantises its matrix weights to int8 (ONNX Runtime's dynamic quantisation:
+int8 weights, activations quantised per call), and writes two files:
 
     runtime.onnx            the graph only: every weight is an external reference, no data
     runtime.safetensors     the weights (int8 matrices, their scales and zero points, the float rest)
@@ -30,8 +30,9 @@ INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 OPSET = 17
 
 
-def export_runtime(classifier: Any, model_dir: str | Path, tiers: Sequence[str], categories: Sequence[str]) -> dict[str, Any]:
-    """Write runtime.onnx + runtime.safetensors for a trained RedFlagClassifier; returns what was written."""
+def export_runtime(members: Sequence[Any], model_dir: str | Path, tiers: Sequence[str], categories: Sequence[str]) -> dict[str, Any]:
+    """Write runtime.onnx + runtime.safetensors for trained RedFlagClassifier members; returns what was written.
+    The graph's outputs are the log of the members' mean probabilities, so the runtime's softmax gives that mean."""
     import copy
 
     import onnx
@@ -40,33 +41,43 @@ def export_runtime(classifier: Any, model_dir: str | Path, tiers: Sequence[str],
     from safetensors.numpy import save_file
 
     model_dir = Path(model_dir)
-    encoder = copy.deepcopy(classifier.encoder)
-    encoder = encoder.merge_and_unload() if hasattr(encoder, "merge_and_unload") else encoder
-    heads = copy.deepcopy(classifier.heads)
 
-    class Whole(torch.nn.Module):  # the classifier's logits(): encoder, masked mean, unit norm, x10, two heads
-        def __init__(self):
+    class Member(torch.nn.Module):  # a classifier's probabilities(): encoder, masked mean, unit norm, x10, two heads
+        def __init__(self, classifier: Any):
             super().__init__()
-            self.encoder, self.tier, self.category = encoder, heads["tier"], heads["category"]
+            encoder = copy.deepcopy(classifier.encoder)
+            self.encoder = encoder.merge_and_unload() if hasattr(encoder, "merge_and_unload") else encoder
+            heads = copy.deepcopy(classifier.heads)
+            self.tier, self.category = heads["tier"], heads["category"]
 
         def forward(self, input_ids, attention_mask, token_type_ids):
             hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask,
                                   token_type_ids=token_type_ids).last_hidden_state
             mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
             pooled = torch.nn.functional.normalize((hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9), dim=-1) * 10.0
-            return self.tier(pooled), self.category(pooled)
+            return torch.softmax(self.tier(pooled), -1), torch.softmax(self.category(pooled), -1)
+
+    class Whole(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.members = torch.nn.ModuleList(Member(c) for c in members)
+
+        def forward(self, input_ids, attention_mask, token_type_ids):
+            outputs = [m(input_ids, attention_mask, token_type_ids) for m in self.members]
+            return tuple(torch.log(torch.stack(probs).mean(0)) for probs in zip(*outputs))
 
     whole = Whole().eval()
-    sample = classifier.tokenizer(["a message", "another, longer message to export"], padding=True, return_tensors="pt")
+    sample = members[0].tokenizer(["a message", "another, longer message to export"], padding=True, return_tensors="pt")
     axes = {"batch": 0, "tokens": 1}
     with tempfile.TemporaryDirectory() as tmp:
         float_file, int8_file = Path(tmp) / "float.onnx", Path(tmp) / "int8.onnx"
         with torch.inference_mode():
             torch.onnx.export(whole, tuple(sample[name] for name in INPUTS), str(float_file), dynamo=False,
-                              input_names=list(INPUTS), output_names=["tier_logits", "category_logits"],
+                              input_names=list(INPUTS), output_names=["tier_log_probs", "category_log_probs"],
                               dynamic_axes={**{name: {v: k for k, v in axes.items()} for name in INPUTS},
-                                            "tier_logits": {0: "batch"}, "category_logits": {0: "batch"}},
+                                            "tier_log_probs": {0: "batch"}, "category_log_probs": {0: "batch"}},
                               opset_version=OPSET)
+        _use_weights_directly(float_file)
         # Gather too: the word-embedding table is half the encoder's weights
         # reduce_range (7-bit weights): no int16 saturation on CPUs without VNNI, so every x86 CPU computes the same
         quantize_dynamic(str(float_file), str(int8_file), weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul", "Gather"],
@@ -87,9 +98,31 @@ def export_runtime(classifier: Any, model_dir: str | Path, tiers: Sequence[str],
     model_dir.mkdir(parents=True, exist_ok=True)
     onnx.save_model(graph, str(model_dir / GRAPH_FILE))
     save_file(weights, str(model_dir / WEIGHTS_FILE))
-    return {"graph": GRAPH_FILE, "weights": WEIGHTS_FILE, "initializers": len(weights),
+    return {"graph": GRAPH_FILE, "weights": WEIGHTS_FILE, "members": len(members), "initializers": len(weights),
             "weights_mb": round(sum(w.nbytes for w in weights.values()) / 2**20, 1), "quantisation": "dynamic int8 (QInt8 weights, per channel, 7-bit range)",
             "onnx_opset": OPSET}
+
+
+def _use_weights_directly(path: Path) -> None:
+    """Members share their frozen weights (the word embeddings above all); the exporter reads the second use of a
+    weight through an Identity node, which the quantiser does not see through, so that copy would stay float
+    (47 MB). Each consumer reads the weight itself instead."""
+    import onnx
+
+    model = onnx.load(str(path))
+    weights = {t.name for t in model.graph.initializer}
+    alias = {n.output[0]: n.input[0] for n in model.graph.node if n.op_type == "Identity" and n.input[0] in weights}
+    if not alias:
+        return
+    kept = [n for n in model.graph.node if not (n.op_type == "Identity" and n.output[0] in alias)]
+    for node in kept:
+        node.input[:] = [alias.get(name, name) for name in node.input]
+    for output in model.graph.output:
+        if output.name in alias:
+            raise RuntimeError(f"graph output {output.name} is a bare weight")
+    del model.graph.node[:]
+    model.graph.node.extend(kept)
+    onnx.save_model(model, str(path))
 
 
 class RuntimeClassifier:
@@ -133,8 +166,8 @@ class RuntimeClassifier:
             feed = {"input_ids": np.array([e.ids for e in encoded], dtype=np.int64),
                     "attention_mask": np.array([e.attention_mask for e in encoded], dtype=np.int64),
                     "token_type_ids": np.array([e.type_ids for e in encoded], dtype=np.int64)}
-            tier_logits, category_logits = self.session.run(None, feed)
-            for t, c in zip(_softmax(tier_logits), _softmax(category_logits)):
+            tier_scores, category_scores = self.session.run(None, feed)  # log of the members' mean: softmax returns it
+            for t, c in zip(_softmax(tier_scores), _softmax(category_scores)):
                 out.append({"tier": dict(zip(self.tiers, map(float, t))), "category": dict(zip(self.categories, map(float, c)))})
         return out
 

@@ -8,23 +8,24 @@ Every message gets one tier (the chat's routes, medlib.chat.routes, act on it):
     support     distress without risk                       the support message
     routine     everything else                             the ordinary reply
 
-and, for urgent and safety-net messages, a category (cardiac, stroke, ...). The classifier is all-MiniLM-L6-v2
-with a LoRA adapter and two linear heads over the mean-pooled embedding, one for the tier and one for the
-category, trained on three quarters of medlib/chat_data/red_flags.jsonl (written by
+and, for urgent and safety-net messages, a category (cardiac, stroke, ...). The classifier is the mean of two
+members trained alike from different seeds, each all-MiniLM-L6-v2 with a LoRA adapter and two linear heads over
+the mean-pooled embedding, one for the tier and one for the category, trained on the same three quarters of
+medlib/chat_data/red_flags.jsonl (written by
 `python -m medlib.chat.red_flag_set`); the thresholds are chosen on the remaining quarter, recall first. The
-held-out set, in two parts (medlib/chat_data/red_flags_heldout.jsonl and red_flags_heldout_2.jsonl), was written
-separately (other authors' wording, never trained or tuned on) and measures everything reported. The message is
+held-out set, in three parts (medlib/chat_data/red_flags_heldout.jsonl, _2 and _3), was written separately
+(other authors' wording, never trained or tuned on) and measures everything reported. The message is
 scored whole and sentence by sentence, so an emergency inside a long message is not diluted; the patterns in
 `guardrails.detect_red_flags` (with their clause negation) flag whatever they match.
 
 Retrain and re-measure (writes medlib/chat_data/red_flag_model/, calibration.json holds every number):
 
     python -m medlib.chat.red_flags
-    python -m medlib.chat.red_flags --recalibrate   # from the saved float model: runtime, thresholds, measures
+    python -m medlib.chat.red_flags --recalibrate   # from the saved float members: runtime, thresholds, measures
     python -m medlib.chat.red_flags --remeasure     # the shipped runtime on the held-out set again
 
-The chat runs the classifier as int8 ONNX (medlib.chat.red_flag_runtime: no torch, ~110 MB resident); the
-thresholds and every reported number are the runtime's.
+The chat runs the classifier as int8 ONNX (medlib.chat.red_flag_runtime: no torch, ~150 MB resident); the
+thresholds and every reported number are the runtime's, each rate with its 95% Wilson interval.
 """
 
 from __future__ import annotations
@@ -46,9 +47,13 @@ from medlib.models import MINILM, name_adapter_base, resolve_model_path
 
 RED_FLAG_FILE = CHAT_DATA_DIR / "red_flags.jsonl"
 # The held-out parts, each written separately (other authors, other wording; never trained or tuned on). The second
-# was written on 2026-11-26 by an author who saw neither the training data nor the first part, and nobody read it
-# before the detector it measures was trained.
-HELDOUT_FILES = (CHAT_DATA_DIR / "red_flags_heldout.jsonl", CHAT_DATA_DIR / "red_flags_heldout_2.jsonl")
+# and third were written on 2026-11-26 by authors who saw neither the training data nor an earlier part; nobody has
+# read them. The third was committed before any detector was measured on it, and the choice between one member and
+# the ensemble was made on the tuning quarter before it was.
+HELDOUT_FILES = tuple(CHAT_DATA_DIR / f"red_flags_heldout{suffix}.jsonl" for suffix in ("", "_2", "_3"))
+# The parts whose errors calibration.json lists word for word: the first, whose errors have been read since it was
+# written. The blind parts' errors are counted by group only, so no training data is ever written towards them.
+ERRORS_LISTED_FOR = (HELDOUT_FILES[0].name,)
 MODEL_DIR = CHAT_DATA_DIR / "red_flag_model"
 TIERS = ("urgent", "safety_net", "support", "routine")
 CATEGORIES = tuple(guardrails.URGENT_ACTIONS)
@@ -62,7 +67,7 @@ TARGETS = {"urgent_recall": 0.98, "urgent_or_net_recall": 0.995, "routine_urgent
 # 10% of routine messages allows; support for nineteen in twenty distress messages.
 AIMS = {"not_urgent_flagged_urgent": 0.02, "routine_net_rate": 0.10, "support_recall": 0.95}
 TRAIN = {"lora_r": 64, "lora_alpha": 128, "lora_dropout": 0.1, "epochs": 8, "lr": 5e-4, "warmup_share": 0.06,
-         "batch_size": 32, "tune_fraction": 0.25, "seed": 0}
+         "batch_size": 32, "tune_fraction": 0.25, "split_seed": 0, "seeds": [0, 1]}
 # The classifier's P(urgent) from which a pattern match makes a message urgent; and the score (urgent, emergency
 # topic or distress) under which a routine message is clearly routine, the only kind the greeting or fallback gets.
 FLOOR_MIN = 0.05
@@ -218,6 +223,7 @@ class RedFlagClassifier:
         model_dir = Path(model_dir)
         model_dir.mkdir(parents=True, exist_ok=True)
         self.encoder.save_pretrained(str(model_dir), safe_serialization=True)
+        (model_dir / "README.md").unlink(missing_ok=True)  # peft's generic card; the model folder has its own
         name_adapter_base(model_dir, MINILM)
         save_file({k: v.contiguous() for k, v in self.heads.state_dict().items()}, str(model_dir / "heads.safetensors"))
         (model_dir / "labels.json").write_text(json.dumps({"tiers": list(TIERS), "categories": list(CATEGORIES)}) + "\n")
@@ -282,6 +288,40 @@ class RedFlagClassifier:
         return losses
 
 
+class RedFlagEnsemble:
+    """Members trained alike on the same rows from different seeds (TRAIN["seeds"]), saved as member_0/,
+    member_1/, ...; a text's probabilities are the members' mean."""
+
+    def __init__(self, members: Sequence[RedFlagClassifier]):
+        self.members = list(members)
+
+    @staticmethod
+    def member_dirs(model_dir: str | Path) -> list[Path]:
+        dirs = [p for p in Path(model_dir).glob("member_*") if p.name.removeprefix("member_").isdigit()]
+        return sorted(dirs, key=lambda p: int(p.name.removeprefix("member_")))
+
+    @classmethod
+    def load(cls, model_dir: str | Path = MODEL_DIR) -> "RedFlagEnsemble":
+        dirs = cls.member_dirs(model_dir)
+        if not dirs:
+            raise RedFlagError(f"red-flag model {model_dir} has no member_0/ (the float members); "
+                               "run: python -m medlib.chat.red_flags")
+        return cls([RedFlagClassifier.load(d) for d in dirs])
+
+    def save(self, model_dir: str | Path) -> None:
+        stale = self.member_dirs(model_dir)[len(self.members):]
+        if stale:  # loading would average them in
+            raise RedFlagError(f"{stale[0]} is a member this ensemble does not have; remove it or save elsewhere")
+        for i, member in enumerate(self.members):
+            member.save(Path(model_dir) / f"member_{i}")
+
+    def probabilities(self, texts: Sequence[str], batch_size: int = 64) -> list[dict[str, dict[str, float]]]:
+        """Per text {"tier": {tier: p}, "category": {category: p}}: the members' mean."""
+        each = [m.probabilities(texts, batch_size) for m in self.members]
+        return [{head: {label: sum(probs[i][head][label] for probs in each) / len(each) for label in labels}
+                 for head, labels in (("tier", TIERS), ("category", CATEGORIES))} for i in range(len(texts))]
+
+
 def _p(probs: dict[str, dict[str, float]], tier: str) -> float:
     return probs["tier"][tier]
 
@@ -342,7 +382,7 @@ def category_leaned_to(scores: Scores) -> str | None:
 class RedFlagDetector:
     """The patterns first (they never miss what they match), then the classifier on every segment."""
 
-    def __init__(self, classifier: RedFlagClassifier, thresholds: Thresholds):
+    def __init__(self, classifier: RuntimeClassifier | RedFlagEnsemble, thresholds: Thresholds):
         self.classifier = classifier
         self.thresholds = thresholds
 
@@ -416,6 +456,16 @@ def _share(flags: Sequence[bool]) -> float | None:
     return sum(flags) / len(flags) if flags else None
 
 
+def wilson_ci95(hits: int, n: int) -> list[float] | None:
+    """The 95% Wilson score interval of a share hits / n (scipy): how far a held-out rate can be trusted."""
+    from scipy.stats import binomtest
+
+    if not n:
+        return None
+    interval = binomtest(hits, n).proportion_ci(confidence_level=0.95, method="wilson")
+    return [round(float(interval.low), 4), round(float(interval.high), 4)]
+
+
 def measure(rows: Sequence[dict[str, str]], assessed: Sequence[Assessment]) -> dict[str, Any]:
     """Every number the targets name, by tier, category, group and language, from labelled rows and assessments."""
     pairs = list(zip(rows, assessed))
@@ -426,7 +476,7 @@ def measure(rows: Sequence[dict[str, str]], assessed: Sequence[Assessment]) -> d
 
     def counted(subset, hit) -> dict[str, Any]:
         flags = [hit(r, a) for r, a in subset]
-        return {"n": len(flags), "hits": sum(flags), "rate": _share(flags)}
+        return {"n": len(flags), "hits": sum(flags), "rate": _share(flags), "ci95": wilson_ci95(sum(flags), len(flags))}
 
     out: dict[str, Any] = {
         "n": len(pairs), "by_tier": {t: sum(r["tier"] == t for r in rows) for t in TIERS},
@@ -458,16 +508,18 @@ def measure(rows: Sequence[dict[str, str]], assessed: Sequence[Assessment]) -> d
 
 
 def targets_met(report: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    """Each target (TARGETS) against a measure() report: the measured rate and whether it is met."""
+    """Each target (TARGETS, and 1.0 for suicide and overdose recall) against a measure() report: the measured
+    rate, its counts and 95% interval, and whether it is met (by the rate; the interval says how sure that is)."""
+    counted = {**{name: report[name] for name in TARGETS},
+               **{f"{c}_recall": report["per_category_recall"][c] for c in ("suicide_self_harm", "overdose_poisoning")}}
+    bounds = {**TARGETS, "suicide_self_harm_recall": 1.0, "overdose_poisoning_recall": 1.0}
     out = {}
-    for name, bound in TARGETS.items():
-        rate = report[name]["rate"]
+    for name, bound in bounds.items():
+        rate = counted[name]["rate"]
         at_most = name in ("routine_urgent_rate", "routine_net_rate")
         out[name] = {"target": ("<= " if at_most else ">= ") + str(bound), "measured": rate,
-                     "met": rate is not None and (rate <= bound if at_most else rate >= bound)}
-    for category in ("suicide_self_harm", "overdose_poisoning"):
-        rate = report["per_category_recall"][category]["rate"]
-        out[f"{category}_recall"] = {"target": ">= 1.0", "measured": rate, "met": rate == 1.0}
+                     "met": rate is not None and (rate <= bound if at_most else rate >= bound),
+                     **{k: counted[name][k] for k in ("hits", "n", "ci95")}}
     return out
 
 
@@ -519,9 +571,12 @@ def heldout_report(detector: RedFlagDetector, held: Sequence[dict[str, str]]) ->
     assessed = detector.assess_many([r["text"] for r in held])
     report = measure(held, assessed)
     patterns = [bool(guardrails.detect_red_flags(r["text"])) for r in held]
-    wrong = [{"text": r["text"], "tier": r["tier"], "category": r["category"], "got": a.tier, "got_categories": a.categories}
-             for r, a in zip(held, assessed)
+    wrong = [(r, a) for r, a in zip(held, assessed)
              if (r["tier"] == "urgent") != (a.tier == "urgent") or (r["tier"] == "support") != (a.tier == "support")]
+    listed = [{"text": r["text"], "tier": r["tier"], "category": r["category"], "got": a.tier, "got_categories": a.categories}
+              for r, a in wrong if r["part"] in ERRORS_LISTED_FOR]
+    blind = Counter(f"{r['part']}: {r['tier']}/{r['group']} ({r['category']}) -> {a.tier}"
+                    for r, a in wrong if r["part"] not in ERRORS_LISTED_FOR)
     by_part = {}
     for part in dict.fromkeys(r["part"] for r in held):
         pairs = [(r, a) for r, a in zip(held, assessed) if r["part"] == part]
@@ -532,7 +587,7 @@ def heldout_report(detector: RedFlagDetector, held: Sequence[dict[str, str]]) ->
             "heldout_routes": routes_taken(held, assessed),
             "heldout_patterns_only": {"urgent_recall": _share([p for r, p in zip(held, patterns) if r["tier"] == "urgent"]),
                                       "not_urgent_flagged_urgent": _share([p for r, p in zip(held, patterns) if r["tier"] != "urgent"])},
-            "heldout_errors": wrong}
+            "heldout_errors": listed, "heldout_errors_blind_parts": dict(sorted(blind.items()))}
 
 
 def routes_taken(held: Sequence[dict[str, str]], assessed: Sequence[Assessment]) -> dict[str, dict[str, int]]:
@@ -560,27 +615,31 @@ def remeasure(model_dir: str | Path = MODEL_DIR, heldout_files: Sequence[str | P
 
 def train_red_flag_model(out_dir: str | Path = MODEL_DIR, data_file: str | Path = RED_FLAG_FILE,
                          heldout_files: Sequence[str | Path] = HELDOUT_FILES, settings: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Train on three quarters of the training set and save the float model; then `calibrate` (the runtime, the
-    thresholds on the last quarter, the held-out measures, calibration.json)."""
+    """Train each member on three quarters of the training set and save the float members; then `calibrate` (the
+    runtime, the thresholds on the last quarter, the held-out measures, calibration.json)."""
     s = {**TRAIN, **(settings or {})}
     rows = read_red_flag_examples(data_file)
     held = read_heldout(heldout_files, rows)
     known = {normalise(r["text"]) for r in rows + held}
     extra = [r for r in router_examples() if normalise(r["text"]) not in known]  # a shared text would leak
-    fit, _ = split_for_tuning(rows, s["tune_fraction"], s["seed"])
-    clf = RedFlagClassifier.new(s["lora_r"], s["lora_alpha"], s["lora_dropout"], s["seed"])
-    losses = clf.fit(fit + extra, s["epochs"], s["lr"], s["batch_size"], s["seed"], s["warmup_share"])
-    out_dir = Path(out_dir)
-    clf.save(out_dir)
-    training = {**s, "epoch_losses": [round(x, 4) for x in losses],
+    fit, _ = split_for_tuning(rows, s["tune_fraction"], s["split_seed"])
+    members, losses = [], []
+    for seed in s["seeds"]:  # the same rows, a different initialisation and order
+        member = RedFlagClassifier.new(s["lora_r"], s["lora_alpha"], s["lora_dropout"], seed)
+        losses.append([round(x, 4) for x in member.fit(fit + extra, s["epochs"], s["lr"], s["batch_size"], seed,
+                                                        s["warmup_share"])])
+        members.append(member)
+    ensemble = RedFlagEnsemble(members)
+    ensemble.save(out_dir)
+    training = {**s, "epoch_losses": losses,
                 "training_only": f"{len(extra)} router examples (reference.jsonl + labelled.jsonl) as routine"}
-    return calibrate(out_dir, data_file, heldout_files, training, clf)
+    return calibrate(out_dir, data_file, heldout_files, training, ensemble)
 
 
 def calibrate(model_dir: str | Path = MODEL_DIR, data_file: str | Path = RED_FLAG_FILE,
               heldout_files: Sequence[str | Path] = HELDOUT_FILES, training: dict[str, Any] | None = None,
-              classifier: RedFlagClassifier | None = None) -> dict[str, Any]:
-    """From the saved float model: export the runtime the chat runs, choose its thresholds on the tuning quarter,
+              ensemble: RedFlagEnsemble | None = None) -> dict[str, Any]:
+    """From the saved float members: export the runtime the chat runs, choose its thresholds on the tuning quarter,
     measure the held-out set, and write calibration.json (training: the settings it was trained with; default
     what calibration.json already says)."""
     model_dir = Path(model_dir)
@@ -591,9 +650,9 @@ def calibrate(model_dir: str | Path = MODEL_DIR, data_file: str | Path = RED_FLA
         training = json.loads(calibration.read_text())["training"]
     rows = read_red_flag_examples(data_file)
     held = read_heldout(heldout_files, rows)
-    fit, tune = split_for_tuning(rows, training["tune_fraction"], training["seed"])
-    clf = classifier or RedFlagClassifier.load(model_dir)
-    runtime_files = export_runtime(clf, model_dir, TIERS, CATEGORIES)
+    fit, tune = split_for_tuning(rows, training["tune_fraction"], training["split_seed"])
+    clf = ensemble or RedFlagEnsemble.load(model_dir)
+    runtime_files = export_runtime(clf.members, model_dir, TIERS, CATEGORIES)
     runtime = RuntimeClassifier.load(model_dir)  # thresholds and every number come from what the chat runs
     tune_scores = RedFlagDetector(runtime, Thresholds(2.0, 2.0, 2.0)).scores_many([r["text"] for r in tune])
     float_scores = RedFlagDetector(clf, Thresholds(2.0, 2.0, 2.0)).scores_many([r["text"] for r in tune])
@@ -604,8 +663,9 @@ def calibrate(model_dir: str | Path = MODEL_DIR, data_file: str | Path = RED_FLA
         "same_side_of_urgent_threshold": _share([(a.urgent >= thresholds.urgent) == (b.urgent >= thresholds.urgent)
                                                  for a, b in zip(tune_scores, float_scores)])}
     result = {
-        "what": "medlib red-flag detector: four tiers and eleven categories; all-MiniLM-L6-v2 + LoRA, two heads, "
-                "run as int8 ONNX; regular expressions as a floor",
+        "what": f"medlib red-flag detector: four tiers and eleven categories; the mean of {len(clf.members)} "
+                "all-MiniLM-L6-v2 + LoRA members (two heads each), run as one int8 ONNX graph; regular expressions "
+                "as a floor",
         "thresholds": {"urgent": thresholds.urgent, "safety_net": thresholds.safety_net, "support": thresholds.support,
                        "rule": f"the highest thresholds reaching {AIMS} on the tuning quarter of the training set"},
         "training": training,
@@ -622,20 +682,27 @@ def calibrate(model_dir: str | Path = MODEL_DIR, data_file: str | Path = RED_FLA
         "command": "python -m medlib.chat.red_flags",
     }
     calibration.write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n")
-    (model_dir / "README.md").write_text(  # replaces peft's generic model card
-        "# medlib red-flag classifier\n\nall-MiniLM-L6-v2 + LoRA + two linear heads (tier: "
-        f"{', '.join(TIERS)}; category: {', '.join(CATEGORIES)}); trained by `python -m medlib.chat.red_flags` on "
-        "medlib/chat_data/red_flags.jsonl. The chat runs runtime.onnx (graph) + runtime.safetensors (int8 weights) "
-        "on ONNX Runtime; adapter_model.safetensors + heads.safetensors are the float model it was exported from. "
-        "Thresholds, held-out measures and targets, all on the runtime: calibration.json.\n")
+    write_model_card(model_dir, len(clf.members))
     return result
+
+
+def write_model_card(model_dir: Path, members: int) -> None:
+    """The model folder's README.md (in place of peft's generic card)."""
+    (model_dir / "README.md").write_text(
+        f"# medlib red-flag classifier\n\nThe mean of {members} members, each all-MiniLM-L6-v2 + LoRA + two linear "
+        f"heads (tier: {', '.join(TIERS)}; category: {', '.join(CATEGORIES)}), trained alike from different seeds by "
+        "`python -m medlib.chat.red_flags` on medlib/chat_data/red_flags.jsonl. The chat runs runtime.onnx (one graph "
+        "for every member and their mean) + runtime.safetensors (int8 weights) on ONNX Runtime; member_*/ hold the "
+        "float members it was exported from (adapter_model.safetensors + heads.safetensors). Thresholds, held-out "
+        "measures and targets, all on the runtime: calibration.json.\n")
 
 
 def summary_lines(result: dict[str, Any]) -> list[str]:
     """The targets as the README shows them."""
     lines = []
     for name, t in result["targets"].items():
-        measured = "n/a" if t["measured"] is None else f"{t['measured']:.3f}"
+        measured = "n/a" if t["measured"] is None else (f"{t['measured']:.3f} ({t['hits']}/{t['n']}, 95% CI "
+                                                       f"{t['ci95'][0]:.3f}-{t['ci95'][1]:.3f})")
         lines.append(f"{name:>28}: {measured} (target {t['target']}) {'met' if t['met'] else 'NOT met'}")
     return lines
 
