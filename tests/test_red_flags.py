@@ -298,8 +298,9 @@ def test_dose_detection(text, dose):
 
 # ---------------------------------------------------------------- the route table
 def test_route_table_order_is_the_safety_argument():
-    """Over every combination of signals: urgent and support take their routes first, greeting and fallback only
-    ever take routine English messages, and the model answers an urgent message only when the recipe asks."""
+    """Over every combination of signals: urgent and support take their routes first in every language (distress
+    in another language gets the support lines, then the English-only note), greeting and fallback only ever take
+    routine English messages, and the model answers an urgent message only when the recipe asks."""
     for tier, lang, label, after in itertools.product(TIERS, LANGUAGES, ("medical", "greeting", "other"), (False, True)):
         signals = Signals(tier, ("cardiac",) if tier in ("urgent", "safety_net") else (), lang, label, after)
         route = route_for(signals)
@@ -307,7 +308,11 @@ def test_route_table_order_is_the_safety_argument():
             assert route.name == "urgent" and route.answers(signals) == (after and label == "medical" and lang == "en")
         if route.name in ("greeting", "fallback", "medical"):
             assert tier == "routine" and lang == "en", signals
-        if lang != "en" and tier != "urgent":
+        if tier == "support":
+            assert route.name == "support" and not route.answers(signals)
+            assert route.before(signals).startswith(guardrails.SUPPORT_REPLY)
+            assert route.before(signals).endswith(guardrails.ENGLISH_ONLY_REPLY) == (lang != "en")
+        if lang != "en" and tier in ("safety_net", "routine"):
             assert route.name == "english_only" and not route.answers(signals)
         if tier == "safety_net" and lang == "en":
             assert route.name == "safety_net" and route.answers(signals)
@@ -377,6 +382,9 @@ def test_each_tier_gets_its_reply(session, monkeypatch):
     assert routine.tier == "routine" and routine.kind in ("medical", "fallback") and guardrails.SAFETY_NETS["stroke"] not in routine.text
     spanish = session.reply("Tengo un resfriado desde hace tres días, ¿qué puedo tomar?")
     assert (spanish.kind, spanish.lang) == ("english_only", "es") and spanish.text == guardrails.ENGLISH_ONLY_REPLY
+    lonely = session.reply("Me siento muy sola y triste desde que murió mi marido, lloro todas las noches.")
+    assert (lonely.kind, lonely.tier, lonely.lang) == ("support", "support", "es")
+    assert lonely.text == guardrails.SUPPORT_REPLY + "\n\n" + guardrails.ENGLISH_ONLY_REPLY
     assert len(asked) == 2 - (routine.kind == "fallback")   # the safety net and a routine question reach the model
 
 
@@ -434,6 +442,31 @@ def test_the_runtime_agrees_with_the_float_members_it_came_from(detector):
     # (on "no slurred speech and no face drooping"; routine either way)
     assert max(abs(a["tier"][t] - b["tier"][t]) for a, b in zip(floats, ints) for t in TIERS) < 0.15
     assert [max(a["tier"], key=a["tier"].get) for a in floats] == [max(b["tier"], key=b["tier"].get) for b in ints]
+
+
+def test_a_tiny_ensemble_trains_exports_calibrates_and_loads(training, heldout, tmp_path):
+    """The whole of `python -m medlib.chat.red_flags` on a few rows: two members whose loss falls, one int8 graph
+    for both, thresholds, the held-out measures, and a detector the chat can load from the folder."""
+    from medlib.chat.red_flags import RedFlagEnsemble, train_red_flag_model
+
+    def jsonl(path, rows):
+        path.write_text("".join(json.dumps({k: r[k] for k in ("tier", "category", "group", "lang", "text")},
+                                           ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+        return path
+
+    by_key: dict = {}
+    for row in training:
+        by_key.setdefault((row["tier"], row["category"]), []).append(row)
+    data = jsonl(tmp_path / "train.jsonl", [r for rows in by_key.values() for r in rows[:4]])
+    part = jsonl(tmp_path / "heldout_tiny.jsonl", [r for r in heldout if r["part"] == HELDOUT_FILES[0].name][:40])
+    out = tmp_path / "model"
+    result = train_red_flag_model(out, data, [part], {"epochs": 3, "lora_r": 8, "lora_alpha": 16, "seeds": [0, 1]})
+    assert len(result["training"]["epoch_losses"]) == 2
+    assert all(losses[-1] < losses[0] for losses in result["training"]["epoch_losses"]), result["training"]
+    assert result["runtime"]["members"] == 2 and len(RedFlagEnsemble.load(out).members) == 2
+    assert result["data"]["parts"]["heldout_tiny.jsonl"] == 40 and result["heldout"]["n"] == 40
+    assert RedFlagDetector.load(out).assess("I think I'm having a heart attack").tier in TIERS
+    assert "The mean of 2 members" in (out / "README.md").read_text()
 
 
 def test_saving_an_ensemble_over_more_members_is_an_error(tmp_path):

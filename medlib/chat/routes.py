@@ -3,8 +3,8 @@
 Each message arrives with three signals: the red-flag tier and category (medlib.chat.red_flags: urgent,
 safety_net, support or routine), the language it is written in, and the router's label (medical, greeting or
 other). The first route in ROUTES whose `when` holds takes the message. The order is the safety argument:
-urgent and support come before anything else, and greeting and fallback come after every tier that is not
-routine, so an emergency or a distressed person never gets a greeting or the fallback. A routine message the
+urgent and support come before anything else, in every language, and greeting and fallback come after every
+tier that is not routine, so an emergency or a distressed person never gets a greeting or the fallback. A routine message the
 router does not read as medical gets them only when the detector reads it as clearly routine (every score under
 red_flags.FLOOR_MIN); otherwise it is raised to the safety net of the category the detector leans to, because a
 missed emergency worded as small talk ("ok im done. tonight is the night") must not get a canned greeting.
@@ -62,8 +62,10 @@ ROUTES: tuple[Route, ...] = (
     # router reads a medical question in English.
     Route("urgent", lambda s: s.tier == "urgent", before=_urgent_text,
           answers=lambda s: s.answer_after_urgent and s.label == "medical" and s.lang == "en"),
-    Route("support", lambda s: s.tier == "support" and s.lang == "en", before=lambda s: guardrails.SUPPORT_REPLY),
-    # Another language, no emergency: never an emergency line, never the model (it was trained in English).
+    # Distress in any language gets the support lines; in another language, the English-only note after them.
+    Route("support", lambda s: s.tier == "support",
+          before=lambda s: guardrails.SUPPORT_REPLY + ("" if s.lang == "en" else "\n\n" + guardrails.ENGLISH_ONLY_REPLY)),
+    # Another language, no emergency or distress: never an emergency line, never the model (it was trained in English).
     Route("english_only", lambda s: s.lang != "en", before=lambda s: guardrails.ENGLISH_ONLY_REPLY),
     Route("safety_net", lambda s: s.tier == "safety_net", answers=lambda s: True, after=_safety_net_text),
     Route("greeting", lambda s: s.label == "greeting", before=lambda s: guardrails.GREETING_REPLY),
