@@ -448,17 +448,15 @@ def test_a_tiny_ensemble_trains_exports_calibrates_and_loads(training, heldout, 
     """The whole of `python -m medlib.chat.red_flags` on a few rows: two members whose loss falls, one int8 graph
     for both, thresholds, the held-out measures, and a detector the chat can load from the folder."""
     from medlib.chat.red_flags import RedFlagEnsemble, train_red_flag_model
-
-    def jsonl(path, rows):
-        path.write_text("".join(json.dumps({k: r[k] for k in ("tier", "category", "group", "lang", "text")},
-                                           ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
-        return path
+    from medlib.data.io import write_jsonl
 
     by_key: dict = {}
     for row in training:
         by_key.setdefault((row["tier"], row["category"]), []).append(row)
-    data = jsonl(tmp_path / "train.jsonl", [r for rows in by_key.values() for r in rows[:4]])
-    part = jsonl(tmp_path / "heldout_tiny.jsonl", [r for r in heldout if r["part"] == HELDOUT_FILES[0].name][:40])
+    data, part = tmp_path / "train.jsonl", tmp_path / "heldout_tiny.jsonl"
+    write_jsonl(data, [r for rows in by_key.values() for r in rows[:4]])
+    write_jsonl(part, [{k: v for k, v in r.items() if k != "part"}
+                       for r in heldout if r["part"] == HELDOUT_FILES[0].name][:40])
     out = tmp_path / "model"
     result = train_red_flag_model(out, data, [part], {"epochs": 3, "lora_r": 8, "lora_alpha": 16, "seeds": [0, 1]})
     assert len(result["training"]["epoch_losses"]) == 2
