@@ -79,7 +79,8 @@ study: install jemalloc
 study-handoff: install jemalloc
 	$(WITH_JEMALLOC) $(BIN)/medlib reproduce --profile $(PROFILE) --only 08_handoff_study
 
-# The prepared GPU check of the paper profile (benchmarks/gpu_paper_check.py; about 8 minutes on one H100):
+# The prepared GPU check of the paper profile (benchmarks/gpu_paper_check.py; at --steps 8 every phase took about
+# 11 minutes on one H100, 2026-11-26, in two runs of 455 s and 228 s; the default 20 steps take a few minutes more):
 # prepares what it needs from ../shared/data, runs every phase, and writes outputs/gpu_check/gpu_check.{json,md}.
 gpu-check: install install-gpu
 	$(BIN)/python benchmarks/gpu_paper_check.py prepare --carry outputs/gpu_check/carry

@@ -94,3 +94,18 @@ def test_two_runs_of_one_check_combine_phase_by_phase(check, tmp_path):
     assert combined["phases"]["handoff"]["marker"] == "second"                  # the failure was made good
     assert "marker" not in combined["phases"]["build_base"]                      # a passing phase is kept from run 1
     assert combined["phases"]["handoff"]["from_run"] == "run2" and combined["phases"]["stage2"]["from_run"] == "run1"
+
+
+def test_the_readme_block_is_the_committed_h100_runs(tmp_path):
+    """The README's GPU timings are what `readme` renders from the runs in benchmarks/results, not hand-edited."""
+    sys.path.insert(0, str(SCRIPT.parent))
+    from gpu_paper_check import README_BEGIN, README_END, combine, render_readme
+
+    runs = sorted((REPO_ROOT / "benchmarks" / "results").glob("gpu_check_*_h100_run*.json"))
+    assert [p.stem for p in runs] == ["gpu_check_2026-11-26_h100_run1", "gpu_check_2026-11-26_h100_run2"]
+    readme = tmp_path / "README.md"
+    readme.write_text((REPO_ROOT / "README.md").read_text())
+    render_readme(combine([json.loads(p.read_text()) for p in runs], [p.stem for p in runs]), readme)
+    block = lambda text: text.split(README_BEGIN, 1)[1].split(README_END, 1)[0]  # noqa: E731
+    assert block(readme.read_text()) == block((REPO_ROOT / "README.md").read_text())
+    assert "measured on NVIDIA H100 80GB HBM3" in block(readme.read_text())
