@@ -70,6 +70,20 @@ RED_FLAG_PHRASES = {
         "My newborn has a fever of 38.5",
     ],
 }
+# Suicide and overdose in the other languages the chat recognises: the floor names them there too (issue 27).
+RED_FLAG_PHRASES["suicide_self_harm"] += [
+    "Esta noche me voy a quitar la vida, ya lo tengo todo pensado",
+    "Mi hermana dice que se va a suicidar",
+    "Je vais mettre fin à mes jours ce week-end",
+    "Ich will nur noch sterben",
+    "Meu pai disse que vai se matar hoje à noite",
+]
+RED_FLAG_PHRASES["overdose_poisoning"] += [
+    "Me he tomado 35 pastillas de ibuprofeno",
+    "Mon ami a avalé toute la plaquette de somnifères",
+    "Meine Tochter hat eine Knopfbatterie verschluckt",
+    "O meu filho bebeu água sanitária",
+]
 NOT_RED_FLAGS = [
     "no chest pain",
     "I have no chest pain and no shortness of breath",
@@ -87,6 +101,14 @@ NOT_RED_FLAGS = [
     "I have a headache and a runny nose",
     "What is the normal dose of paracetamol?",
     "My son is fit and healthy but has a small rash",
+    "No quiero morir, pero el dolor de espalda me tiene harta",
+    "Não quero morrer, só estou com medo da cirurgia",
+    "Ich will nicht sterben, ich habe nur Angst vor der Operation",
+    "Je ne veux pas mourir de ce cancer, quels traitements existent ?",
+    "Tomé 20 mg de omeprazol esta mañana, ¿puedo tomar otro?",
+    "Ich habe heute meine Tabletten genommen",
+    "¿Cuántas pastillas de paracetamol puedo tomar al día?",
+    "Me han despedido del trabajo y no sé qué hacer",
 ]
 
 

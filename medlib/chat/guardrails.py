@@ -80,7 +80,9 @@ EMPTY_REPLY = "Your message was empty. Please type a health question or describe
 _NEGATOR = (
     r"\b(?:no|not|never|without|denies|denied|deny|negative\s+for|free\s+of|nor|"
     r"(?:do|does|did|have|has|had|am|is|are|was|were|ca|can|could|would|wo)n[o']?t|cannot|"
-    r"haven't|hasn't|isn't|aren't|wasn't|weren't|don't|doesn't|didn't|no\s+longer|ruled\s+out)\b"
+    r"haven't|hasn't|isn't|aren't|wasn't|weren't|don't|doesn't|didn't|no\s+longer|ruled\s+out|"
+    # the negators of the other languages' patterns below ("não quero morrer", "je n'ai pas pris tous mes cachets")
+    r"não|nao|nunca|jamás|jamais|ne|n'|pas|nicht|nie|niemals|kein|keine|keinen)\b"
 )
 _NEGATION_WINDOW = 6  # words before the symptom in which a negator counts
 _CLAUSE_SPLIT = re.compile(r"[.;!?\n]+|,\s*(?:but|and|though|although|however)\b|\b(?:but|however|although|though)\b")
@@ -96,6 +98,60 @@ _BREATH = _rx(r"short(?:ness)?\s+of\s+breath", r"breathless", r"can(?:no|')?t\s+
               r"(?:difficulty|trouble|struggling|hard)\s+(?:to\s+)?breath", r"out\s+of\s+breath", r"gasping",
               r"unable\s+to\s+breathe", r"(?:pain|spreading|radiating)\s+(?:\w+\s+){0,3}(?:to|down|into)\s+(?:my\s+)?(?:left\s+)?(?:arm|jaw)",
               r"cold\s+sweat")
+
+# Suicide, self-harm and overdose stated in Spanish, French, German or Portuguese: the classifier reads these
+# languages through an English encoder, and its recall on them is the weakest (issue 27), so the floor names, in each,
+# how someone says they will kill themselves, want to die, hurt themselves, or have taken a whole supply.
+_MANY = r"(?:como\s+|unos?\s+|unas\s+|uns\s+|umas\s+|más\s+de\s+|mais\s+de\s+|ungefähr\s+|etwa\s+|über\s+)?[1-9]\d+\b(?!\s*(?:mg|ml|g\b|mcg|µg|gotas|gouttes|tropfen|min|h\b))"
+_SUICIDE_OTHER_LANGUAGES = _rx(
+    # es: intent, plan or goodbye, first or third person
+    r"(?:me|se)\s+(?:voy|va|vas|quiero|quiere)\s+a?\s*(?:matar|suicidar|morir|quitar\s+la\s+vida|tirar\s+(?:desde|por|del|de\s+la))",
+    r"(?:voy|va|quiero|quiere|pienso|piensa)\s+a?\s*(?:matarme|matarse|suicidarme|suicidarse|quitarme\s+la\s+vida|morirme|saltar)",
+    r"quitar(?:me|se)\s+la\s+vida", r"(?:acabar|terminar)\s+con\s+(?:mi|su)\s+vida", r"acabar\s+con\s+todo",
+    r"quiero\s+morir", r"no\s+quiero\s+(?:seguir\s+)?vivir", r"(?:estaría|estaria|estarían|estarian)\s+mejor\s+muert[oa]s?",
+    r"suicid(?:arme|arse|io|a)\b", r"autolesi", r"carta(?:s)?\s+de\s+despedida", r"despidiéndose",
+    r"cortarme\s+(?:las\s+venas|los\s+brazos|las\s+muñecas)", r"me\s+he\s+hecho\s+cortes",
+    # fr
+    r"(?:me|se)\s+(?:tuer|suicider)", r"mettre\s+fin\s+à\s+(?:mes|ses)\s+jours", r"mettre\s+fin\s+à\s+(?:ma|sa)\s+vie",
+    r"(?:vais|va)\s+en\s+finir", r"en\s+finir\s+avec\s+(?:la|ma|sa)\s+vie", r"(?:veux|voudrais|envie\s+de)\s+mourir",
+    r"me\s+(?:faire\s+du\s+mal|scarifier|mutiler|taillader)", r"taillad\w+\s+les\s+poignets", r"plus\s+envie\s+de\s+vivre",
+    r"(?:lettre|message|mot)\s+d'adieu", r"(?:vais|va)\s+sauter", r"suicid(?:er|aire)",
+    # de
+    r"mich\s+(?:umbringen|töten|toeten|umzubringen)", r"sich\s+(?:umbringen|umzubringen|töten)", r"bringt?\s+(?:mich|sich)\s+um\b",
+    r"sich\s+umbringt", r"(?:mir|mein|sich|sein|ihr)\s+(?:das\s+)?leben\s+(?:zu\s+)?(?:nehmen|beenden)",
+    r"(?:will|möchte|moechte)\s+(?:nur\s+noch\s+)?sterben", r"nicht\s+mehr\s+leben\s+(?:will|möchte)", r"will\s+nicht\s+mehr\s+leben",
+    r"(?:mich|mir)\s+(?:selbst\s+)?(?:ritzen|verletzen)", r"ritze\s+mich", r"suizid", r"selbstmord", r"abschiedsbrief",
+    r"abschiedsnachricht", r"(?:springt|springe|springen|stürzt|stürze)\s+(?:\w+\s+){0,2}(?:aus\s+dem\s+fenster|von\s+der\s+brücke|vom\s+dach)",
+    # pt
+    r"(?:me|se)\s+matar", r"(?:vou|vai|quero|quer)\s+(?:me\s+|se\s+)?suicidar", r"(?:vou|vai)\s+(?:me|se)\s+jogar",
+    r"tirar\s+(?:a\s+)?(?:minha|sua)\s+(?:própria\s+)?vida", r"acabar\s+com\s+(?:a\s+)?(?:minha|sua)\s+vida", r"quero\s+morrer",
+    r"não\s+quero\s+mais\s+viver", r"me\s+(?:cortar|machucar)\s+de\s+propósito", r"automutila", r"suicíd",
+    r"carta\s+de\s+despedida", r"se\s+despedindo")
+_OVERDOSE_OTHER_LANGUAGES = _rx(
+    # es: a whole supply, or a number of tablets, taken; something toxic drunk or swallowed
+    r"(?:tomé|tomó|tomado|tragué|tragó|tragado|tomo)\s+(?:\w+\s+){0,2}(?:todas|todos|toda|una\s+caja|un\s+bote|el\s+bote|la\s+caja)\s*"
+    r"(?:\w+\s+){0,2}(?:pastillas|comprimidos|medicamentos|medicinas|caja|bote|pastillero)",
+    r"caja\s+entera", r"(?:tomé|tomó|tomado|tragué|tragó|tragado)\s+" + _MANY,
+    r"sobredosis", r"(?:bebió|bebí|bebido|tomó|tragó|tragado|tragué)\s+(?:\w+\s+){0,2}(?:lejía|lejia|veneno|matarratas|anticongelante|aguarrás|una\s+pila|pila\s+de\s+botón)",
+    r"monóxido\s+de\s+carbono",
+    # fr
+    r"(?:pris|avalé|avalée|avale)\s+(?:\w+\s+){0,2}(?:tous|toutes|toute\s+la\s+boîte|une\s+boîte|la\s+boîte|la\s+plaquette)\s*"
+    r"(?:\w+\s+){0,2}(?:médicaments|medicaments|cachets|comprimés|comprimes|pilules|boîte|plaquette)?",
+    r"(?:j'en\s+ai\s+pris|(?:ai|a)\s+pris|avalé)\s+" + _MANY, r"surdose",
+    r"(?:bu|avalé|avalée)\s+(?:\w+\s+){0,2}(?:javel|poison|antigel|mort-aux-rats|insecticide|une\s+pile|pile\s+bouton)",
+    r"monoxyde\s+de\s+carbone",
+    # de
+    r"(?:alle|ganzen)\s+(?:meine\s+|seine\s+|ihre\s+|die\s+)?(?:\w+\s+)?(?:tabletten|pillen|medikamente|schlaftabletten)",
+    r"(?:packung|schachtel|flasche)\s+(?:\w+\s+){0,2}(?:genommen|geschluckt)", r"überdosis", r"ueberdosis",
+    _MANY + r"\s+(?:\w+\s+){0,1}(?:genommen|geschluckt)",
+    r"(?:bleiche|gift|frostschutz\w*|rattengift|batterie|knopfzelle|knopfbatterie)\s+(?:\w+\s+){0,2}(?:getrunken|geschluckt|verschluckt|gegessen)",
+    r"kohlenmonoxid",
+    # pt
+    r"(?:tomei|tomou|engoli|engoliu)\s+(?:\w+\s+){0,2}(?:todos|todas|uma\s+caixa|a\s+caixa|a\s+cartela|uma\s+cartela)\s*"
+    r"(?:\w+\s+){0,2}(?:remédios|remedios|comprimidos|pílulas|pilulas|caixa|cartela)?", r"cartela\s+inteira",
+    r"(?:tomei|tomou|engoli|engoliu)\s+" + _MANY, r"sobredose",
+    r"(?:bebeu|bebi|engoliu|engoli)\s+(?:\w+\s+){0,2}(?:água\s+sanitária|lixívia|veneno|chumbinho|anticongelante|soda\s+cáustica|uma\s+pilha|bateria)",
+    r"monóxido\s+de\s+carbono")
 
 RED_FLAG_PATTERNS: dict[str, list[tuple[re.Pattern[str], ...]]] = {
     # each entry: a tuple of patterns that must ALL match (un-negated) somewhere in the message
@@ -115,11 +171,13 @@ RED_FLAG_PATTERNS: dict[str, list[tuple[re.Pattern[str], ...]]] = {
         r"(?:hurt(?:ing)?|harm(?:ing)?|cut(?:ting)?)\s+myself", r"self[-\s]?harm", r"better\s+off\s+dead", r"no\s+reason\s+to\s+live",
         # goodbye notes, a risk sign without a symptom word (the classifier must agree: FLOOR_MIN)
         r"(?:my|this\s+is\s+my)\s+(?:very\s+)?last\s+(?:message|goodbye|words|note|post)", r"goodbye\s+(?:forever|for\s+good)",
-        r"won'?t\s+be\s+(?:around|here|alive)\s+(?:after\s+tonight|much\s+longer|anymore|any\s+more)"),)],
+        r"won'?t\s+be\s+(?:around|here|alive)\s+(?:after\s+tonight|much\s+longer|anymore|any\s+more)"),),
+                          (_SUICIDE_OTHER_LANGUAGES,)],
     "overdose_poisoning": [(_rx(
         r"overdos", r"od'?d\b", r"took\s+(?:too\s+many|(?:a|the|my)\s+(?:whole|full|entire)\s+(?:bottle|box|pack|packet|strip)|all\s+(?:my|the|of\s+my))\s*(?:\w+\s+){0,2}(?:pills|tablets|medicine|meds|pack|bottle)?",
         r"(?:swallowed|drank|ate|drunk|ingested)\s+(?:\w+\s+){0,3}(?:bleach|poison|antifreeze|detergent|pesticide|rat\s+poison|weed\s*killer|batter(?:y|ies)|cleaning\s+(?:fluid|product))",
-        r"(?<!food )poison(?:ed|ing)", r"carbon\s+monoxide"),)],
+        r"(?<!food )poison(?:ed|ing)", r"carbon\s+monoxide"),),
+                           (_OVERDOSE_OTHER_LANGUAGES,)],
     "anaphylaxis": [(_rx(
         r"anaphyla", r"throat\s+(?:is\s+)?(?:closing|swelling|swollen|tight)", r"(?:tongue|lips?|face)\s+(?:is\s+|are\s+)?(?:swelling|swollen|swell)\w*\s+(?:\w+\s+){0,4}(?:after|from|since)",
         r"swollen\s+(?:tongue|lips|throat)", r"epi[-\s]?pen"),),

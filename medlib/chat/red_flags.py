@@ -22,7 +22,7 @@ Retrain and re-measure (writes medlib/chat_data/red_flag_model/, calibration.jso
 
     python -m medlib.chat.red_flags
     python -m medlib.chat.red_flags --recalibrate   # from the saved float members: runtime, thresholds, measures
-    python -m medlib.chat.red_flags --remeasure     # the shipped runtime on the held-out set again
+    python -m medlib.chat.red_flags --remeasure     # the shipped runtime on the tuning quarter and held-out set again
 
 The chat runs the classifier as int8 ONNX (medlib.chat.red_flag_runtime: no torch, ~150 MB resident); the
 thresholds and every reported number are the runtime's, each rate with its 95% Wilson interval.
@@ -603,12 +603,16 @@ def routes_taken(held: Sequence[dict[str, str]], assessed: Sequence[Assessment])
 
 
 def remeasure(model_dir: str | Path = MODEL_DIR, heldout_files: Sequence[str | Path] = HELDOUT_FILES) -> dict[str, Any]:
-    """Measure the shipped model again on the held-out set (after a change to the patterns, say) and rewrite
-    those parts of calibration.json; the model and its thresholds stay as trained."""
+    """Measure the shipped model again on the tuning quarter and the held-out set (after a change to the patterns,
+    say) and rewrite those parts of calibration.json; the model and its thresholds stay as trained."""
     path = Path(model_dir) / "calibration.json"
     result = json.loads(path.read_text())
-    held = read_heldout(heldout_files, read_red_flag_examples())
-    result.update(heldout_report(RedFlagDetector.load(model_dir), held))
+    rows = read_red_flag_examples()
+    held = read_heldout(heldout_files, rows)
+    _, tune = split_for_tuning(rows, result["training"]["tune_fraction"], result["training"]["split_seed"])
+    detector = RedFlagDetector.load(model_dir)
+    result["tuning_quarter"] = measure(tune, detector.assess_many([r["text"] for r in tune]))
+    result.update(heldout_report(detector, held))
     path.write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n")
     return result
 
