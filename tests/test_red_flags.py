@@ -167,8 +167,7 @@ def test_the_readme_shows_the_reported_heldout_numbers():
 
 # Targets the shipped detector does not reach yet (README, "Red flags"): each is a strict xfail, so the day a
 # retrained detector reaches one, this list must shrink; the others must hold.
-NOT_YET_MET = {"urgent_recall", "urgent_or_net_recall", "support_rate", "suicide_self_harm_recall",
-               "overdose_poisoning_recall"}
+NOT_YET_MET = {"urgent_recall", "urgent_or_net_recall", "suicide_self_harm_recall", "overdose_poisoning_recall"}
 
 
 @pytest.mark.parametrize("target", [
@@ -271,6 +270,30 @@ def test_other_languages(detector):
     a = detector.assess("J'ai un rhume depuis deux jours, que puis-je prendre ?")
     assert a.lang == "fr" and not a.urgent
     assert route_for(Signals.of(a, "medical")).name == "english_only"
+
+
+@pytest.mark.parametrize("text,lang", [("Desde que perdí el trabajo me siento tan vacía", "es"),
+                                       ("Je pleure tous les jours depuis la rupture", "fr"),
+                                       ("Ich bin so einsam, seit meine Frau gestorben ist", "de"),
+                                       ("Estou tão angustiada com as dívidas que não consigo pensar", "pt")])
+def test_distress_in_another_language_gets_support_unless_urgent(detector, text, lang):
+    """The classifier reads these languages through an English encoder: where it reads no emergency, the words of
+    distress decide (support, then the English-only note); where it reads one, they never lower it."""
+    def scores(p_urgent):
+        probs = {"tier": {"urgent": p_urgent, "safety_net": 0.0, "support": 0.0, "routine": 1 - p_urgent},
+                 "category": {c: float(c == "suicide_self_harm") for c in CATEGORIES}}
+        return Scores(p_urgent, p_urgent, 0.0, probs, probs)
+    a = detector._decide(text, scores(0.01))
+    assert (a.tier, a.lang) == ("support", lang) and a.evidence[0].startswith("distress: "), (text, a)
+    assert route_for(Signals.of(a, "other")).before(Signals.of(a, "other")).endswith(guardrails.ENGLISH_ONLY_REPLY)
+    assert detector._decide(text, scores(0.99)).urgent
+
+
+@pytest.mark.parametrize("text", ["No estoy triste, solo tengo tos desde el lunes", "Me siento cansado después de correr",
+                                  "Ich habe Husten und bin müde", "Je suis seul à la maison avec de la fièvre",
+                                  "Tô sozinha em casa com febre, posso tomar dipirona?", "English: I feel so sad"])
+def test_symptoms_and_negated_feelings_are_not_distress(text):
+    assert guardrails.distress_in_other_language(text) is None, text
 
 
 def test_urgent_and_safety_net_lines_name_the_category_and_stay_short():

@@ -341,6 +341,44 @@ _LANGUAGE_WORDS = {
           "apareceram umas no braço outros quanta água devo beber por sentindo bem melhor bom café eu fico pouco "
           "baixar remédio você mãe pai bebê sangue peito dias anos",
 }
+# Distress said in Spanish, French, German or Portuguese: how someone says they feel lonely, sad, overwhelmed, anxious
+# or devastated, or cry all the time. The classifier reads these languages through an English encoder and often
+# misses distress there, and in another language a missed one gets only the English-only note (issue 27). Feelings
+# only, never a symptom or a topic: "me siento cansado", "ich mache mir Sorgen um meinen Husten" name none of these.
+_FEEL = r"(?:muy|tan|super|súper|bastante|tellement|très|si|trop|complètement|so|total|sehr|völlig|ganz|echt|einfach|muito|tão|bem)\s+"
+DISTRESS_OTHER_LANGUAGES = _rx(
+    # es
+    r"me\s+siento\s+(?:" + _FEEL + r")?(?:sol[oa]|triste|vací[oa]|hundid[oa]|desesperad[oa]|abrumad[oa]|agobiad[oa]|inútil|fatal)",
+    r"estoy\s+(?:" + _FEEL + r")?(?:triste|deprimid[oa]|desesperad[oa]|angustiad[oa]|hundid[oa]|agobiad[oa]|quemad[oa]|quemadísim[oa]|"
+    r"nervios[oa]|ansios[oa]|destrozad[oa])", r"estoy\s+" + _FEEL + r"sol[oa]\b",
+    r"me\s+(?:agobia|angustia)\s+todo", r"(?:no\s+puedo\s+(?:parar|dejar)\s+de|solo)\s+llor", r"lloro\s+(?:todos\s+los\s+días|cada\s+noche|sin\s+parar|todo\s+el\s+día)",
+    r"no\s+tengo\s+ganas\s+de\s+nada", r"me\s+da\s+mucha\s+ansiedad", r"(?:tengo|siento)\s+mucha\s+ansiedad",
+    # fr
+    r"je\s+me\s+sens\s+(?:" + _FEEL + r")?(?:seule?|triste|vide|perdue?|nulle?|déprimée?|submergée?|débordée?)",
+    r"je\s+suis\s+(?:" + _FEEL + r")?(?:triste|déprimée?|angoissée?|à\s+bout|anxieux|anxieuse|stressée?|effondrée?|dévastée?)", r"je\s+suis\s+" + _FEEL + r"seule?\b",
+    r"j'ai\s+du\s+mal\s+à\s+m'en\s+remettre", r"je\s+pleure\s+(?:tous\s+les\s+jours|tout\s+le\s+temps|sans\s+arrêt|même)",
+    r"plus\s+d'énergie\s+pour\s+rien",
+    # de
+    r"(?:ich\s+bin|ich\s+fühle\s+mich|fühle\s+mich|bin\s+ich)\s+(?:" + _FEEL + r")?(?:traurig|einsam|verzweifelt|überfordert|niedergeschlagen|"
+    r"deprimiert|am\s+ende|ausgebrannt|gestresst|nervös|fertig\b(?!\s+mit\s+(?:dem|der)\s+arbeit))",
+    r"ich\s+(?:weine|heule?|heul)\s+(?:nur\s+noch|jeden\s+tag|ständig|die\s+ganze\s+zeit)", r"kann\s+nur\s+noch\s+weinen",
+    r"mir\s+geht'?s\s+(?:heute\s+)?(?:echt\s+|total\s+|so\s+)?(?:mies|dreckig|beschissen)",
+    # pt
+    r"(?:me\s+sinto|sinto-me)\s+(?:" + _FEEL + r")?(?:sozinh[oa]|triste|vazi[oa]|deprimid[oa]|desesperad[oa]|angustiad[oa]|"
+    r"ansios[oa]|esgotad[oa]|sobrecarregad[oa]|arrasad[oa]|um\s+falhad[oa]|uma\s+falhad[oa])",
+    r"(?:estou|tô|to)\s+(?:" + _FEEL + r")?(?:triste|deprimid[oa]|desesperad[oa]|angustiad[oa]|ansios[oa]|esgotad[oa]|"
+    r"sobrecarregad[oa]|arrasad[oa]|nervos[oa])", r"(?:estou|tô|to)\s+" + _FEEL + r"sozinh[oa]",
+    r"(?:tô|to|estou)\s+me\s+sentindo\s+(?:" + _FEEL + r")?(?:sozinh[oa]|triste|vazi[oa]|sobrecarregad[oa]|esgotad[oa])",
+    r"(?:só|so)\s+choro", r"choro\s+(?:todos\s+os\s+dias|o\s+tempo\s+todo|sem\s+parar)", r"não\s+tenho\s+vontade\s+de\s+nada",
+    r"(?:estou|tô)\s+cheio\s+de\s+(?:ansiedade|preocupações)", r"me\s+deixando\s+(?:exaust[oa]|esgotad[oa])")
+
+
+def distress_in_other_language(text: str) -> str | None:
+    """The words of an un-negated expression of distress in Spanish, French, German or Portuguese ("me siento
+    muy sola"), else None ("no estoy triste" is not one)."""
+    return _unnegated_match(DISTRESS_OTHER_LANGUAGES, _clauses(text))
+
+
 # Greetings and thanks that settle a short message on their own.
 _GREETINGS = {"es": "hola buenas gracias", "fr": "bonjour merci salut", "de": "hallo danke", "pt": "olá obrigado obrigada"}
 _LANGUAGE_SETS = {lang: set(words.split()) for lang, words in _LANGUAGE_WORDS.items()}

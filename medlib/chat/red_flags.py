@@ -443,6 +443,9 @@ class RedFlagDetector:
                               [f"classifier P(urgent)={scores.urgent:.2f}", *(e for f in floor for e in f.evidence)])
         if scores is None:
             return Assessment("routine", [], lang)
+        distress = guardrails.distress_in_other_language(text) if lang != "en" else None
+        if distress:  # in another language the classifier often misses distress; its words decide (issue 27)
+            return Assessment("support", [], lang, {"support": scores.support}, [f"distress: {distress}"])
         if scores.net >= t.safety_net and not (scores.support >= t.support and scores.support > scores.net):
             return Assessment("safety_net", [_category(scores.net_probs)], lang, scores.net_probs["tier"])
         if scores.support >= t.support:
