@@ -70,20 +70,24 @@ RED_FLAG_PHRASES = {
         "My newborn has a fever of 38.5",
     ],
 }
-# Suicide and overdose in the other languages the chat recognises: the floor names them there too (issue 27).
-RED_FLAG_PHRASES["suicide_self_harm"] += [
-    "Esta noche me voy a quitar la vida, ya lo tengo todo pensado",
-    "Mi hermana dice que se va a suicidar",
-    "Je vais mettre fin à mes jours ce week-end",
-    "Ich will nur noch sterben",
-    "Meu pai disse que vai se matar hoje à noite",
-]
-RED_FLAG_PHRASES["overdose_poisoning"] += [
-    "Me he tomado 35 pastillas de ibuprofeno",
-    "Mon ami a avalé toute la plaquette de somnifères",
-    "Meine Tochter hat eine Knopfbatterie verschluckt",
-    "O meu filho bebeu água sanitária",
-]
+# The other languages the chat recognises: the floor names emergencies there too (issue 27).
+OTHER_LANGUAGE_RED_FLAGS = {
+    "suicide_self_harm": ["Esta noche me voy a quitar la vida, ya lo tengo todo pensado", "Mi hermana dice que se va a suicidar",
+                          "Je vais mettre fin à mes jours ce week-end", "Ich will nur noch sterben",
+                          "Meu pai disse que vai se matar hoje à noite"],
+    "overdose_poisoning": ["Me he tomado 35 pastillas de ibuprofeno", "Mon ami a avalé toute la plaquette de somnifères",
+                           "Meine Tochter hat eine Knopfbatterie verschluckt", "O meu filho bebeu água sanitária"],
+    "cardiac": ["A mi madre le duele mucho el pecho y tiene el brazo izquierdo dormido",
+                "J'ai une douleur dans la poitrine et des sueurs froides depuis une heure",
+                "Mein Opa hat Schmerzen in der Brust und kalten Schweiß auf der Stirn", "Estou com dor forte no peito e falta de ar"],
+    "stroke": ["De repente mi abuela tiene la boca torcida y no se le entiende", "Mon père a la bouche de travers depuis ce matin"],
+    "seizure": ["Mi sobrino está convulsionando en el sofá", "Meine Mutter krampft seit zwei Minuten"],
+    "breathing_collapse": ["Mi abuelo no respira y está morado", "Minha filha parou de respirar"],
+    "severe_bleeding": ["Mi vecino se cortó con el cristal y sangra a chorros"],
+    "thunderclap_headache": ["Tengo el peor dolor de cabeza de mi vida desde hace diez minutos",
+                             "Der schlimmste Kopfschmerz, den ich je hatte, kam ganz plötzlich"],
+    "anaphylaxis": ["Comí cacahuetes y se me cierra la garganta"],
+}
 NOT_RED_FLAGS = [
     "no chest pain",
     "I have no chest pain and no shortness of breath",
@@ -109,10 +113,16 @@ NOT_RED_FLAGS = [
     "Ich habe heute meine Tabletten genommen",
     "¿Cuántas pastillas de paracetamol puedo tomar al día?",
     "Me han despedido del trabajo y no sé qué hacer",
+    "No respira bien por la nariz desde el resfriado",
+    "Il ne respire pas bien avec son rhume",
+    "Ce n'est pas le pire mal de tête de ma vie, juste une gêne",
+    "Sem dor no peito e sem falta de ar, só tosse",
+    "Ohne Brustschmerzen und ohne Atemnot, nur Husten",
 ]
 
 
-@pytest.mark.parametrize("category,text", [(c, t) for c, ts in RED_FLAG_PHRASES.items() for t in ts])
+@pytest.mark.parametrize("category,text", [(c, t) for phrases in (RED_FLAG_PHRASES, OTHER_LANGUAGE_RED_FLAGS)
+                                           for c, ts in phrases.items() for t in ts])
 def test_red_flag_phrasings_trigger(category, text):
     assert category in [f.category for f in guardrails.detect_red_flags(text)], text
 

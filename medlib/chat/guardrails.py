@@ -82,7 +82,7 @@ _NEGATOR = (
     r"(?:do|does|did|have|has|had|am|is|are|was|were|ca|can|could|would|wo)n[o']?t|cannot|"
     r"haven't|hasn't|isn't|aren't|wasn't|weren't|don't|doesn't|didn't|no\s+longer|ruled\s+out|"
     # the negators of the other languages' patterns below ("não quero morrer", "je n'ai pas pris tous mes cachets")
-    r"não|nao|nunca|jamás|jamais|ne|n'|pas|nicht|nie|niemals|kein|keine|keinen)\b"
+    r"não|nao|nunca|jamás|jamais|ne|n'|pas|ni|nem|sin|sans|sem|ohne|nicht|nie|niemals|kein|keine|keinen)\b"
 )
 _NEGATION_WINDOW = 6  # words before the symptom in which a negator counts
 _CLAUSE_SPLIT = re.compile(r"[.;!?\n]+|,\s*(?:but|and|though|although|however)\b|\b(?:but|however|although|though)\b")
@@ -171,13 +171,11 @@ RED_FLAG_PATTERNS: dict[str, list[tuple[re.Pattern[str], ...]]] = {
         r"(?:hurt(?:ing)?|harm(?:ing)?|cut(?:ting)?)\s+myself", r"self[-\s]?harm", r"better\s+off\s+dead", r"no\s+reason\s+to\s+live",
         # goodbye notes, a risk sign without a symptom word (the classifier must agree: FLOOR_MIN)
         r"(?:my|this\s+is\s+my)\s+(?:very\s+)?last\s+(?:message|goodbye|words|note|post)", r"goodbye\s+(?:forever|for\s+good)",
-        r"won'?t\s+be\s+(?:around|here|alive)\s+(?:after\s+tonight|much\s+longer|anymore|any\s+more)"),),
-                          (_SUICIDE_OTHER_LANGUAGES,)],
+        r"won'?t\s+be\s+(?:around|here|alive)\s+(?:after\s+tonight|much\s+longer|anymore|any\s+more)"),)],
     "overdose_poisoning": [(_rx(
         r"overdos", r"od'?d\b", r"took\s+(?:too\s+many|(?:a|the|my)\s+(?:whole|full|entire)\s+(?:bottle|box|pack|packet|strip)|all\s+(?:my|the|of\s+my))\s*(?:\w+\s+){0,2}(?:pills|tablets|medicine|meds|pack|bottle)?",
         r"(?:swallowed|drank|ate|drunk|ingested)\s+(?:\w+\s+){0,3}(?:bleach|poison|antifreeze|detergent|pesticide|rat\s+poison|weed\s*killer|batter(?:y|ies)|cleaning\s+(?:fluid|product))",
-        r"(?<!food )poison(?:ed|ing)", r"carbon\s+monoxide"),),
-                           (_OVERDOSE_OTHER_LANGUAGES,)],
+        r"(?<!food )poison(?:ed|ing)", r"carbon\s+monoxide"),)],
     "anaphylaxis": [(_rx(
         r"anaphyla", r"throat\s+(?:is\s+)?(?:closing|swelling|swollen|tight)", r"(?:tongue|lips?|face)\s+(?:is\s+|are\s+)?(?:swelling|swollen|swell)\w*\s+(?:\w+\s+){0,4}(?:after|from|since)",
         r"swollen\s+(?:tongue|lips|throat)", r"epi[-\s]?pen"),),
@@ -203,6 +201,71 @@ RED_FLAG_PATTERNS: dict[str, list[tuple[re.Pattern[str], ...]]] = {
     "seizure": [(_rx(r"(?:having|had)\s+a\s+(?:seizure|fit)\s+(?:right\s+)?now", r"(?:is|are|keeps?)\s+(?:seizing|convulsing|fitting)",
                      r"convulsing", r"seizure\s+(?:won'?t|will\s+not|that\s+won'?t)\s+stop"),)],
 }
+# The other categories in Spanish, French, German and Portuguese: what is happening now, said plainly (a face drooping
+# on one side, "no respira", blood spurting, the worst headache of a life), never a topic word alone.
+_CHEST_OTHER_LANGUAGES = _rx(
+    r"(?:dolor|opresi[oó]n|presi[oó]n)\s+(?:\w+\s+){0,3}(?:en\s+el\s+)?pecho", r"(?:me|le)\s+duele\s+(?:\w+\s+){0,2}el\s+pecho",
+    r"agarr[aá]ndose\s+el\s+pecho", r"(?:mal|douleur)\s+(?:\w+\s+){0,3}(?:à\s+la|dans\s+la)\s+poitrine", r"douleur\s+thoracique",
+    r"mal\s+au\s+thorax", r"se\s+tient\s+la\s+poitrine", r"(?:serre|écrase)\s+(?:\w+\s+){0,3}(?:dans\s+la\s+)?poitrine",
+    r"brustschmerz", r"schmerz\w*\s+in\s+der\s+brust", r"(?:drückt|engegefühl|enge)\s+(?:\w+\s+){0,3}(?:in\s+der\s+)?brust",
+    r"dor\s+(?:\w+\s+){0,3}(?:no|do)\s+peito", r"peito\s+dói", r"aperto\s+(?:\w+\s+){0,3}(?:no\s+)?peito", r"mão\s+no\s+peito")
+_CHEST_WITH_OTHER_LANGUAGES = _rx(
+    r"brazo\s+izq", r"mand[ií]bula", r"sud(?:ando|or)", r"empapad[oa]\s+en\s+sudor", r"no\s+puedo\s+respirar", r"me\s+falta\s+el\s+aire",
+    r"desmay", r"bras\s+gauche", r"m[aâ]choire", r"sueurs?\s+froides?", r"manque\s+d'air", r"j'étouffe", r"n'arrive\s+plus\s+à\s+respirer",
+    r"tomber\s+dans\s+les\s+pommes", r"link(?:en|er)\s+arm", r"kiefer", r"kalt(?:en|er)?\s+schwei", r"kaltschwei", r"keine\s+luft",
+    r"atemnot", r"braço\s+esquerdo", r"pescoço", r"suando\s+frio", r"suor\s+frio", r"falta\s+de\s+ar", r"faltando\s+ar",
+    r"não\s+consigo\s+respirar", r"sem\s+ar\b")
+_OTHER_LANGUAGE_FLOOR: dict[str, list[tuple[re.Pattern[str], ...]]] = {
+    "cardiac": [(_CHEST_OTHER_LANGUAGES, _CHEST_WITH_OTHER_LANGUAGES), (_rx(
+        r"(?:me|le)\s+est[aá]\s+dando\s+un\s+infarto", r"(?:je\s+fais|il\s+fait|elle\s+fait)\s+un\s+infarctus",
+        r"(?:hab\s+ich|habe\s+ich|ich\s+habe|er\s+hat|sie\s+hat)\s+(?:einen|nen)\s+herzinfarkt", r"(?:estou|está|tô|tá)\s+tendo\s+um\s+infarto"),)],
+    "stroke": [(_rx(
+        r"(?:cara|boca)\s+(?:\w+\s+){0,2}(?:torcida|desviada|chueca|ca[ií]da)", r"se\s+le\s+cae\s+la\s+cara", r"sonr[ií]e\s+de\s+un\s+lado",
+        r"no\s+puede\s+(?:levantar|mover|sostener)\s+(?:el|la)\s+(?:brazo|mano|vaso)", r"no\s+puedo\s+mover\s+(?:la|el)\s+(?:mano|brazo|pierna)",
+        r"no\s+se\s+le\s+entiende", r"no\s+encuentra\s+las\s+palabras", r"arrastra\s+la\s+pierna", r"le\s+est[aá]\s+dando\s+un\s+ictus",
+        r"(?:bouche|visage)\s+(?:\w+\s+){0,3}(?:tordue|de\s+travers|qui\s+tombe|tombe)", r"ne\s+trouve\s+plus\s+ses\s+mots",
+        r"n'arrive\s+plus\s+à\s+(?:lever|bouger)", r"seul\s+un\s+côté\s+bouge", r"fait\s+un\s+avc",
+        r"schiefes\s+gesicht", r"lächelt\s+schief", r"mundwinkel\s+(?:\w+\s+){0,2}hängt", r"hängt\s+(?:\w+\s+){0,4}(?:gesicht|mundwinkel)",
+        r"arm\s+nicht\s+mehr\s+heben", r"redet\s+(?:\w+\s+){0,2}verwaschen", r"seite\s+ist\s+taub", r"(?:hat|hatte)\s+(?:einen|nen)\s+schlaganfall",
+        r"(?:cara|boca|sorriso)\s+(?:\w+\s+){0,2}tort[oa]", r"rosto\s+caiu", r"não\s+consegue\s+levantar\s+o\s+braço",
+        r"não\s+consigo\s+mexer\s+(?:a|o)\s+(?:mão|braço|perna)", r"fal(?:a|ando|ar)\s+(?:tudo\s+)?(?:enrolado|embolado)", r"(?:tendo|teve)\s+um\s+avc"),)],
+    "thunderclap_headache": [(_rx(
+        r"peor\s+dolor\s+de\s+cabeza", r"dolor\s+de\s+cabeza\s+(?:\w+\s+){0,1}(?:súbito|subito|brutal|repentino)", r"estallido\s+en\s+la\s+cabeza",
+        r"pire\s+(?:mal\s+de\s+(?:tête|tete|crâne|crane)\s+)?de\s+ma\s+vie", r"explosion\s+dans\s+la\s+tête", r"mal\s+de\s+tête\s+brutal",
+        r"schlimmste\w*\s+kopfschmerz", r"knall\s+im\s+kopf", r"donnerschlag", r"kopfschmerz\w*\s+wie\s+ein\s+hammerschlag",
+        r"pior\s+dor\s+de\s+cabeça", r"explosão\s+na\s+cabeça", r"dor\s+de\s+cabeça\s+súbita"),)],
+    "seizure": [(_rx(
+        r"convulsion(?:ando|a)\b", r"convulsiones\s+una\s+detr[aá]s\s+de\s+otra", r"crisis\s+seguidas", r"sacudidas\s+por\s+todo\s+el\s+cuerpo",
+        r"ojos\s+en\s+blanco", r"(?:fait|a\s+fait)\s+(?:une|trois|deux)\s+crises?\s+(?:d'affilée|d'épilepsie)", r"crise\s+d'épilepsie\s+qui",
+        r"crise\s+dure\s+depuis", r"tremble\s+de\s+tout\s+le\s+corps", r"vient\s+de\s+convulser|convulse\b",
+        r"krampft", r"epileptischen\s+anfall", r"zuckt\s+(?:\w+\s+){0,2}(?:am\s+ganzen\s+körper|mit\s+armen\s+und\s+beinen)",
+        r"anfall\s+hört\s+nicht\s+auf", r"anfall\s+nach\s+dem\s+anderen", r"tendo\s+uma\s+convulsão", r"convulsão\s+atrás\s+da\s+outra",
+        r"se\s+debatendo", r"crises\s+seguidas", r"olhos\s+revirados"),)],
+    "severe_bleeding": [(_rx(
+        r"sangr(?:a|ando)\s+(?:\w+\s+){0,2}(?:much[ií]simo|sin\s+parar|a\s+chorros)", r"sangre\s+(?:\w+\s+){0,2}(?:a\s+chorros|a\s+borbotones)",
+        r"vomitando\s+sangre", r"no\s+para\s+de\s+sangrar", r"saigne\s+(?:\w+\s+){0,2}(?:énormément|sans\s+arrêt|abondamment)",
+        r"pisse\s+le\s+sang", r"vomi(?:s|t)\s+du\s+sang", r"le\s+sang\s+gicle", r"blute\w*\s+(?:\w+\s+){0,2}(?:sehr\s+stark|extrem\s+stark)",
+        r"spritzt\s+(?:das\s+)?blut", r"blut\s+spritzt", r"erbricht\s+blut", r"voller\s+blut", r"hört\s+nicht\s+auf\s+zu\s+bluten",
+        r"sangr(?:ando|a)\s+(?:\w+\s+){0,2}(?:sem\s+parar|imenso)", r"sangue\s+(?:\w+\s+){0,3}(?:jorrar|jorra|a\s+jorrar)",
+        r"vomitando\s+sangue", r"não\s+para\s+de\s+sangrar"),)],
+    "breathing_collapse": [(_rx(
+        r"no\s+respira\b(?!\s+(?:bien|por|con|mal))", r"dej[oó]\s+de\s+respirar", r"no\s+(?:responde|reacciona)\b(?!\s+(?:a|al|bien)\b)", r"est[aá]\s+inconsciente",
+        r"se\s+est[aá]\s+poniendo\s+morad", r"atragant\w+\s+(?:\w+\s+){0,6}no\s+puede\s+(?:toser|hablar|respirar)",
+        r"ne\s+respire\s+(?:plus|pas)\b(?!\s+(?:bien|par|très|avec))", r"ne\s+réagit\s+(?:plus|pas)", r"lèvres\s+bleues", r"devient\s+(?:bleu|violet)", r"s'étouffe",
+        r"atmet\s+nicht", r"reagiert\s+nicht(?:\s+mehr)?\b", r"ist\s+bewusstlos", r"blaue\s+lippen", r"läuft\s+blau\s+an",
+        r"ich\s+krieg\s+keine\s+luft", r"não\s+(?:está\s+)?respira(?:ndo)?\b(?!\s+(?:bem|direito|pelo|pela|com))", r"parou\s+de\s+respirar", r"não\s+reage\b",
+        r"lábios\s+(?:roxos|azulados|azuis)", r"ficar\s+roxo|ficando\s+roxo", r"engasg\w+\s+(?:\w+\s+){0,6}não\s+consegue\s+(?:falar|tossir|respirar)"),)],
+    "anaphylaxis": [(_rx(
+        r"se\s+(?:me|le)\s+cierra\s+la\s+garganta", r"lengua\s+hinchada", r"anafil[aá]ctic", r"gorge\s+(?:qui\s+)?se\s+serre",
+        r"(?:langue|gorge)\s+(?:\w+\s+){0,1}gonfl", r"hals\s+(?:\w+\s+){0,2}(?:wird\s+)?eng\b", r"zunge\s+(?:\w+\s+){0,2}geschwollen",
+        r"allergische\w*\s+(?:schock|reaktion)", r"garganta\s+(?:\w+\s+){0,2}fechando", r"língua\s+inchada"),)],
+    "suicide_self_harm": [(_SUICIDE_OTHER_LANGUAGES,)],
+    "overdose_poisoning": [(_OVERDOSE_OTHER_LANGUAGES,)],
+}
+for _category, _alternatives in _OTHER_LANGUAGE_FLOOR.items():
+    RED_FLAG_PATTERNS[_category] += _alternatives
+
+
 @dataclass
 class RedFlag:
     category: str
