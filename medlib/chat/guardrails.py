@@ -153,7 +153,7 @@ _OVERDOSE_OTHER_LANGUAGES = _rx(
     r"(?:bebeu|bebi|engoliu|engoli)\s+(?:\w+\s+){0,2}(?:água\s+sanitária|lixívia|veneno|chumbinho|anticongelante|soda\s+cáustica|uma\s+pilha|bateria)",
     r"monóxido\s+de\s+carbono")
 
-RED_FLAG_PATTERNS: dict[str, list[tuple[re.Pattern[str], ...]]] = {
+_ENGLISH_FLOOR: dict[str, list[tuple[re.Pattern[str], ...]]] = {
     # each entry: a tuple of patterns that must ALL match (un-negated) somewhere in the message
     "cardiac": [(_CHEST, _BREATH), (_rx(r"(?:having|have)\s+a\s+heart\s+attack"),)],
     "stroke": [(_rx(
@@ -262,8 +262,10 @@ _OTHER_LANGUAGE_FLOOR: dict[str, list[tuple[re.Pattern[str], ...]]] = {
     "suicide_self_harm": [(_SUICIDE_OTHER_LANGUAGES,)],
     "overdose_poisoning": [(_OVERDOSE_OTHER_LANGUAGES,)],
 }
-for _category, _alternatives in _OTHER_LANGUAGE_FLOOR.items():
-    RED_FLAG_PATTERNS[_category] += _alternatives
+# Each category's alternatives: English first, then the other languages'.
+RED_FLAG_PATTERNS: dict[str, list[tuple[re.Pattern[str], ...]]] = {
+    category: alternatives + _OTHER_LANGUAGE_FLOOR.get(category, []) for category, alternatives in _ENGLISH_FLOOR.items()}
+assert set(_OTHER_LANGUAGE_FLOOR) <= set(_ENGLISH_FLOOR), "a category with patterns in other languages only"
 
 
 @dataclass
