@@ -34,7 +34,7 @@ import argparse
 import json
 import re
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
@@ -66,6 +66,11 @@ TARGETS = {"urgent_recall": 0.98, "urgent_or_net_recall": 0.995, "routine_urgent
 # emergencies as possible flagged urgent while at most 2% of the other messages are; the safety net as wide as
 # 10% of routine messages allows; support for nineteen in twenty distress messages.
 AIMS = {"not_urgent_flagged_urgent": 0.02, "routine_net_rate": 0.10, "support_recall": 0.95}
+# The categories whose recall target is 1.0: where the classifier reads one of them, the urgent threshold is lower
+# (Thresholds.urgent_zero_miss), chosen on the tuning quarter weighing each emergency still missed as MISS_COST false
+# alarms (zero_miss_threshold).
+ZERO_MISS_CATEGORIES = ("suicide_self_harm", "overdose_poisoning")
+MISS_COST = 3
 TRAIN = {"lora_r": 64, "lora_alpha": 128, "lora_dropout": 0.1, "epochs": 8, "lr": 5e-4, "warmup_share": 0.06,
          "batch_size": 32, "tune_fraction": 0.25, "split_seed": 0, "seeds": [0, 1]}
 # The classifier's P(urgent) from which a pattern match makes a message urgent; and the score (urgent, emergency
@@ -340,6 +345,7 @@ class Thresholds:
     urgent: float        # the highest segment's P(urgent) that makes a message urgent
     safety_net: float    # the highest segment's P(urgent) + P(safety_net) that gives the safety net
     support: float       # the highest segment's P(support) that gives the support message
+    urgent_zero_miss: float   # the same, where that segment's category is one of ZERO_MISS_CATEGORIES
 
     @classmethod
     def from_file(cls, path: Path) -> "Thresholds":
@@ -347,9 +353,10 @@ class Thresholds:
             raise RedFlagError(f"{path} is missing; run: python -m medlib.chat.red_flags")
         try:
             t = json.loads(path.read_text())["thresholds"]
-            return cls(float(t["urgent"]), float(t["safety_net"]), float(t["support"]))
+            return cls(*(float(t[name]) for name in ("urgent", "safety_net", "support", "urgent_zero_miss")))
         except (KeyError, TypeError, ValueError, json.JSONDecodeError) as exc:
-            raise RedFlagError(f"{path}: no valid 'thresholds' ({type(exc).__name__}: {exc})") from exc
+            raise RedFlagError(f"{path}: no valid 'thresholds' ({type(exc).__name__}: {exc}); "
+                               "run: python -m medlib.chat.red_flags --recalibrate") from exc
 
 
 @dataclass(frozen=True)
@@ -367,6 +374,12 @@ def scores_of(seg_probs: Sequence[dict[str, dict[str, float]]]) -> Scores:
     most_net = max(seg_probs, key=_net)
     return Scores(_p(most_urgent, "urgent"), _net(most_net), max(_p(p, "support") for p in seg_probs),
                   most_urgent, most_net)
+
+
+def reads_zero_miss(scores: Scores, threshold: float) -> bool:
+    """Whether the most urgent segment is read as suicide, self-harm, overdose or poisoning with P(urgent) at least
+    `threshold` (the category head's own reading, before distress is given the crisis line)."""
+    return scores.urgent >= threshold and _category(scores.urgent_probs) in ZERO_MISS_CATEGORIES
 
 
 def category_leaned_to(scores: Scores) -> str | None:
@@ -433,7 +446,8 @@ class RedFlagDetector:
         lang = guardrails.language_of(text)
         floor = guardrails.detect_red_flags(text)
         scores = self._affirmed(text, scores)
-        if scores is not None and (scores.urgent >= t.urgent or (floor and scores.urgent >= FLOOR_MIN)):
+        if scores is not None and (scores.urgent >= t.urgent or (floor and scores.urgent >= FLOOR_MIN)
+                                   or reads_zero_miss(scores, t.urgent_zero_miss)):
             p = scores.urgent_probs
             category = _category(p)
             if _p(p, "support") > _p(p, "urgent"):
@@ -514,8 +528,8 @@ def targets_met(report: dict[str, Any]) -> dict[str, dict[str, Any]]:
     """Each target (TARGETS, and 1.0 for suicide and overdose recall) against a measure() report: the measured
     rate, its counts and 95% interval, and whether it is met (by the rate; the interval says how sure that is)."""
     counted = {**{name: report[name] for name in TARGETS},
-               **{f"{c}_recall": report["per_category_recall"][c] for c in ("suicide_self_harm", "overdose_poisoning")}}
-    bounds = {**TARGETS, "suicide_self_harm_recall": 1.0, "overdose_poisoning_recall": 1.0}
+               **{f"{c}_recall": report["per_category_recall"][c] for c in ZERO_MISS_CATEGORIES}}
+    bounds = {**TARGETS, **{f"{c}_recall": 1.0 for c in ZERO_MISS_CATEGORIES}}
     out = {}
     for name, bound in bounds.items():
         rate = counted[name]["rate"]
@@ -544,14 +558,45 @@ def lowest_threshold(values: Sequence[float], budget: float) -> float:
     return round(ordered[k] + 1e-6, 6) if k < len(ordered) else 0.0
 
 
-def choose_thresholds(rows: Sequence[dict[str, str]], scores: Sequence[Scores]) -> Thresholds:
+def choose_thresholds(rows: Sequence[dict[str, str]], scores: Sequence[Scores],
+                      classifier: RuntimeClassifier | RedFlagEnsemble) -> Thresholds:
     """On the tuning quarter: urgent as low as 2% false alarms among the other messages allows (so recall is as
     high as that budget lets it be), the safety net as wide as 10% of routine messages allows, support for
-    nineteen in twenty distress messages."""
+    nineteen in twenty distress messages; then the lower urgent threshold of ZERO_MISS_CATEGORIES."""
     of = lambda keep, attr: [getattr(s, attr) for r, s in zip(rows, scores) if keep(r["tier"])]  # noqa: E731
-    return Thresholds(lowest_threshold(of(lambda t: t != "urgent", "urgent"), AIMS["not_urgent_flagged_urgent"]),
-                      lowest_threshold(of(lambda t: t == "routine", "net"), AIMS["routine_net_rate"]),
-                      highest_threshold(of(lambda t: t == "support", "support"), AIMS["support_recall"]))
+    urgent = lowest_threshold(of(lambda t: t != "urgent", "urgent"), AIMS["not_urgent_flagged_urgent"])
+    base = Thresholds(urgent, lowest_threshold(of(lambda t: t == "routine", "net"), AIMS["routine_net_rate"]),
+                      highest_threshold(of(lambda t: t == "support", "support"), AIMS["support_recall"]), urgent)
+    return replace(base, urgent_zero_miss=zero_miss_threshold(rows, scores, RedFlagDetector(classifier, base)))
+
+
+def zero_miss_threshold(rows: Sequence[dict[str, str]], scores: Sequence[Scores], detector: RedFlagDetector) -> float:
+    """The urgent threshold where the classifier reads suicide, self-harm, overdose or poisoning (the categories
+    whose recall target is 1.0), from the detector's own (its urgent_zero_miss equal to its urgent threshold). On the
+    tuning quarter, each P(urgent) at which a message it does not flag urgent would become urgent is a candidate;
+    the one kept has the least cost, MISS_COST for each emergency still missed and 1 for each other message flagged
+    urgent, among those keeping routine messages flagged urgent and distress given support within TARGETS (the
+    highest on a tie; the detector's urgent threshold when no candidate costs less)."""
+    texts = [r["text"] for r in rows]
+    tiers = [detector._decide(text, s).tier for text, s in zip(texts, scores)]
+    affirmed = [detector._affirmed(text, s) for text, s in zip(texts, scores)]
+    movable = sorted(((a.urgent, r["tier"], got) for r, a, got in zip(rows, affirmed, tiers)
+                      if got != "urgent" and a is not None and reads_zero_miss(a, 0.0)), key=lambda m: -m[0])
+    routine_n, support_n = sum(r["tier"] == "routine" for r in rows), sum(r["tier"] == "support" for r in rows)
+    routine_urgent = sum(r["tier"] == "routine" and got == "urgent" for r, got in zip(rows, tiers))
+    support_given = sum(r["tier"] == "support" and got == "support" for r, got in zip(rows, tiers))
+    best, best_cost, cost = detector.thresholds.urgent, 0, 0
+    for i, (p, tier, got) in enumerate(movable):
+        cost += -MISS_COST if tier == "urgent" else 1
+        routine_urgent += tier == "routine"
+        support_given -= tier == "support" and got == "support"
+        if i + 1 < len(movable) and movable[i + 1][0] == p:
+            continue   # a threshold takes every message with this score
+        within = (routine_urgent <= TARGETS["routine_urgent_rate"] * routine_n
+                  and support_given >= TARGETS["support_rate"] * support_n)
+        if within and cost < best_cost:
+            best, best_cost = round(p - 1e-6, 6), cost
+    return best
 
 
 def split_for_tuning(rows: Sequence[dict[str, str]], fraction: float, seed: int) -> tuple[list, list]:
@@ -661,9 +706,10 @@ def calibrate(model_dir: str | Path = MODEL_DIR, data_file: str | Path = RED_FLA
     clf = ensemble or RedFlagEnsemble.load(model_dir)
     runtime_files = export_runtime(clf.members, model_dir, TIERS, CATEGORIES)
     runtime = RuntimeClassifier.load(model_dir)  # thresholds and every number come from what the chat runs
-    tune_scores = RedFlagDetector(runtime, Thresholds(2.0, 2.0, 2.0)).scores_many([r["text"] for r in tune])
-    float_scores = RedFlagDetector(clf, Thresholds(2.0, 2.0, 2.0)).scores_many([r["text"] for r in tune])
-    thresholds = choose_thresholds(tune, tune_scores)
+    unset = Thresholds(2.0, 2.0, 2.0, 2.0)
+    tune_scores = RedFlagDetector(runtime, unset).scores_many([r["text"] for r in tune])
+    float_scores = RedFlagDetector(clf, unset).scores_many([r["text"] for r in tune])
+    thresholds = choose_thresholds(tune, tune_scores, runtime)
     detector = RedFlagDetector(runtime, thresholds)
     runtime_files["tuning_quarter_vs_float"] = {
         "max_abs_diff_p_urgent": round(max(abs(a.urgent - b.urgent) for a, b in zip(tune_scores, float_scores)), 4),
@@ -673,8 +719,11 @@ def calibrate(model_dir: str | Path = MODEL_DIR, data_file: str | Path = RED_FLA
         "what": f"medlib red-flag detector: four tiers and eleven categories; the mean of {len(clf.members)} "
                 "all-MiniLM-L6-v2 + LoRA members (two heads each), run as one int8 ONNX graph; regular expressions "
                 "as a floor",
-        "thresholds": {"urgent": thresholds.urgent, "safety_net": thresholds.safety_net, "support": thresholds.support,
-                       "rule": f"the highest thresholds reaching {AIMS} on the tuning quarter of the training set"},
+        "thresholds": {**asdict(thresholds),
+                       "rule": f"the highest thresholds reaching {AIMS} on the tuning quarter of the training set; "
+                               f"urgent_zero_miss, where the classifier reads {' or '.join(ZERO_MISS_CATEGORIES)}: "
+                               f"the least {MISS_COST} per emergency missed + 1 per other message flagged urgent "
+                               "there, within the targets for routine messages flagged urgent and for support"},
         "training": training,
         "runtime": runtime_files,
         "tuning_quarter": measure(tune, detector.assess_many([r["text"] for r in tune])),
