@@ -274,6 +274,61 @@ class RedFlag:
     evidence: list[str]
 
 
+# A baby under 3 months with a temperature of 38 C or more (NICE NG143: red, whatever else), or under 35.5 C (WHO IMCI:
+# a young infant's danger sign), stated as numbers: an age ("5 weeks old", "baby is 3 weeks", "tiene 2 semanas")
+# and a temperature (with a decimal, a unit, or after "temp", "fever", "measured", ...). Written on the training
+# set's fit part (53 of its child emergencies, none of its other messages), then tried on the tuning quarter.
+_NUMBER_WORDS = {w: i for i, w in enumerate("zero one two three four five six seven eight nine ten eleven twelve".split())}
+_AGE_NUMBER = r"(\d{1,3}|" + "|".join(_NUMBER_WORDS) + r"|a)"
+_AGE_UNIT = r"(days?|d|weeks?|wks?|w|months?|mos?)"
+_INFANT_AGE = re.compile(
+    rf"\b{_AGE_NUMBER}\s*-?\s*{_AGE_UNIT}\s*-?\s*old\b"
+    rf"|\b(?:bab(?:y|ies)|son|daughter|infant|newborn|twins|he|she|lo|little\s+one|(?:she|he|it)'s|age)\s*[,:]?\s+"
+    rf"(?:is\s+|are\s+|was\s+born\s+|of\s+)?(?:only\s+|just\s+)?{_AGE_NUMBER}\s*{_AGE_UNIT}\b(?!\s+(?:ago|now|later))"
+    r"|\b(?:tiene|tem|a|ist|de|com|mit)\s+(\d{1,2})\s*(semanas?|semaines?|wochen|tagen?|d[ií]as|jours|meses|mois|monate?n?)\b"
+    r"(?!\s+(?:que|depuis|seit|ago))"
+    r"|\b(\d{1,2})\s*(wo|mo)\b|\b(newborn|neonate|new-born)\b", re.IGNORECASE)
+_TEMPERATURE = re.compile(r"(?<![\d.,])(?P<whole>3[4-9]|4[0-3]|9[4-9]|10[0-9])(?P<decimal>[.,]\d{1,2})?(?!\d)\s*"
+                          r"(?P<unit>[°º]\s*[cf]?|degrees?(?:\s*(?:c|f|celsius|fahrenheit))?|[cf]\b)?", re.IGNORECASE)
+_TEMPERATURE_SAID = re.compile(r"(?:temp(?:erature)?|fever|fiebre|fièvre|fieber|febre|thermometer|term[oó]metro|reads?|"
+                               r"reading|measured|under\s+the\s+arm|armpit|rectal(?:ly)?|ear|forehead|of|at|is|was|hit|"
+                               r"got|up\s+to|de|tem|hat|a)\W*(?:\w+\W+){0,2}$", re.IGNORECASE)
+
+
+def _age_in_months(number: str, unit: str) -> float | None:
+    n = int(number) if number.isdigit() else _NUMBER_WORDS.get(number.lower(), 1 if number.lower() == "a" else None)
+    if n is None:
+        return None
+    unit = unit.lower()
+    if unit[0] in "dtj":                           # days, días, Tage, jours
+        return n / 30.4
+    if unit[0] == "w" or unit.startswith("sem"):   # weeks, Wochen, semanas, semaines
+        return n / 4.35
+    return float(n)
+
+
+def young_infant_temperature(text: str) -> RedFlag | None:
+    """A baby under 3 months with a temperature of 38 C (100.4 F) or more, or under 35.5 C, both given as numbers."""
+    age = None
+    for m in _INFANT_AGE.finditer(text):
+        found = [g for g in m.groups() if g]
+        if found[0].lower() in ("newborn", "neonate", "new-born") or (
+                len(found) >= 2 and (months := _age_in_months(found[0], found[1])) is not None and months < 3):
+            age = m.group(0)
+            break
+    if age is None:
+        return None
+    for m in _TEMPERATURE.finditer(text):
+        unit = (m.group("unit") or "").lower()
+        if not (m.group("decimal") or unit or _TEMPERATURE_SAID.search(text[max(0, m.start() - 25):m.start()])):
+            continue   # a number, not a temperature
+        value = float(m.group("whole") + (m.group("decimal") or "").replace(",", "."))
+        celsius = (value - 32) * 5 / 9 if "f" in unit or value >= 94 else value
+        if celsius >= 38.0 or celsius < 35.5:
+            return RedFlag("child_danger", [age, m.group(0).strip()])
+    return None
+
+
 def _clauses(text: str) -> list[str]:
     return [c for c in _CLAUSE_SPLIT.split(text) if c and c.strip()]
 
@@ -343,6 +398,9 @@ def detect_red_flags(text: str) -> list[RedFlag]:
             if all(e is not None for e in evidence):
                 flags.append(RedFlag(category, [e for e in evidence if e]))
                 break
+    infant = young_infant_temperature(text)
+    if infant and not any(f.category == infant.category for f in flags):
+        flags.append(infant)
     return flags
 
 
