@@ -12,10 +12,11 @@ from pathlib import Path
 import pytest
 
 from medlib.chat import guardrails
-from medlib.chat.red_flags import (CATEGORIES, FLOOR_MIN, HELDOUT_FILES, LANGUAGES, MODEL_DIR, RED_FLAG_FILE, TARGETS,
-                                   TIERS, Assessment, RedFlagDetector, RedFlagError, Scores, category_leaned_to, measure,
-                                   read_heldout, read_red_flag_examples, routes_taken, segments, targets_met,
-                                   wilson_ci95)
+from medlib.chat.red_flags import (CATEGORIES, ERRORS_LISTED_FOR, FLOOR_MIN, HELDOUT_FILES, LANGUAGES, MISS_COST,
+                                   MODEL_DIR, RED_FLAG_FILE, TARGETS, TIERS, Assessment, RedFlagDetector, RedFlagError,
+                                   Scores, Thresholds, category_leaned_to, measure, read_heldout,
+                                   read_red_flag_examples, routes_taken, segments, targets_met, wilson_ci95,
+                                   zero_miss_threshold)
 from medlib.chat.routes import ROUTES, Signals, route_for
 
 REPORT = json.loads((MODEL_DIR / "calibration.json").read_text())
@@ -155,19 +156,24 @@ def test_only_the_first_parts_errors_are_listed_the_blind_parts_are_counted(held
 
 
 def test_the_readme_shows_the_reported_heldout_numbers():
-    """The README's red-flag table is calibration.json's: all parts and the third (blind) part alone."""
+    """The README's red-flag table is calibration.json's: all parts, the parts nobody has read, the fourth alone."""
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    shown = lambda c: f"{c['rate']:.3f} ({c['hits']} / {c['n']}; {c['ci95'][0]:.3f}-{c['ci95'][1]:.3f})"  # noqa: E731
-    for report in (REPORT["heldout"], REPORT["heldout_by_part"][HELDOUT_FILES[2].name]):
-        for name in TARGETS:
-            assert shown(report[name]) in readme, name
-        for category in ("suicide_self_harm", "overdose_poisoning"):
-            assert shown(report["per_category_recall"][category]) in readme, category
+    shown = lambda c: f"{c['hits'] / c['n']:.3f} ({c['hits']} / {c['n']}; {c['ci95'][0]:.3f}-{c['ci95'][1]:.3f})"  # noqa: E731
+    fourth = REPORT["heldout_by_part"][HELDOUT_FILES[3].name]
+    for targets in (REPORT["targets"], REPORT["targets_unread_parts"], targets_met_of_part(fourth)):
+        for name, counted in targets.items():
+            assert shown(counted) in readme, name
 
 
-# Targets the shipped detector does not reach yet (README, "Red flags"): each is a strict xfail, so the day a
-# retrained detector reaches one, this list must shrink; the others must hold.
-NOT_YET_MET = {"urgent_recall", "urgent_or_net_recall", "suicide_self_harm_recall", "overdose_poisoning_recall"}
+def targets_met_of_part(part: dict) -> dict:
+    """heldout_by_part keeps the targets' counts and the per-category recall; the same names as "targets"."""
+    return {**{name: part[name] for name in TARGETS},
+            **{f"{c}_recall": part["per_category_recall"][c] for c in ("suicide_self_harm", "overdose_poisoning")}}
+
+
+# Targets the shipped detector does not reach yet on all four parts (README, "Red flags"): each is a strict xfail, so
+# the day a detector reaches one, this list must shrink; the others must hold.
+NOT_YET_MET = {"suicide_self_harm_recall"}
 
 
 @pytest.mark.parametrize("target", [
@@ -179,10 +185,18 @@ def test_heldout_target(heldout, assessed, target):
     assert result["met"], f"{target}: measured {result['measured']:.3f}, target {result['target']}"
 
 
+def test_every_target_is_met_on_the_parts_nobody_has_read(heldout, assessed):
+    """The parts whose texts nobody has read (all but the first, whose errors are listed and have shaped patterns)."""
+    unread = [(r, a) for r, a in zip(heldout, assessed) if r["part"] not in ERRORS_LISTED_FOR]
+    assert len(unread) >= 1200
+    for name, result in targets_met(measure([r for r, _ in unread], [a for _, a in unread])).items():
+        assert result["met"], f"{name}: measured {result['measured']:.3f}, target {result['target']}"
+
+
 def test_heldout_floor_of_what_ships(heldout, assessed):
     """Where a target is not reached, what the shipped detector does reach must hold (a regression fails here)."""
     measured = measure(heldout, assessed)
-    assert measured["urgent_recall"]["rate"] >= 0.96 and measured["urgent_or_net_recall"]["rate"] >= 0.985
+    assert measured["urgent_recall"]["rate"] >= 0.98 and measured["urgent_or_net_recall"]["rate"] >= 0.99
     assert measured["support_rate"]["rate"] >= 0.85
     for category in CATEGORIES:
         assert measured["per_category_recall"][category]["rate"] >= 0.85, category
@@ -253,6 +267,73 @@ def test_patterns_remain_a_floor(detector):
     # whatever the patterns match is flagged even if the classifier scored it low
     text = "I think I'm having a heart attack"
     assert guardrails.detect_red_flags(text) and "cardiac" in detector.assess(text).categories
+
+
+class _FixedClassifier:
+    """A classifier whose tier probabilities and category are given per text, for the threshold rules."""
+
+    def __init__(self, given: dict[str, tuple[dict[str, float], str]]):
+        self.given = given
+
+    def probabilities(self, texts):
+        return [{"tier": {t: self.given[x][0].get(t, 0.0) for t in TIERS},
+                 "category": {c: float(c == self.given[x][1]) for c in CATEGORIES}} for x in texts]
+
+
+def test_the_zero_miss_threshold_has_the_least_cost_within_the_targets():
+    """MISS_COST per emergency still missed, 1 per other message flagged urgent; only where the classifier reads
+    suicide, self-harm, overdose or poisoning."""
+    given = {"case one": ({"urgent": 0.6, "routine": 0.4}, "suicide_self_harm"),          # an emergency
+             "case two": ({"urgent": 0.55, "routine": 0.45}, "overdose_poisoning"),      # routine: a false alarm
+             "case three": ({"urgent": 0.5, "routine": 0.5}, "overdose_poisoning"),      # an emergency
+             "case four": ({"urgent": 0.45, "routine": 0.55}, "cardiac"),                # an emergency, other category
+             "case five": ({"urgent": 0.3, "support": 0.7}, "suicide_self_harm")}        # distress: a false alarm
+    tiers = {"case one": "urgent", "case two": "routine", "case three": "urgent", "case four": "urgent",
+             "case five": "support"}
+    for i in range(40):
+        given[f"routine {i}"], tiers[f"routine {i}"] = ({"routine": 1.0}, "cardiac"), "routine"
+    for i in range(10):
+        given[f"distress {i}"], tiers[f"distress {i}"] = ({"support": 1.0}, "cardiac"), "support"
+    rows = [{"text": t, "tier": tiers[t]} for t in given]
+    base = Thresholds(0.76, 0.9, 0.6, 0.76)
+    detector = RedFlagDetector(_FixedClassifier(given), base)
+    scores = detector.scores_many([r["text"] for r in rows])
+    assert MISS_COST == 3
+    # cost down the candidates: 0.6 -> -3, 0.55 -> -2, 0.5 -> -5, 0.3 -> -4 (and support 10/11 is still >= 0.9)
+    chosen = zero_miss_threshold(rows, scores, detector)
+    assert chosen == round(0.5 - 1e-6, 6)
+    lowered = RedFlagDetector(_FixedClassifier(given), Thresholds(0.76, 0.9, 0.6, chosen))
+    assert [lowered.assess(t).tier for t in ("case one", "case two", "case three", "case four", "case five")] == \
+        ["urgent", "urgent", "urgent", "routine", "support"]
+    # with 20 routine messages, flagging one urgent is 5% (> 3%): no candidate below 0.55 stays within the targets
+    few = [r for r in rows if not r["text"].startswith("routine") or int(r["text"].split()[1]) < 20]
+    few_scores = detector.scores_many([r["text"] for r in few])
+    assert zero_miss_threshold(few, few_scores, detector) == round(0.6 - 1e-6, 6)
+
+
+def test_an_old_calibration_without_the_zero_miss_threshold_is_an_error_saying_what_to_run(tmp_path):
+    report = json.loads((MODEL_DIR / "calibration.json").read_text())
+    del report["thresholds"]["urgent_zero_miss"]
+    (tmp_path / "calibration.json").write_text(json.dumps(report))
+    with pytest.raises(RedFlagError, match="calibration.json: no valid 'thresholds'.*urgent_zero_miss.*--recalibrate"):
+        RedFlagDetector.load(tmp_path)
+
+
+@pytest.mark.parametrize("text, flagged", [
+    ("my 6 week old is 38.2", True),
+    ("Baby is 3 weeks old, temp 37.9 and feeding fine", False),        # under 38
+    ("She is 2 months, fever 38", True),
+    ("newborn, 4 days, 35.1 under the arm", True),                      # too cold
+    ("my 10 week old had 101 F this morning", True),
+    ("my 4 month old has 39.1", False),                                 # 3 months or older: the classifier decides
+    ("I have had a fever of 38.5 for 3 weeks", False),                  # a duration, not an age
+    ("Mi bebé tiene 5 semanas y tiene 38,6 de fiebre", True),
+    ("my 8 week old weighs 5.2 kg and had jabs at 8 weeks", False),     # numbers, no temperature
+])
+def test_a_young_infants_temperature_given_as_numbers(text, flagged):
+    found = guardrails.young_infant_temperature(text)
+    assert bool(found) == flagged, (text, found)
+    assert bool(found) == any(f.category == "child_danger" for f in guardrails.detect_red_flags(text))
 
 
 def test_an_emergency_inside_a_long_message_is_found(detector):

@@ -12,9 +12,10 @@ and, for urgent and safety-net messages, a category (cardiac, stroke, ...). The 
 members trained alike from different seeds, each all-MiniLM-L6-v2 with a LoRA adapter and two linear heads over
 the mean-pooled embedding, one for the tier and one for the category, trained on the same three quarters of
 medlib/chat_data/red_flags.jsonl (written by
-`python -m medlib.chat.red_flag_set`); the thresholds are chosen on the remaining quarter, recall first. The
-held-out set, in three parts (medlib/chat_data/red_flags_heldout.jsonl, _2 and _3), was written separately
-(other authors' wording, never trained or tuned on) and measures everything reported. The message is
+`python -m medlib.chat.red_flag_set`); the thresholds are chosen on the remaining quarter, recall first, with a
+lower urgent threshold where the classifier reads suicide, self-harm, overdose or poisoning. The held-out set, in
+four parts (medlib/chat_data/red_flags_heldout.jsonl, _2, _3 and _4), was written separately (other authors'
+wording, never trained or tuned on) and measures everything reported. The message is
 scored whole and sentence by sentence, so an emergency inside a long message is not diluted; the patterns in
 `guardrails.detect_red_flags` (with their clause negation) flag whatever they match.
 
