@@ -353,6 +353,17 @@ def test_other_languages(detector):
     assert route_for(Signals.of(a, "medical")).name == "english_only"
 
 
+@pytest.mark.parametrize("text", ["Nur Sodbrennen nach dem Essen, was hilft?",
+                                  "Was soll ich gegen Heuschnupfen nehmen?",
+                                  "Wie oft darf ich Ibuprofen nehmen, wenn der Rücken weh tut?"])
+def test_a_short_german_message_is_read_as_german_and_gets_the_english_only_reply(detector, text):
+    """A routine message in another language gets the English-only note, never an English greeting."""
+    a = detector.assess(text)
+    assert guardrails.language_of(text) == "de" and a.lang == "de" and a.tier == "routine", (text, a)
+    for label in ("greeting", "other", "medical"):
+        assert route_for(Signals.of(a, label)).name == "english_only", (text, label)
+
+
 @pytest.mark.parametrize("text,lang", [("Desde que perdí el trabajo me siento tan vacía", "es"),
                                        ("Je pleure tous les jours depuis la rupture", "fr"),
                                        ("Ich bin so einsam, seit meine Frau gestorben ist", "de"),

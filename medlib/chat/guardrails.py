@@ -458,7 +458,11 @@ _LANGUAGE_WORDS = {
           "jour comment faire sans médicaments du au aux d'eau ça vous nous quoi plus rien peux dois respire",
     "de": "der die das und ist ich mein meine nicht mit ein eine habe hab bin sehr auf zu er sie seit kann wie "
           "schmerzen hilfe meiner mutter vater blut brust tagen jahren keine noch nie im kam vor minuten mir geht's "
-          "schon viel besser wasser sollte am tag trinken kopfweh kind sohn tochter mann frau atmet arzt",
+          "schon viel besser wasser sollte am tag trinken kopfweh kind sohn tochter mann frau atmet arzt "
+          # function words (a short German message had too few of the words above and was read as English)
+          "nur nach dem den wenn aber auch oder für über bei wir sich von aus hat wird jetzt heute gestern hilft soll "
+          "muss dass weil etwas uns sind mich bitte immer wieder mehr zum zur beim vom einen einem einer kein seine "
+          "ihre gut",
     "pt": "o os que e em um uma é meu minha não com para estou tenho muito dor filho filha está do da na já "
           "apliquei caneta mas marido continua sem conseguir respirar direito como faz quero caso dia precise "
           "apareceram umas no braço outros quanta água devo beber por sentindo bem melhor bom café eu fico pouco "
