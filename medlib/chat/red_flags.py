@@ -666,7 +666,7 @@ def remeasure(model_dir: str | Path = MODEL_DIR, heldout_files: Sequence[str | P
     detector = RedFlagDetector.load(model_dir)
     result["tuning_quarter"] = measure(tune, detector.assess_many([r["text"] for r in tune]))
     result.update(heldout_report(detector, held))
-    result["data"] = data_made_up(rows, fit, tune, held, heldout_files)
+    result["data"] = data_summary(rows, fit, tune, held, heldout_files)
     path.write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n")
     return result
 
@@ -734,7 +734,7 @@ def calibrate(model_dir: str | Path = MODEL_DIR, data_file: str | Path = RED_FLA
         "runtime": runtime_files,
         "tuning_quarter": measure(tune, detector.assess_many([r["text"] for r in tune])),
         **heldout_report(detector, held),
-        "data": data_made_up(rows, fit, tune, held, heldout_files),
+        "data": data_summary(rows, fit, tune, held, heldout_files),
         "command": "python -m medlib.chat.red_flags",
     }
     calibration.write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n")
@@ -742,7 +742,7 @@ def calibrate(model_dir: str | Path = MODEL_DIR, data_file: str | Path = RED_FLA
     return result
 
 
-def data_made_up(rows: Sequence[dict[str, str]], fit: Sequence, tune: Sequence, held: Sequence[dict[str, str]],
+def data_summary(rows: Sequence[dict[str, str]], fit: Sequence, tune: Sequence, held: Sequence[dict[str, str]],
                  heldout_files: Sequence[str | Path]) -> dict[str, Any]:
     """calibration.json's "data": the files, and how many rows each part and tier has."""
     return {"training_file": "medlib/chat_data/red_flags.jsonl (python -m medlib.chat.red_flag_set)",
